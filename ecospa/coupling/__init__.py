@@ -1,0 +1,1 @@
+"""Coupling side of ecospa: importance scores, planner, executor and training integration."""

@@ -1,0 +1,157 @@
+"""Forwards that replace those of modules whose weights were sliced.
+
+An adapter keeps the module's parameter names and its call signature. Index tensors live on
+the module as non-persistent buffers (so ``.to(device)`` moves them and ``state_dict`` is
+unchanged): ``_ecospa_in_index`` (kept input channels, in the original layout) and
+``_ecospa_out_index`` (kept output channels, in the original layout). With an out index the
+output is scattered back to the original width (zeros where units were removed), so the model's
+own code downstream (views into heads, rotary, repeat_kv, the attention scale) runs unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["LinearAdapter", "MHAAdapter", "set_index", "scatter_last", "ADAPTER_ATTR"]
+
+ADAPTER_ATTR = "forward"
+IN_INDEX = "_ecospa_in_index"
+OUT_INDEX = "_ecospa_out_index"
+
+
+def set_index(module: nn.Module, name: str, index: torch.Tensor | None) -> None:
+    """Store ``index`` as a non-persistent buffer ``name`` on ``module`` (None clears it)."""
+    if name in module._buffers:
+        module._buffers[name] = index
+    else:
+        module.register_buffer(name, index, persistent=False)
+
+
+def scatter_last(y: torch.Tensor, index: torch.Tensor | None, full: int) -> torch.Tensor:
+    """``(..., k) -> (..., full)`` with ``y`` at positions ``index`` and zeros elsewhere."""
+    if index is None:
+        return y
+    out = y.new_zeros(y.shape[:-1] + (full,))
+    return out.index_copy(-1, index, y)
+
+
+class LinearAdapter:
+    """Forward of a linear-like module: gather inputs, product, add bias, scatter outputs.
+
+    Args:
+        module: the module (its parameters keep their names).
+        weight: attribute name of the weight; bias: of the bias (or None).
+        transposed: weight stored ``(in, out)`` (GPT-2 ``Conv1D``) rather than ``(out, in)``.
+        out_full: original output width (used when scattering).
+    """
+
+    def __init__(self, module: nn.Module, weight: str, bias: str | None, transposed: bool, out_full: int):
+        self.module = module
+        self.weight = weight
+        self.bias = bias
+        self.transposed = transposed
+        self.out_full = out_full
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        m = self.module
+        idx_in = m._buffers.get(IN_INDEX)
+        if idx_in is not None:
+            x = x.index_select(-1, idx_in)
+        w = getattr(m, self.weight)
+        b = getattr(m, self.bias) if self.bias else None
+        if self.transposed:
+            y = torch.matmul(x, w)
+            if b is not None:
+                y = y + b
+        else:
+            y = F.linear(x, w, b)
+        return scatter_last(y, m._buffers.get(OUT_INDEX), self.out_full)
+
+
+def _float_mask(mask: torch.Tensor | None, dtype) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+class MHAAdapter:
+    """Forward of a pruned ``torch.nn.MultiheadAttention`` (packed ``in_proj_weight``).
+
+    Rows of ``in_proj_weight`` (q, k, v) may be removed per head dimension, and the matching
+    columns of ``out_proj.weight``; heads keep their original width (zeros where removed), so
+    the attention scale stays ``1/sqrt(embed_dim // num_heads)``. Supports batch_first or not,
+    unbatched inputs, ``key_padding_mask``, ``attn_mask`` (bool or float), ``is_causal``,
+    ``need_weights`` and dropout in training mode.
+    """
+
+    def __init__(self, module: nn.MultiheadAttention):
+        if module.bias_k is not None or module.add_zero_attn or not module._qkv_same_embed_dim_orig:
+            raise NotImplementedError("MultiheadAttention with bias_k/add_zero_attn/kdim/vdim")
+        self.module = module
+
+    def __call__(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                 average_attn_weights=True, is_causal=False):
+        m = self.module
+        E, H = m.embed_dim, m.num_heads
+        D = E // H
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        if m.batch_first and not unbatched:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        # now (L, N, E)
+        L, N = query.shape[0], query.shape[1]
+        S = key.shape[0]
+        w, b = m.in_proj_weight, m.in_proj_bias
+        out_idx = m._buffers.get(OUT_INDEX)
+        if out_idx is None:
+            out_idx = torch.arange(3 * E, device=w.device)
+        parts = []
+        for i, x in enumerate((query, key, value)):
+            sel = ((out_idx >= i * E) & (out_idx < (i + 1) * E)).nonzero().flatten()
+            y = F.linear(x, w.index_select(0, sel), None if b is None else b.index_select(0, sel))
+            parts.append(scatter_last(y, out_idx.index_select(0, sel) - i * E, E))
+        q, k, v = parts
+        q = q.reshape(L, N * H, D).transpose(0, 1).reshape(N, H, L, D)
+        k = k.reshape(S, N * H, D).transpose(0, 1).reshape(N, H, S, D)
+        v = v.reshape(S, N * H, D).transpose(0, 1).reshape(N, H, S, D)
+        mask = _float_mask(attn_mask, q.dtype)
+        if mask is not None and mask.dim() == 3:
+            mask = mask.view(N, H, L, S)
+        if key_padding_mask is not None:
+            kpm = _float_mask(key_padding_mask, q.dtype).view(N, 1, 1, S)
+            mask = kpm if mask is None else mask + kpm
+        if is_causal and mask is None:
+            mask = torch.full((L, S), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+        p = m.dropout if m.training else 0.0
+        if need_weights:
+            scores = q @ k.transpose(-2, -1) / (D ** 0.5)
+            if mask is not None:
+                scores = scores + mask
+            attn = torch.softmax(scores, dim=-1)
+            if p > 0:
+                attn = F.dropout(attn, p)
+            out = attn @ v
+        else:
+            attn = None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        out = out.permute(2, 0, 1, 3).reshape(L, N, E)  # (L, N, E)
+        in_idx = m._buffers.get(IN_INDEX)
+        if in_idx is not None:
+            out = out.index_select(-1, in_idx)
+        out = F.linear(out, m.out_proj.weight, m.out_proj.bias)
+        if m.batch_first and not unbatched:
+            out = out.transpose(0, 1)
+        if unbatched:
+            out = out.squeeze(1)
+        if attn is not None:
+            if average_attn_weights:
+                attn = attn.mean(dim=1)
+            if unbatched:
+                attn = attn.squeeze(0)
+        return out, attn

@@ -1,0 +1,37 @@
+"""The ecospa error hierarchy.
+
+Every error a user can trigger through the public API is an :class:`EcospaError`. Messages name
+the thing at fault (module, node, coupling, index) and the way out.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "EcospaError",
+    "CaptureError",
+    "PlanError",
+    "PruneError",
+    "ConfigError",
+]
+
+
+class EcospaError(Exception):
+    """Base class of every error raised by ecospa on user input."""
+
+
+class CaptureError(EcospaError):
+    """The model's forward could not be captured as a dataflow graph."""
+
+
+class PlanError(EcospaError, ValueError):
+    """A removal plan is malformed: unknown coupling, index out of range, duplicates.
+
+    Raised before anything is changed: the model and optimizer are left untouched.
+    """
+
+
+class PruneError(EcospaError):
+    """A coupling cannot be removed physically (for example it is not exact)."""
+
+
+class ConfigError(EcospaError, ValueError):
+    """A configuration value is out of its valid range."""

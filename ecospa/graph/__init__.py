@@ -1,0 +1,1 @@
+"""Graph side of ecospa: capture, channel flow, and coupling discovery."""

@@ -1,0 +1,85 @@
+"""``auto_couple``: find every coupling of a model from its dataflow graph.
+
+No layer maps and no name matching: the captured graph is analysed op by op (see
+``ecospa.graph.flow``), so a renamed or never-seen module gives the same couplings.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ecospa.graph.capture import capture
+from ecospa.graph.flow import propagate
+from ecospa.graph.ir import Coupling, CouplingGraph
+from ecospa.graph.layout import plan_sites
+from ecospa.graph.units import group_units
+
+__all__ = ["auto_couple", "name_couplings"]
+
+_CACHE_ATTR = "_ecospa_couplings"
+
+
+def _common_prefix(paths) -> str:
+    parts = [p.split(".") if p else [] for p in paths]
+    if not parts:
+        return ""
+    out = []
+    for level in zip(*parts):
+        if all(x == level[0] for x in level):
+            out.append(level[0])
+        else:
+            break
+    return ".".join(out)
+
+
+def name_couplings(raws) -> list[str]:
+    """Stable readable names: ``<common module path>.<kind>[.head<i> | .<i>]``."""
+    bases = []
+    for raw in raws:
+        owners = [t.param.rsplit(".", 1)[0] if "." in t.param else "" for t in raw.tables]
+        prefix = _common_prefix(owners + list(raw.site_modules))
+        bases.append(f"{prefix}.{raw.kind}" if prefix else raw.kind)
+    counts: dict[str, int] = {}
+    for b in bases:
+        counts[b] = counts.get(b, 0) + 1
+    seen: dict[str, int] = {}
+    names = []
+    for raw, b in zip(raws, bases):
+        if counts[b] == 1:
+            names.append(b)
+            continue
+        i = seen.get(b, 0)
+        seen[b] = i + 1
+        names.append(f"{b}.head{i}" if raw.kind in ("qk", "vo") else f"{b}.{i}")
+    return names
+
+
+def auto_couple(model: nn.Module, example_inputs=None, *, include_inexact: bool = False) -> CouplingGraph:
+    """Find every coupling of ``model``.
+
+    Args:
+        model: any ``torch.nn.Module`` (left unchanged; it is run once, in eval mode, to capture
+            its graph, and put back in its previous mode).
+        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs that
+            run the forward. Optional for Hugging Face models (their ``dummy_inputs`` are used).
+        include_inexact: also offer inexact couplings when iterating (they are always listed in
+            ``cg.inexact`` with the reason).
+
+    Returns:
+        A :class:`CouplingGraph`; iterate it for the exact couplings, in graph order.
+
+    Raises:
+        CaptureError: the forward could not be captured (the message names the module at fault).
+    """
+    cap = capture(model, example_inputs)
+    flow = propagate(cap)
+    raws, comp, gid_of = group_units(flow)
+    planned = plan_sites(flow, model, raws, comp, gid_of)
+    names = name_couplings(raws)
+    couplings = []
+    for raw, name, (sites, problem) in zip(raws, names, planned):
+        reason = raw.reason or problem
+        couplings.append(Coupling(name=name, kind=raw.kind, exact=reason is None, reason=reason,
+                                  width=raw.width, tables=raw.tables, sites=sites))
+    cg = CouplingGraph(couplings, shapes=cap.shapes, include_inexact=include_inexact)
+    model.__dict__[_CACHE_ATTR] = cg
+    return cg

@@ -1,0 +1,86 @@
+"""Channel flow: run the op rules over a captured graph, in order.
+
+Placeholders of parameters get fresh labels (one per index of every dimension); inputs and
+buffers carry none. Each op's rule computes the factors of its output and records edges, poison,
+tags and events in the :class:`LabelSpace`. Labels that reach the model's output are poisoned.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ecospa.graph.capture import Captured, module_of
+from ecospa.graph.labels import LabelSpace
+from ecospa.graph.rules import lookup
+from ecospa.graph.rules.base import Ctx, flat_factors, poison_value
+
+__all__ = ["FlowResult", "propagate"]
+
+
+@dataclass
+class FlowResult:
+    """Labels of every node and the facts collected about them."""
+
+    space: LabelSpace
+    nodes: list[torch.fx.Node]
+    values: dict[torch.fx.Node, Any]
+    captured: Captured
+
+
+def propagate(captured: Captured) -> FlowResult:
+    """Push labels through ``captured.graph``; see the module docstring."""
+    space = LabelSpace()
+    nodes = list(captured.graph.nodes)
+    ctx = Ctx(space=space, values={}, captured=captured, index={n: i for i, n in enumerate(nodes)})
+    for node in nodes:
+        try:
+            ctx.values[node] = _run(ctx, node)
+        except Exception as exc:  # name the node at fault, keep the original error chained
+            from ecospa.errors import CaptureError
+
+            raise CaptureError(
+                f"channel flow failed at node {node.format_node()} (module "
+                f"{module_of(node) or '<root>'!r}): {type(exc).__name__}: {exc}. This is a bug in "
+                "ecospa's op rules; please report it with the model."
+            ) from exc
+    return FlowResult(space=space, nodes=nodes, values=ctx.values, captured=captured)
+
+
+def _run(ctx: Ctx, node: torch.fx.Node):
+    if node.op == "placeholder":
+        pname = ctx.captured.params.get(node.name)
+        if pname is None:
+            return [] if isinstance(node.meta.get("val"), torch.Tensor) else None
+        return list(ctx.space.param_factors(pname, ctx.captured.shapes[pname]))
+    if node.op == "output":
+        for f in flat_factors(_leaves(ctx, node.args)):
+            ctx.space.poison(f, "reaches the model's output")
+        return None
+    if node.op == "get_attr":
+        return []
+    if node.op != "call_function":
+        return poison_value(ctx, node, f"{node.op} {node.target}")
+    rule = lookup(node.target)
+    if rule is None:
+        return poison_value(ctx, node, f"op {node.target} has no channel rule")
+    return rule(ctx, node)
+
+
+def _leaves(ctx: Ctx, args) -> list:
+    out: list = []
+
+    def visit(a):
+        if isinstance(a, torch.fx.Node):
+            out.append(ctx.values.get(a))
+        elif isinstance(a, (list, tuple)):
+            for x in a:
+                visit(x)
+        elif isinstance(a, dict):
+            for x in a.values():
+                visit(x)
+
+    visit(args)
+    return out

@@ -1,0 +1,221 @@
+"""Channel labels: which weight slice each position of a tensor carries.
+
+Every dimension of every parameter gets one fresh integer label per index: label ``l`` stands
+for the slice ``(param, dim, index)``. A tensor in the graph carries a list of *factors*: numpy
+int64 arrays with the tensor's number of dimensions, of size 1 on the dimensions along which the
+factor does not vary (so batch and sequence dimensions cost nothing), holding a label or -1 at
+each position. A weight of shape (out, in) carries two factors, of shapes (out, 1) and (1, in).
+
+Op rules (``ecospa.graph.rules``) push factors through the graph and record facts in the
+:class:`LabelSpace`: *edges* (two labels must be removed together), *poison* (a label meets an op
+that mixes its channel, so removing it is not exact), *tags* (a label sits at a given head of a
+batched product, which separates per-head couplings) and *events* (what kind of product it is
+part of). Connected components of the edges are the units.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["LabelSpace", "Factors", "varying", "to_ndim", "merge_aligned"]
+
+Factors = list  # list[np.ndarray]; None for non-tensor values
+
+EVENTS = ("contract", "actact", "bmm", "gate", "nonlinear")
+
+
+def varying(f: np.ndarray) -> tuple[int, ...]:
+    """Dimensions along which factor ``f`` varies (size > 1)."""
+    return tuple(d for d, k in enumerate(f.shape) if k > 1)
+
+
+def to_ndim(f: np.ndarray, ndim: int) -> np.ndarray:
+    """Prepend size-1 dimensions (numpy/torch broadcasting aligns on the right)."""
+    if f.ndim == ndim:
+        return f
+    if f.ndim > ndim:
+        extra = f.shape[: f.ndim - ndim]
+        if any(k != 1 for k in extra):
+            raise ValueError(f"cannot drop varying leading dims {extra}")
+        return f.reshape(f.shape[f.ndim - ndim :])
+    return f.reshape((1,) * (ndim - f.ndim) + f.shape)
+
+
+class LabelSpace:
+    """Allocates labels for parameter slices and collects edges, poison, tags and events."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.pd_names: list[tuple[str, int]] = []  # (param, dim) per pd id
+        self.pd_start: list[int] = []
+        self.pd_size: list[int] = []
+        self._param_factors: dict[str, list[np.ndarray]] = {}
+        self._edges: list[tuple[np.ndarray, np.ndarray]] = []
+        self._poison: list[tuple[np.ndarray, int]] = []
+        self.reasons: list[str] = []
+        self._reason_ids: dict[str, int] = {}
+        self._tags: list[tuple[np.ndarray, np.ndarray]] = []
+        self.n_tags = 0
+        self._events: dict[str, list[np.ndarray]] = defaultdict(list)
+        self._sites: list[tuple[np.ndarray, int]] = []  # labels contracted at node index
+
+    # -- allocation -------------------------------------------------------------------------
+    def param_factors(self, name: str, shape: Sequence[int]) -> list[np.ndarray]:
+        """Factors of a parameter: one fresh label per index of each dimension of size > 1."""
+        if name in self._param_factors:
+            return self._param_factors[name]
+        ndim = len(shape)
+        out = []
+        for d, k in enumerate(shape):
+            if k <= 1:
+                continue
+            self.pd_names.append((name, d))
+            self.pd_start.append(self.n)
+            self.pd_size.append(k)
+            lab = np.arange(self.n, self.n + k, dtype=np.int64)
+            self.n += k
+            fshape = [1] * ndim
+            fshape[d] = k
+            out.append(lab.reshape(fshape))
+        self._param_factors[name] = out
+        return out
+
+    # -- facts ------------------------------------------------------------------------------
+    def edge(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Labels ``a[i]`` and ``b[i]`` must be removed together (both arrays broadcast)."""
+        a, b = np.broadcast_arrays(a, b)
+        keep = (a >= 0) & (b >= 0) & (a != b)
+        if keep.any():
+            self._edges.append((a[keep].ravel(), b[keep].ravel()))
+
+    def poison(self, labels: np.ndarray, reason: str) -> None:
+        """Removing any of ``labels`` changes the function: ``reason`` says why."""
+        lab = np.unique(labels[labels >= 0])
+        if lab.size == 0:
+            return
+        rid = self._reason_ids.setdefault(reason, len(self.reasons))
+        if rid == len(self.reasons):
+            self.reasons.append(reason)
+        self._poison.append((lab, rid))
+
+    def tag(self, labels: np.ndarray, tag_ids: np.ndarray) -> None:
+        """Label ``labels[i]`` sits at tag ``tag_ids[i]`` (a head of a batched product)."""
+        labels, tag_ids = np.broadcast_arrays(labels, tag_ids)
+        keep = labels >= 0
+        if keep.any():
+            self._tags.append((labels[keep].ravel(), tag_ids[keep].ravel()))
+
+    def new_tags(self, count: int) -> np.ndarray:
+        ids = np.arange(self.n_tags, self.n_tags + count, dtype=np.int64)
+        self.n_tags += count
+        return ids
+
+    def event(self, kind: str, labels: np.ndarray) -> None:
+        if kind not in EVENTS:
+            raise KeyError(kind)
+        lab = labels[labels >= 0]
+        if lab.size:
+            self._events[kind].append(np.unique(lab))
+
+    def site(self, labels: np.ndarray, node_index: int) -> None:
+        """Labels contracted (summed over) at graph node ``node_index``."""
+        lab = labels[labels >= 0]
+        if lab.size:
+            self._sites.append((np.unique(lab), node_index))
+
+    # -- results ----------------------------------------------------------------------------
+    def components(self) -> tuple[int, np.ndarray]:
+        """Connected components of the edges: ``(count, component id per label)``."""
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        if self._edges:
+            a = np.concatenate([e[0] for e in self._edges])
+            b = np.concatenate([e[1] for e in self._edges])
+        else:
+            a = b = np.zeros(0, dtype=np.int64)
+        m = coo_matrix((np.ones(a.size, dtype=np.int8), (a, b)), shape=(self.n, self.n))
+        return connected_components(m, directed=False)
+
+    def poison_array(self) -> np.ndarray:
+        """Reason id per label (-1 when not poisoned); the first reason recorded wins."""
+        out = np.full(self.n, -1, dtype=np.int64)
+        for lab, rid in reversed(self._poison):
+            out[lab] = rid
+        return out
+
+    def event_mask(self, kind: str) -> np.ndarray:
+        out = np.zeros(self.n, dtype=bool)
+        for lab in self._events.get(kind, ()):
+            out[lab] = True
+        return out
+
+    def tag_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self._tags:
+            z = np.zeros(0, dtype=np.int64)
+            return z, z
+        return (
+            np.concatenate([t[0] for t in self._tags]),
+            np.concatenate([t[1] for t in self._tags]),
+        )
+
+    def site_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self._sites:
+            z = np.zeros(0, dtype=np.int64)
+            return z, z
+        return (
+            np.concatenate([s[0] for s in self._sites]),
+            np.concatenate([np.full(s[0].size, s[1], dtype=np.int64) for s in self._sites]),
+        )
+
+    def pd_of_labels(self) -> np.ndarray:
+        """(param, dim) id of every label."""
+        out = np.empty(self.n, dtype=np.int64)
+        for i, (s, k) in enumerate(zip(self.pd_start, self.pd_size)):
+            out[s : s + k] = i
+        return out
+
+
+def merge_aligned(space: LabelSpace, factors: list[np.ndarray], where: str) -> list[np.ndarray]:
+    """Combine factors that meet elementwise at the same positions (all of one ndim).
+
+    Factors whose varying dimensions overlap describe the same channels: their labels are joined
+    by edges and they become one factor. A factor that is broadcast across a dimension along
+    which another one varies is shared by several channels: it cannot be removed per channel,
+    so its labels are poisoned.
+    """
+    if len(factors) <= 1:
+        return list(factors)
+    groups: list[list[np.ndarray]] = []
+    for f in factors:
+        vf = set(varying(f))
+        hit = [g for g in groups if any(vf & set(varying(h)) for h in g)]
+        merged = [f]
+        for g in hit:
+            merged += g
+            groups.remove(g)
+        groups.append(merged)
+    out = []
+    for g in groups:
+        if len(g) == 1:
+            out.append(g[0])
+            continue
+        dims = set().union(*(set(varying(f)) for f in g))
+        res = None
+        for f in g:
+            if set(varying(f)) != dims and any(
+                f.shape[d] == 1 for d in dims
+            ):
+                space.poison(f, f"broadcast across the channels of another weight at {where}")
+                continue
+            if res is None:
+                res = f
+                continue
+            res, f2 = np.broadcast_arrays(res, f)
+            space.edge(res, f2)
+            res = np.where(res >= 0, res, f2)
+        if res is not None:
+            out.append(res)
+    return out

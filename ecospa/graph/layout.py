@@ -1,0 +1,206 @@
+"""Execution planning: how each coupling can be removed physically, or why it cannot.
+
+For every ``(param, dim)`` of a coupling this decides a :class:`~ecospa.graph.ir.Site`:
+
+- *linear-like modules* (a module whose forward is one product with its own weight, give or
+  take reshapes: ``nn.Linear``, GPT-2's ``Conv1D``, a custom ``x @ self.w``) get their forward
+  replaced by a small adapter; their weight rows are ``"out"``, columns ``"in"``, bias ``"bias"``;
+- ``torch.nn.MultiheadAttention`` parameters are ``"mha"`` (the module's forward is replaced);
+- any other parameter is ``"direct"``: it is only sliced, so its uses must see the smaller
+  tensor, which is only possible in a compact region.
+
+A coupling is *compact* when every op its channels pass through between producers and consumers
+is elementwise (or a product with a weight): the channels can simply disappear. Otherwise (heads
+reshaped, split, rotated, attended) it is *scatter*: producers scatter their output back to the
+original width with zeros where units were removed, consumers gather the kept channels, and the
+model's own code in between runs unchanged, so head counts, views, rotary tables, repeat_kv and
+the attention scale all stay valid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ecospa.graph.capture import module_of
+from ecospa.graph.flow import FlowResult
+from ecospa.graph.ir import Site
+from ecospa.graph.labels import varying
+from ecospa.graph.rules import is_pointwise
+from ecospa.graph.rules.base import flat_factors
+
+__all__ = ["LinearLike", "linear_like_modules", "plan_sites"]
+
+aten = torch.ops.aten
+
+_PRODUCTS = {"linear", "addmm", "mm", "matmul"}
+_PASSIVE = {"view", "reshape", "_unsafe_view", "t", "transpose", "alias", "clone", "contiguous",
+            "index_select", "index_copy", "new_zeros", "_assert_tensor_metadata", "expand",
+            "unsqueeze", "squeeze", "flatten", "sym_size", "permute", "add"}
+_COMPACT_OK = {"clone", "contiguous", "alias", "detach", "dropout", "feature_dropout",
+               "alpha_dropout", "native_dropout", "_to_copy", "to", "type_as", "linear", "addmm",
+               "mm", "matmul", "sum", "_assert_tensor_metadata", "lift_fresh_copy"}
+
+
+@dataclass(frozen=True)
+class LinearLike:
+    """A module whose forward is a single product with its own weight."""
+
+    module: str
+    weight: str  # parameter name
+    bias: str | None
+    transposed: bool  # weight stored (in, out)
+
+
+def _name(node) -> str:
+    return getattr(getattr(node.target, "overloadpacket", None), "__name__", str(node.target))
+
+
+def _param_of(flow: FlowResult, arg) -> tuple[str | None, bool]:
+    """Parameter behind ``arg`` (through t/transpose/alias) and whether it was transposed."""
+    flips = 0
+    while isinstance(arg, torch.fx.Node):
+        if arg.op == "placeholder":
+            return flow.captured.params.get(arg.name), bool(flips % 2)
+        if arg.op != "call_function":
+            return None, False
+        n = _name(arg)
+        if n in ("t", "transpose", "permute"):
+            flips += 1
+        elif n not in ("alias", "_to_copy", "to", "contiguous", "detach"):
+            return None, False
+        arg = arg.args[0]
+    return None, False
+
+
+def linear_like_modules(flow: FlowResult, model: nn.Module) -> dict[str, LinearLike]:
+    """Modules whose forward is one product with their own weight (see module docstring)."""
+    by_module: dict[str, list] = {}
+    for node in flow.nodes:
+        if node.op == "call_function":
+            by_module.setdefault(module_of(node), []).append(node)
+    out: dict[str, LinearLike] = {}
+    mods = dict(model.named_modules())
+    for path, nodes in by_module.items():
+        if path not in mods or isinstance(mods[path], nn.MultiheadAttention):
+            continue
+        prods = [n for n in nodes if _name(n) in _PRODUCTS]
+        others = [n for n in nodes if _name(n) not in _PRODUCTS]
+        if len(prods) != 1 or any(_name(n) not in _PASSIVE for n in others):
+            continue
+        node = prods[0]
+        name = _name(node)
+        if name == "linear":
+            w, flip = _param_of(flow, node.args[1])
+            transposed = flip
+            b, _ = _param_of(flow, node.args[2]) if len(node.args) > 2 else (None, False)
+        elif name == "addmm":
+            w, flip = _param_of(flow, node.args[2])
+            transposed = not flip
+            b, _ = _param_of(flow, node.args[0])
+        else:
+            w, flip = _param_of(flow, node.args[1])
+            transposed = not flip
+            b = None
+            adds = [n for n in others if _name(n) == "add"]
+            if adds:
+                b, _ = _param_of(flow, adds[0].args[1])
+        prefix = path + "." if path else ""
+        if w is None or not w.startswith(prefix) or "." in w[len(prefix):]:
+            continue
+        if b is not None and (not b.startswith(prefix) or "." in b[len(prefix):]):
+            continue
+        if any(_name(n) == "add" for n in others) and b is None:
+            continue
+        out[path] = LinearLike(path, w, b, transposed)
+    return out
+
+
+def _owner(param: str) -> str:
+    return param.rsplit(".", 1)[0] if "." in param else ""
+
+
+def _node_ok_compact(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and (_name(node) in _COMPACT_OK or is_pointwise(node.target))
+
+
+def plan_sites(flow: FlowResult, model: nn.Module, raws, comp: np.ndarray, gid_of: np.ndarray):
+    """``(sites, problem)`` per raw coupling: problem is None when it can be executed."""
+    linear = linear_like_modules(flow, model)
+    mods = dict(model.named_modules())
+    # region: nodes whose value carries labels of each coupling
+    region: dict[int, list[torch.fx.Node]] = {}
+    for node in flow.nodes:
+        if node.op != "call_function":
+            continue
+        fs = flat_factors(flow.values.get(node))
+        if not fs:
+            continue
+        labs = np.concatenate([f[f >= 0].ravel() for f in fs]) if fs else np.zeros(0, np.int64)
+        if labs.size == 0:
+            continue
+        for g in np.unique(gid_of[comp[np.unique(labs)]]).tolist():
+            if g >= 0:
+                region.setdefault(g, []).append(node)
+
+    roles: list[list[tuple]] = []
+    compact = []
+    for g, raw in enumerate(raws):
+        rs = []
+        inside = set()
+        for t in raw.tables:
+            owner = _owner(t.param)
+            ll = linear.get(owner)
+            mod = mods.get(owner)
+            if ll is not None and t.param == ll.weight:
+                out_dim = 1 if ll.transposed else 0
+                rs.append((t.param, t.dim, "out" if t.dim == out_dim else "in", owner, ll.transposed))
+                inside.add(owner)
+            elif ll is not None and t.param == ll.bias:
+                rs.append((t.param, t.dim, "bias", owner, ll.transposed))
+                inside.add(owner)
+            elif isinstance(mod, nn.MultiheadAttention) or isinstance(mods.get(_owner(owner)), nn.MultiheadAttention):
+                mha = owner if isinstance(mod, nn.MultiheadAttention) else _owner(owner)
+                rs.append((t.param, t.dim, "mha", mha, False))
+                inside.add(mha)
+            else:
+                rs.append((t.param, t.dim, "direct", owner, False))
+        roles.append(rs)
+        nodes = [n for n in region.get(g, []) if module_of(n) not in inside]
+        compact.append(all(_node_ok_compact(n) for n in nodes)
+                       and not any(r[2] == "mha" for r in rs))
+
+    # couplings that share a module's output or input must share a layout
+    parent = list(range(len(raws)))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    seen: dict[tuple, int] = {}
+    for g, rs in enumerate(roles):
+        for (_, _, role, owner, _) in rs:
+            if role in ("out", "in", "bias", "mha"):
+                key = (owner, "in" if role == "in" else "out")
+                if key in seen:
+                    parent[find(g)] = find(seen[key])
+                else:
+                    seen[key] = g
+    scatter_root = {find(g) for g in range(len(raws)) if not compact[g]}
+    results = []
+    for g, rs in enumerate(roles):
+        layout = "scatter" if find(g) in scatter_root else "compact"
+        problem = None
+        if layout == "scatter":
+            bad = [r for r in rs if r[2] == "direct"]
+            if bad:
+                problem = (f"parameter {bad[0][0]!r} (dim {bad[0][1]}) is used outside a linear "
+                           "module on a path that reshapes these channels; ecospa can only slice "
+                           "it where the channels flow elementwise")
+        sites = tuple(Site(p, d, role, owner, layout, tr) for (p, d, role, owner, tr) in rs)
+        results.append((sites, problem))
+    return results

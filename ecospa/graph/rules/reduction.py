@@ -1,0 +1,215 @@
+"""Rules for ops that reduce or normalise over dimensions, and for indexing ops.
+
+Summing over a channel dimension is exact (a removed channel contributes zero either way). Any
+other reduction over channels (mean, variance, max, softmax, a norm) depends on how many
+channels there are or on their values being zero, so the channels it touches are poisoned.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ecospa.graph.labels import merge_aligned, to_ndim, varying
+from ecospa.graph.rules.base import Ctx, poison_value, shape_of
+from ecospa.graph.rules.registry import register
+
+aten = torch.ops.aten
+
+__all__ = ["reduce_dims"]
+
+
+def _dims(arg, nd: int) -> list[int]:
+    if arg is None:
+        return list(range(nd))
+    if isinstance(arg, int):
+        return [arg % nd]
+    dims = list(arg)
+    return [d % nd for d in dims] if dims else list(range(nd))
+
+
+def reduce_dims(ctx: Ctx, node, x, dims: list[int], keepdim: bool, poison: str | None):
+    """Factors of ``x`` reduced over ``dims``: varying ones end (poisoned if ``poison``)."""
+    nd = len(shape_of(x))
+    out = []
+    for f in ctx.factors(x, nd):
+        if any(f.shape[d] > 1 for d in dims):
+            if poison:
+                ctx.space.poison(f, f"{poison} at {ctx.where(node)}")
+            continue
+        out.append(f if keepdim else np.squeeze(f, axis=tuple(dims)) if dims else f)
+    return out
+
+
+@register(aten.sum, aten.nansum)
+def sum_(ctx: Ctx, node: torch.fx.Node):
+    x = node.args[0]
+    nd = len(shape_of(x))
+    dims = _dims(node.args[1] if len(node.args) > 1 and not isinstance(node.args[1], torch.dtype) else node.kwargs.get("dim"), nd)
+    keep = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+    return reduce_dims(ctx, node, x, dims, keep, None)
+
+
+@register(aten.mean, aten.var, aten.std, aten.amax, aten.amin, aten.logsumexp, aten.prod,
+          aten.norm, aten.linalg_vector_norm, aten.var_mean, aten.std_mean)
+def mean_like(ctx: Ctx, node: torch.fx.Node):
+    x = node.args[0]
+    nd = len(shape_of(x))
+    name = node.target.overloadpacket.__name__
+    dim_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if name in ("norm", "linalg_vector_norm"):
+        dim_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if isinstance(dim_arg, (int, float)) and name in ("norm",):
+        dim_arg = None
+    keep = node.kwargs.get("keepdim", False)
+    for a in node.args[2:]:
+        if isinstance(a, bool):
+            keep = a
+    out = reduce_dims(ctx, node, x, _dims(dim_arg, nd), keep, f"{name} over channels")
+    if isinstance(node.meta.get("val"), (tuple, list)):
+        return (out, out)
+    return out
+
+
+@register(aten.max, aten.min, aten.argmax, aten.argmin, aten.sort, aten.topk, aten.cumsum,
+          aten.cumprod, aten.median)
+def order_like(ctx: Ctx, node: torch.fx.Node):
+    x = node.args[0]
+    nd = len(shape_of(x))
+    dim_arg = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], int) else node.kwargs.get("dim")
+    name = node.target.overloadpacket.__name__
+    dims = _dims(dim_arg, nd)
+    val = node.meta.get("val")
+    keep = name in ("cumsum", "cumprod", "sort", "topk") or any(a is True for a in node.args[2:])
+    out = reduce_dims(ctx, node, x, dims, keep, f"{name} over channels")
+    if name in ("argmax", "argmin"):
+        out = []
+    if isinstance(val, (tuple, list)):
+        return tuple(out if i == 0 else [] for i in range(len(val)))
+    return out
+
+
+@register(aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax, aten.special_softmax)
+def softmax(ctx: Ctx, node: torch.fx.Node):
+    x, dim = node.args[0], node.args[1]
+    nd = len(shape_of(x))
+    dim %= nd
+    out = []
+    for f in ctx.factors(x, nd):
+        if f.shape[dim] > 1:
+            ctx.space.poison(f, f"softmax over channels at {ctx.where(node)}")
+        out.append(f)
+    return out
+
+
+def _norm(ctx: Ctx, node, x, norm_dims: list[int], weights: list, what: str):
+    nd = len(shape_of(x))
+    fs = []
+    for f in ctx.factors(x, nd):
+        if any(f.shape[d] > 1 for d in norm_dims):
+            ctx.space.poison(f, f"{what} over channels at {ctx.where(node)}")
+        fs.append(f)
+    for w in weights:
+        if w is not None:
+            fs += ctx.factors(w, nd)
+    out = merge_aligned(ctx.space, fs, ctx.where(node))
+    for f in out:
+        if any(f.shape[d] > 1 for d in norm_dims):
+            ctx.space.poison(f, f"{what} over channels at {ctx.where(node)}")
+    return out
+
+
+@register(aten.layer_norm, aten.native_layer_norm)
+def layer_norm(ctx: Ctx, node: torch.fx.Node):
+    x, shape = node.args[0], node.args[1]
+    nd = len(shape_of(x))
+    w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+    b = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
+    out = _norm(ctx, node, x, list(range(nd - len(shape), nd)), [w, b], "layer_norm")
+    if node.target.overloadpacket is aten.native_layer_norm:
+        return (out, [], [])
+    return out
+
+
+@register(aten.rms_norm)
+def rms_norm(ctx: Ctx, node: torch.fx.Node):
+    x, shape = node.args[0], node.args[1]
+    nd = len(shape_of(x))
+    w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+    return _norm(ctx, node, x, list(range(nd - len(shape), nd)), [w], "rms_norm")
+
+
+@register(aten.group_norm, aten.batch_norm, aten.native_batch_norm, aten.instance_norm,
+          aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit)
+def other_norm(ctx: Ctx, node: torch.fx.Node):
+    return poison_value(ctx, node, f"{node.target.overloadpacket.__name__} (normalises channels)")
+
+
+@register(aten.embedding)
+def embedding(ctx: Ctx, node: torch.fx.Node):
+    """Rows of the table are selected by data (poisoned); its columns become the channels."""
+    w, idx = node.args[0], node.args[1]
+    fw = ctx.factors(w, 2)
+    nd = len(shape_of(node))
+    out = []
+    for f in fw:
+        if f.shape[0] > 1:
+            ctx.space.poison(f, f"embedding rows selected by token ids at {ctx.where(node)}")
+        else:
+            out.append(to_ndim(f.reshape(-1), nd))
+    return out
+
+
+@register(aten.index_select)
+def index_select(ctx: Ctx, node: torch.fx.Node):
+    """Gather along ``dim`` by an index whose values are known (a buffer): labels move with it."""
+    x, dim, index = node.args[0], node.args[1], node.args[2]
+    nd = len(shape_of(x))
+    dim %= nd
+    idx = ctx.constant(index)
+    out = []
+    for f in ctx.factors(x, nd):
+        if f.shape[dim] == 1:
+            out.append(f)
+        elif idx is None:
+            ctx.space.poison(f, f"gathered by a data-dependent index at {ctx.where(node)}")
+        else:
+            out.append(np.take(f, idx.detach().cpu().numpy().astype(np.int64), axis=dim))
+    return out
+
+
+@register(aten.index_copy)
+def index_copy(ctx: Ctx, node: torch.fx.Node):
+    """Scatter ``source`` into ``self`` along ``dim`` at a known index (ecospa's own adapters)."""
+    base, dim, index, src = node.args[0], node.args[1], node.args[2], node.args[3]
+    shape = shape_of(node)
+    nd = len(shape)
+    dim %= nd
+    idx = ctx.constant(index)
+    fb, fs = ctx.factors(base, nd), ctx.factors(src, nd)
+    if idx is None:
+        return poison_value(ctx, node, "scatter by a data-dependent index")
+    idx = idx.detach().cpu().numpy().astype(np.int64)
+    out = []
+    for f in fs:
+        if f.shape[dim] == 1:
+            ctx.space.poison(f, f"scattered without a channel layout at {ctx.where(node)}")
+            continue
+        full = list(f.shape)
+        full[dim] = shape[dim]
+        g = np.full(full, -1, dtype=np.int64)
+        sl = [slice(None)] * nd
+        sl[dim] = idx
+        g[tuple(sl)] = f
+        out.append(g)
+    for f in fb:
+        ctx.space.poison(f, f"overwritten by a scatter at {ctx.where(node)}")
+    return out
+
+
+@register(aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_full, aten.zeros_like,
+          aten.ones_like, aten.empty_like, aten.full_like, aten.zeros, aten.ones, aten.full,
+          aten.empty, aten.arange, aten.rand, aten.randn, aten.rand_like, aten.randn_like,
+          aten.scalar_tensor, aten.sym_size, aten.sym_numel, aten.sym_stride, aten.sym_storage_offset)
+def fresh(ctx: Ctx, node: torch.fx.Node):
+    """New tensors carry no labels (their values do not depend on any weight)."""
+    return [] if shape_of(node) is not None else None

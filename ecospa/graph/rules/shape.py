@@ -1,0 +1,277 @@
+"""Rules for layout ops: views and reshapes, permutations, slicing, splitting and joining.
+
+These never mix channels; they only move them. A reshape that splits a channel dimension into
+(heads, head_dim) turns a factor of shape (1, 1, C) into (1, 1, H, D); one that merges a
+label-free dimension into a labelled one (GQA's expand + reshape) materialises the repetition.
+"""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+
+from ecospa.graph.labels import merge_aligned, to_ndim, varying
+from ecospa.graph.rules.base import Ctx, shape_of
+from ecospa.graph.rules.registry import register
+
+aten = torch.ops.aten
+
+__all__ = ["reshape_factor", "reshape_blocks"]
+
+
+def reshape_blocks(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    """Group dims of shapes ``a`` and ``b`` (equal numel) into blocks of equal size, in order."""
+    blocks: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        bi, bj = [i], [j]
+        pa, pb = a[i], b[j]
+        i += 1
+        j += 1
+        while pa != pb:
+            if pa < pb:
+                bi.append(i)
+                pa *= a[i]
+                i += 1
+            else:
+                bj.append(j)
+                pb *= b[j]
+                j += 1
+        blocks.append((bi, bj))
+    if not blocks:
+        blocks.append(([], []))
+    blocks[-1][0].extend(range(i, len(a)))
+    blocks[-1][1].extend(range(j, len(b)))
+    return blocks
+
+
+def reshape_factor(f: np.ndarray, a: tuple[int, ...], b: tuple[int, ...]) -> np.ndarray:
+    """Reshape factor ``f`` of a tensor of shape ``a`` into the factor for shape ``b``."""
+    f = to_ndim(f, len(a))
+    blocks = reshape_blocks(a, b)
+    full = list(f.shape)
+    target: list[int] = []
+    for bi, bj in blocks:
+        if any(f.shape[d] > 1 for d in bi):
+            for d in bi:
+                full[d] = a[d]
+            target += [b[d] for d in bj]
+        else:
+            target += [1] * len(bj)
+    g = np.broadcast_to(f, full)
+    return np.ascontiguousarray(g).reshape(target)
+
+
+def _reshape(ctx: Ctx, node, src):
+    a, b = shape_of(src), shape_of(node)
+    if a is None or b is None:
+        return None
+    return [reshape_factor(f, a, b) for f in ctx.factors(src, len(a))]
+
+
+@register(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.view_as,
+          aten.squeeze, aten.unsqueeze, aten._reshape_alias)
+def reshape(ctx: Ctx, node: torch.fx.Node):
+    """Any op that keeps the element order and changes the shape."""
+    return _reshape(ctx, node, node.args[0])
+
+
+@register(aten.permute)
+def permute(ctx: Ctx, node: torch.fx.Node):
+    x, dims = node.args[0], node.args[1]
+    nd = len(shape_of(x))
+    perm = [d % nd for d in dims]
+    return [np.transpose(f, perm) for f in ctx.factors(x, nd)]
+
+
+@register(aten.transpose)
+def transpose(ctx: Ctx, node: torch.fx.Node):
+    x = node.args[0]
+    nd = len(shape_of(x))
+    d0, d1 = node.args[1] % nd, node.args[2] % nd
+    return [np.swapaxes(f, d0, d1) for f in ctx.factors(x, nd)]
+
+
+@register(aten.t, aten.numpy_T)
+def t(ctx: Ctx, node: torch.fx.Node):
+    x = node.args[0]
+    nd = len(shape_of(x))
+    return [f.T if nd == 2 else f for f in ctx.factors(x, nd)]
+
+
+@register(aten.expand, aten.expand_as, aten.broadcast_to)
+def expand(ctx: Ctx, node: torch.fx.Node):
+    """Expanding only repeats size-1 dims, along which factors do not vary."""
+    nd = len(shape_of(node))
+    return ctx.factors(node.args[0], nd)
+
+
+def _slice_factor(f: np.ndarray, dim: int, sl) -> np.ndarray:
+    if f.shape[dim] == 1:
+        return f
+    idx = [slice(None)] * f.ndim
+    idx[dim] = sl
+    return f[tuple(idx)]
+
+
+@register(aten.slice)
+def slice_(ctx: Ctx, node: torch.fx.Node):
+    x = node.args[0]
+    shape = shape_of(x)
+    nd = len(shape)
+    dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % nd
+    start = node.args[2] if len(node.args) > 2 else node.kwargs.get("start")
+    end = node.args[3] if len(node.args) > 3 else node.kwargs.get("end")
+    step = node.args[4] if len(node.args) > 4 else node.kwargs.get("step", 1)
+    start, end, step = slice(start, end, step).indices(shape[dim])
+    return [_slice_factor(f, dim, slice(start, end, step)) for f in ctx.factors(x, nd)]
+
+
+@register(aten.select)
+def select(ctx: Ctx, node: torch.fx.Node):
+    x, dim, index = node.args[0], node.args[1], node.args[2]
+    nd = len(shape_of(x))
+    dim %= nd
+    out = []
+    for f in ctx.factors(x, nd):
+        g = f if f.shape[dim] == 1 else np.take(f, [index % f.shape[dim]], axis=dim)
+        out.append(np.squeeze(g, axis=dim))
+    return out
+
+
+def _split_sizes(total: int, size_or_sizes, kind: str) -> list[int]:
+    if kind == "chunk":
+        n = size_or_sizes
+        step = -(-total // n)
+        return [min(step, total - i) for i in range(0, total, step)]
+    if isinstance(size_or_sizes, int):
+        return [min(size_or_sizes, total - i) for i in range(0, total, size_or_sizes)]
+    return list(size_or_sizes)
+
+
+def _split(ctx: Ctx, node: torch.fx.Node, kind: str):
+    x = node.args[0]
+    shape = shape_of(x)
+    nd = len(shape)
+    dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % nd
+    sizes = _split_sizes(shape[dim], node.args[1], kind)
+    fs = ctx.factors(x, nd)
+    outs, start = [], 0
+    for s in sizes:
+        outs.append([_slice_factor(f, dim, slice(start, start + s)) for f in fs])
+        start += s
+    return tuple(outs)
+
+
+@register(aten.split, aten.split_with_sizes)
+def split(ctx: Ctx, node: torch.fx.Node):
+    return _split(ctx, node, "split")
+
+
+@register(aten.chunk)
+def chunk(ctx: Ctx, node: torch.fx.Node):
+    return _split(ctx, node, "chunk")
+
+
+@register(aten.unbind)
+def unbind(ctx: Ctx, node: torch.fx.Node):
+    x = node.args[0]
+    shape = shape_of(x)
+    nd = len(shape)
+    dim = (node.args[1] if len(node.args) > 1 else 0) % nd
+    fs = ctx.factors(x, nd)
+    outs = []
+    for i in range(shape[dim]):
+        outs.append([np.squeeze(f if f.shape[dim] == 1 else np.take(f, [i], axis=dim), axis=dim)
+                     for f in fs])
+    return tuple(outs)
+
+
+@register(operator.getitem)
+def getitem(ctx: Ctx, node: torch.fx.Node):
+    v = ctx.value(node.args[0])
+    if isinstance(v, tuple):
+        return v[node.args[1]]
+    return [] if shape_of(node) is not None else None
+
+
+@register(aten.cat, aten.concat, aten.concatenate)
+def cat(ctx: Ctx, node: torch.fx.Node):
+    """Join along ``dim``: channels laid side by side keep their labels, in order."""
+    xs = list(node.args[0])
+    out_shape = shape_of(node)
+    nd = len(out_shape)
+    dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % nd
+    shapes = [shape_of(x) for x in xs]
+    facs = [ctx.factors(x, nd) for x in xs]
+    # Factors that do not vary along dim and appear in every input: the same channels on both
+    # sides of the join (e.g. a class token prepended along the sequence): merge them.
+    out = []
+    along = [[f for f in fs if f.shape[dim] > 1] for fs in facs]
+    rest = [[f for f in fs if not any(f is g for g in along[i])] for i, fs in enumerate(facs)]
+    if all(r for r in rest):
+        merged = merge_aligned(ctx.space, [f for r in rest for f in r], ctx.where(node))
+        out += merged
+    else:
+        along = [a + r for a, r in zip(along, rest)]
+    if any(along):
+        dims = sorted(set(dim for fs in along for f in fs for dim in varying(f)) | {dim})
+        pieces = []
+        for i, fs in enumerate(along):
+            shape = [shapes[i][d] if d in dims else 1 for d in range(nd)]
+            piece = np.full(shape, -1, dtype=np.int64)
+            for f in merge_aligned(ctx.space, [np.broadcast_to(f, shape) for f in fs], ctx.where(node)) if fs else []:
+                piece = np.where(piece >= 0, piece, np.broadcast_to(f, shape))
+            pieces.append(piece)
+        out.append(np.concatenate(pieces, axis=dim))
+    return out
+
+
+@register(aten.stack)
+def stack(ctx: Ctx, node: torch.fx.Node):
+    xs = list(node.args[0])
+    nd = len(shape_of(node))
+    dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % nd
+    pieces = []
+    allf = [ctx.factors(x, nd - 1) for x in xs]
+    if not any(allf):
+        return []
+    dims = sorted(set(d + (d >= dim) for fs in allf for f in fs for d in varying(f)))
+    base = shape_of(xs[0])
+    for fs in allf:
+        shape = [1] * nd
+        for d in dims:
+            shape[d] = base[d - (d > dim)] if d != dim else 1
+        piece = np.full(shape, -1, dtype=np.int64)
+        for f in fs:
+            piece = np.where(piece >= 0, piece, np.broadcast_to(np.expand_dims(f, dim), shape))
+        pieces.append(piece)
+    return [np.concatenate(pieces, axis=dim)]
+
+
+@register(aten.repeat_interleave)
+def repeat_interleave(ctx: Ctx, node: torch.fx.Node):
+    """Each position along ``dim`` repeated ``repeats`` times (GQA's ``repeat_kv``)."""
+    x = node.args[0]
+    reps = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if not isinstance(x, torch.fx.Node) or not isinstance(reps, int) or dim is None:
+        from ecospa.graph.rules.base import poison_value
+
+        return poison_value(ctx, node, "repeat_interleave with tensor repeats or no dim")
+    nd = len(shape_of(x))
+    dim %= nd
+    return [np.repeat(f, reps, axis=dim) if f.shape[dim] > 1 else f for f in ctx.factors(x, nd)]
+
+
+@register(aten.repeat, aten.tile)
+def repeat(ctx: Ctx, node: torch.fx.Node):
+    """Tile the tensor: labels repeat along the tiled dims."""
+    x, reps = node.args[0], list(node.args[1])
+    nd = len(shape_of(node))
+    reps = [1] * (nd - len(reps)) + reps
+    out = []
+    for f in ctx.factors(x, nd):
+        out.append(np.tile(f, [r if f.shape[d] > 1 else 1 for d, r in enumerate(reps)]))
+    return out

@@ -27,6 +27,19 @@ def _name(node: torch.fx.Node) -> str:
     return getattr(getattr(node.target, "overloadpacket", None), "__name__", str(node.target))
 
 
+def _distinct(per_operand: list[list[np.ndarray]]) -> bool:
+    """True when two operands carry different labels at some position (a real gate, not
+    ``x * f(x)`` as in tanh-GELU)."""
+    first = per_operand[0]
+    for other in per_operand[1:]:
+        for a in first:
+            for b in other:
+                x, y = np.broadcast_arrays(a, b)
+                if ((x >= 0) & (y >= 0) & (x != y)).any():
+                    return True
+    return False
+
+
 def pointwise(ctx: Ctx, node: torch.fx.Node):
     """Broadcasting elementwise op: factors at the same positions are merged (see merge_aligned)."""
     shape = shape_of(node)
@@ -34,15 +47,17 @@ def pointwise(ctx: Ctx, node: torch.fx.Node):
         return None
     ndim = len(shape)
     factors: list[np.ndarray] = []
-    labelled = 0
+    per_operand = []
     for a in tensor_args(node):
         fs = ctx.factors(a, ndim)
-        labelled += bool(fs)
+        if fs:
+            per_operand.append(fs)
         factors += fs
     out = merge_aligned(ctx.space, factors, ctx.where(node))
     name = _name(node)
+    gate = name in _PRODUCTS and len(per_operand) >= 2 and _distinct(per_operand)
     for f in out:
-        if labelled >= 2 and name in _PRODUCTS:
+        if gate:
             ctx.space.event("gate", f)
         if name not in _LINEAR:
             ctx.space.event("nonlinear", f)

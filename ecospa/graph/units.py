@@ -30,15 +30,16 @@ class RawCoupling:
     comps: np.ndarray  # component ids of its units, in unit order
 
 
-def _split_by(keys: np.ndarray, values: np.ndarray) -> dict[int, tuple[int, ...]]:
-    """``{key: tuple(sorted unique values)}`` for parallel arrays."""
+def _set_hash(keys: np.ndarray, values: np.ndarray, n_keys: int, n_values: int, seed: int) -> np.ndarray:
+    """Per key, a 64-bit hash of the *set* of values paired with it (order and repeats ignored)."""
+    out = np.zeros(n_keys, dtype=np.uint64)
     if keys.size == 0:
-        return {}
-    pair = np.unique(np.stack([keys, values], axis=1), axis=0)
-    cuts = np.nonzero(np.diff(pair[:, 0]))[0] + 1
-    ks = pair[np.r_[0, cuts], 0]
-    groups = np.split(pair[:, 1], cuts)
-    return {int(k): tuple(g.tolist()) for k, g in zip(ks, groups)}
+        return out
+    rand = np.random.default_rng(seed).integers(1, 2**63, size=max(n_values, 1), dtype=np.int64).astype(np.uint64)
+    pair = np.unique(keys.astype(np.int64) * np.int64(n_values) + values.astype(np.int64))
+    k, v = pair // n_values, pair % n_values
+    np.add.at(out, k, rand[v])
+    return out
 
 
 def group_units(flow: FlowResult) -> tuple[list[RawCoupling], np.ndarray, np.ndarray]:
@@ -65,28 +66,37 @@ def group_units(flow: FlowResult) -> tuple[list[RawCoupling], np.ndarray, np.nda
         events[kind] = m
 
     labels = np.nonzero(is_unit[comp])[0]
-    sig = _split_by(comp[labels], pd[labels])
+    npd = len(space.pd_names)
+    sig = _set_hash(comp[labels], pd[labels], ncomp, npd, seed=1)
     tl, tt = space.tag_pairs()
     keep = is_unit[comp[tl]] if tl.size else np.zeros(0, dtype=bool)
-    tags = _split_by(comp[tl[keep]], tt[keep]) if tl.size else {}
+    tags = _set_hash(comp[tl[keep]], tt[keep], ncomp, max(space.n_tags, 1), seed=2)
     sl, sn = space.site_pairs()
-    first_site = np.full(ncomp, np.iinfo(np.int64).max, dtype=np.int64)
+    big = np.iinfo(np.int64).max
+    first_site = np.full(ncomp, big, dtype=np.int64)
     if sl.size:
         np.minimum.at(first_site, comp[sl], sn)
-    min_label = np.full(ncomp, np.iinfo(np.int64).max, dtype=np.int64)
+    min_label = np.full(ncomp, big, dtype=np.int64)
     np.minimum.at(min_label, comp[labels], labels)
 
-    groups: dict[tuple, list[int]] = {}
-    for c in np.nonzero(is_unit)[0].tolist():
-        key = (sig[c], tags.get(c, ()), int(reason[c]) >= 0)
-        groups.setdefault(key, []).append(c)
+    units = np.nonzero(is_unit)[0]
+    poisoned = (reason[units] >= 0).astype(np.uint64)
+    order = np.lexsort((min_label[units], poisoned, tags[units], sig[units]))
+    su = units[order]
+    k_sig, k_tag, k_poi = sig[su], tags[su], poisoned[order]
+    new = np.r_[True, (np.diff(k_sig.view(np.int64)) != 0) | (np.diff(k_tag.view(np.int64)) != 0) | (np.diff(k_poi.view(np.int64)) != 0)] if su.size else np.zeros(0, bool)
+    gstart = np.nonzero(new)[0]
+    gend = np.r_[gstart[1:], su.size]
+    # order groups by (first contraction site, first label)
+    g_site = np.minimum.reduceat(first_site[su], gstart) if su.size else np.zeros(0, np.int64)
+    g_lab = np.minimum.reduceat(min_label[su], gstart) if su.size else np.zeros(0, np.int64)
+    gorder = np.lexsort((g_lab, g_site))
 
     gid_of = np.full(ncomp, -1, dtype=np.int64)
     rank_of = np.zeros(ncomp, dtype=np.int64)
-    order = sorted(groups.items(), key=lambda kv: (min(first_site[kv[1]]), min(min_label[kv[1]])))
     raws: list[RawCoupling] = []
-    for g, (key, comps) in enumerate(order):
-        comps_arr = np.array(sorted(comps, key=lambda c: min_label[c]), dtype=np.int64)
+    for g, gi in enumerate(gorder.tolist()):
+        comps_arr = su[gstart[gi]:gend[gi]]  # already sorted by min label within the group
         gid_of[comps_arr] = g
         rank_of[comps_arr] = np.arange(comps_arr.size)
         rid = reason[comps_arr]
@@ -94,9 +104,8 @@ def group_units(flow: FlowResult) -> tuple[list[RawCoupling], np.ndarray, np.nda
         ev = {k: bool(m[comps_arr].any()) for k, m in events.items()}
         kind = ("qk" if ev["actact"] else "vo" if ev["bmm"] else "glu" if ev["gate"]
                 else "ffn" if ev["nonlinear"] else "linear")
-        fs = int(first_site[comps_arr].min())
         raws.append(RawCoupling(kind=kind, reason=why, tables=(), width=int(comps_arr.size),
-                                first_site=fs, site_modules=(), comps=comps_arr))
+                                first_site=int(g_site[gi]), site_modules=(), comps=comps_arr))
 
     # slice tables, vectorised: sort unit labels by (coupling, pd, unit, label)
     lab = labels
@@ -109,13 +118,13 @@ def group_units(flow: FlowResult) -> tuple[list[RawCoupling], np.ndarray, np.nda
     starts = np.r_[0, cuts]
     ends = np.r_[cuts, lab.size]
     per_group: dict[int, list[SliceTable]] = {}
-    for s, e in zip(starts.tolist(), ends.tolist()):
-        if s == e:
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        if a == b:
             continue
-        pid = int(p[s])
+        pid = int(p[a])
         name, dim = space.pd_names[pid]
-        tab = SliceTable(name, dim, r[s:e].copy(), lab[s:e] - space.pd_start[pid])
-        per_group.setdefault(int(g[s]), []).append(tab)
+        tab = SliceTable(name, dim, r[a:b].copy(), lab[a:b] - space.pd_start[pid])
+        per_group.setdefault(int(g[a]), []).append(tab)
     site_mods: dict[int, set[str]] = {}
     if sl.size:
         sg = gid_of[comp[sl]]

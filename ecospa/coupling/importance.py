@@ -1,0 +1,412 @@
+"""Importance of couplings (Eq. 6, coupled empirical Fisher) and of their units (Eq. 9).
+
+:class:`Importance` is fed by the gradients of ordinary training steps (``accumulate()`` after
+``loss.backward()``, no extra forward or backward pass) and scores, on demand:
+
+- a whole coupling (``coupling_scores``), default ``"fisher"`` (Eq. 6)::
+
+      I(c) = 1/K * sum_k  1/|W_k| * 1/|D| * sum_{entries of W_k in c} (dL/dW)^2
+
+  where the K "matrices" of a coupling are its operands: the slices of one module on one side
+  of the contraction (a bias joins the output channels of its module). A nanoGPT head's ``qk``
+  coupling has two (the q rows and the k rows of the fused ``c_attn``), a GLU's has three
+  (gate, up, down), a GQA ``qk`` group has two (all its q heads together, and its k head).
+  ``|W_k|`` counts the entries of the operand inside the coupling and ``|D|`` the number of
+  ``accumulate()`` calls since the last ``reset()``.
+- every unit of a coupling (``unit_scores``), default ``"eq9"`` (Eq. 9)::
+
+      a_j = sum of |w| over the producer slices of unit j     (rows of W_in, its bias, ...)
+      b_j = sum of |w| over the reader slices of unit j       (columns of W_out)
+      v_j = a_j * b_j / sum_l a_l * b_l
+
+Every unit score is normalised to sum to 1, so the planner's ``theta`` means the same for each.
+
+**Which side is which.** Sites with role ``"in"`` (and dim 1 of an ``"mha"`` weight) are
+readers; ``"out"``, ``"bias"``, ``"direct"`` are producers. A coupling with no reader (``qk``:
+both operands are output rows) is split by module (first module one side, the others the other)
+or, when one fused module holds both operands, by position inside each unit: a unit's slice with
+the highest index (the k row, after the q rows in fused layouts) is one side, the rest the other.
+Without sites, a 1-D parameter is a bias, dim 0 of a 2-D one an output, dim 1 an input.
+
+**Cost.** Per step and per tracked ``(param, dim)``: one fused reduction of ``grad**2`` to a
+per-channel vector, added to a float32 accumulator (no per-slice work); slices are gathered into
+couplings only when scoring. ``taylor`` scores add one product and reduction per parameter.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ecospa.errors import ConfigError, EcospaError
+from ecospa.graph.ir import Coupling
+
+__all__ = [
+    "Importance",
+    "COUPLING_SCORES",
+    "UNIT_SCORES",
+    "register_coupling_score",
+    "register_unit_score",
+    "normalise",
+    "needed_stats",
+]
+
+_READER, _PRODUCER = 1, 0
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Slices of one ``(param, dim)`` on one side of a coupling; ``(m,)`` long tensors."""
+
+    param: str
+    dim: int
+    side: int
+    matrix: int  # operand id inside the coupling (Eq. 6's k)
+    channels: torch.Tensor  # (m,) index along ``dim``
+    units: torch.Tensor  # (m,) unit id in [0, width)
+    slice_numel: int  # entries per slice: numel / shape[dim]
+
+
+@dataclass(frozen=True)
+class _Index:
+    """Precomputed gather indices of one coupling."""
+
+    coupling: Coupling
+    parts: tuple[_Part, ...]
+    matrix_numel: tuple[int, ...]  # entries of each operand inside the coupling
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """``x / x.sum()`` as float64; uniform when the sum is not positive and finite. Shape kept."""
+    x = x.double()
+    s = float(x.sum())
+    if not math.isfinite(s) or s <= 0.0:
+        return torch.full_like(x, 1.0 / max(1, x.numel()))
+    return x / s
+
+
+def _role(c: Coupling, param: str, dim: int, ndim: int) -> str:
+    for s in c.sites:
+        if s.param == param and s.dim == dim:
+            if s.role == "mha":
+                return "in" if (ndim == 2 and dim == 1) else "out"
+            return s.role
+    if ndim == 1:
+        return "bias"
+    return "out" if dim == 0 else "in"
+
+
+def _module(c: Coupling, param: str, dim: int) -> str:
+    for s in c.sites:
+        if s.param == param and s.dim == dim:
+            return s.module
+    return param.rsplit(".", 1)[0] if "." in param else ""
+
+
+def _rank_sides(unit: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Side per slice when one module holds both operands: the highest index of a unit is 1."""
+    order = np.lexsort((index, unit))
+    u = unit[order]
+    last = np.ones(u.size, dtype=bool)
+    last[:-1] = u[1:] != u[:-1]
+    first = np.ones(u.size, dtype=bool)
+    first[1:] = u[1:] != u[:-1]
+    side = np.zeros(u.size, dtype=np.int64)
+    side[last & ~first] = 1  # units with a single slice here stay on side 0
+    out = np.empty_like(side)
+    out[order] = side
+    return out
+
+
+def _build_index(c: Coupling, shapes: Mapping[str, tuple[int, ...]], device_of: Mapping[str, torch.device]) -> _Index:
+    roles = [_role(c, t.param, t.dim, len(shapes[t.param])) for t in c.tables]
+    modules = [_module(c, t.param, t.dim) for t in c.tables]
+    has_reader = any(r == "in" for r in roles)
+    distinct = list(dict.fromkeys(modules))
+    parts: list[_Part] = []
+    matrix_ids: dict[tuple[str, int], int] = {}
+    matrix_numel: list[int] = []
+    for t, role, mod in zip(c.tables, roles, modules):
+        shape = shapes[t.param]
+        slice_numel = int(np.prod([k for d, k in enumerate(shape) if d != t.dim], dtype=np.int64))
+        if has_reader:
+            sides = np.full(t.unit.size, _READER if role == "in" else _PRODUCER, dtype=np.int64)
+        elif len(distinct) > 1:
+            sides = np.full(t.unit.size, 0 if mod == distinct[0] else 1, dtype=np.int64)
+        else:
+            sides = _rank_sides(np.asarray(t.unit), np.asarray(t.index))
+        dev = device_of.get(t.param, torch.device("cpu"))
+        for side in (0, 1):
+            mask = sides == side
+            if not mask.any():
+                continue
+            key = (mod, side)
+            if key not in matrix_ids:
+                matrix_ids[key] = len(matrix_numel)
+                matrix_numel.append(0)
+            m = matrix_ids[key]
+            matrix_numel[m] += int(mask.sum()) * slice_numel
+            parts.append(_Part(
+                t.param, t.dim, side, m,
+                torch.as_tensor(np.asarray(t.index)[mask], dtype=torch.long, device=dev),
+                torch.as_tensor(np.asarray(t.unit)[mask], dtype=torch.long, device=dev),
+                slice_numel,
+            ))
+    return _Index(c, tuple(parts), tuple(matrix_numel))
+
+
+def _channel_reduce(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``(x**2).sum`` over every dim but ``dim``: ``(shape[dim],)`` float32, one fused pass."""
+    if x.dim() == 1:
+        return x.float().square()
+    other = [d for d in range(x.dim()) if d != dim]
+    return torch.linalg.vector_norm(x, 2, dim=other, dtype=torch.float32).square_()
+
+
+class Importance:
+    """Gradient statistics of a model's couplings, and the scores computed from them.
+
+    Args:
+        model: the model whose ``named_parameters()`` the couplings refer to.
+        couplings: the couplings to score (a ``CouplingGraph`` or any iterable of them).
+        stats: which gradient statistics to accumulate: ``"sq"`` (squared gradients, for
+            ``fisher``) and/or ``"wg"`` (``|w * g|``, for ``taylor``).
+        seed: seed of the ``random`` scores.
+    """
+
+    def __init__(self, model: nn.Module, couplings: Iterable[Coupling], *,
+                 stats: Iterable[str] = ("sq",), seed: int = 0):
+        stats = tuple(stats)
+        bad = [s for s in stats if s not in ("sq", "wg")]
+        if bad:
+            raise ConfigError(f"unknown gradient statistics {bad}; choose from 'sq', 'wg'")
+        self.model, self.stats, self.seed = model, stats, int(seed)
+        self.rebind(couplings)
+
+    # ----------------------------------------------------------------- bookkeeping
+    def rebind(self, couplings: Iterable[Coupling]) -> None:
+        """Index new couplings (for example after pruning) and ``reset()`` the statistics."""
+        self.params: dict[str, nn.Parameter] = dict(self.model.named_parameters())
+        self.couplings = tuple(c for c in couplings)
+        shapes = {n: tuple(p.shape) for n, p in self.params.items()}
+        devices = {n: p.device for n, p in self.params.items()}
+        for c in self.couplings:
+            missing = [t.param for t in c.tables if t.param not in self.params]
+            if missing:
+                raise EcospaError(f"coupling {c.name!r} names parameters {missing} that the model does "
+                                  "not have; pass the couplings found on this model")
+        self._index = {c.name: _build_index(c, shapes, devices) for c in self.couplings}
+        dims: dict[str, set[int]] = {}
+        for ix in self._index.values():
+            for part in ix.parts:
+                dims.setdefault(part.param, set()).add(part.dim)
+        self._tracked = [(n, self.params[n], tuple(sorted(ds))) for n, ds in dims.items()]
+        self._l1_cache: dict[tuple[str, int], tuple[int, int, torch.Tensor]] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the accumulated statistics (``num_batches`` back to 0)."""
+        self.num_batches = 0
+        self._acc: dict[str, dict[tuple[str, int], torch.Tensor]] = {
+            s: {(n, d): torch.zeros(p.shape[d], dtype=torch.float32, device=p.device)
+                for n, p, ds in self._tracked for d in ds}
+            for s in self.stats
+        }
+
+    @torch.no_grad()
+    def accumulate(self) -> None:
+        """Add the current ``.grad`` of every tracked parameter; call once per optimizer step.
+
+        Parameters without a gradient are skipped; ``num_batches`` (Eq. 6's ``|D|``) still counts.
+        """
+        sq, wg = self._acc.get("sq"), self._acc.get("wg")
+        for name, p, dims in self._tracked:
+            g = p.grad
+            if g is None:
+                continue
+            if sq is not None:
+                if len(dims) == 1:
+                    sq[(name, dims[0])].add_(_channel_reduce(g, dims[0]))
+                else:
+                    g2 = g.float().square()
+                    for d in dims:
+                        sq[(name, d)].add_(g2.sum([o for o in range(g.dim()) if o != d]))
+            if wg is not None:
+                a = (p.detach() * g).abs_().float()
+                for d in dims:
+                    other = [o for o in range(g.dim()) if o != d]
+                    wg[(name, d)].add_(a.sum(other) if other else a)
+        self.num_batches += 1
+
+    def state_dict(self) -> dict:
+        """Accumulators (CPU copies) and ``num_batches``."""
+        return {"num_batches": self.num_batches,
+                "acc": {s: {f"{n}:{d}": v.cpu() for (n, d), v in acc.items()} for s, acc in self._acc.items()}}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore what :meth:`state_dict` returned, on the same couplings."""
+        self.num_batches = int(state["num_batches"])
+        for s, acc in state["acc"].items():
+            for key, v in acc.items():
+                n, d = key.rsplit(":", 1)
+                cur = self._acc[s][(n, int(d))]
+                if cur.shape != v.shape:
+                    raise EcospaError(f"accumulator {key!r} has shape {tuple(v.shape)}, expected "
+                                      f"{tuple(cur.shape)}: restore the plan before the statistics")
+                cur.copy_(v)
+
+    # ----------------------------------------------------------------- per channel
+    def channel(self, stat: str, param: str, dim: int) -> torch.Tensor:
+        """Per-channel statistic ``(shape[dim],)``: ``"sq"``, ``"wg"`` (sums over steps) or ``"l1"``."""
+        if stat == "l1":
+            p = self.params[param]
+            key = (param, dim)
+            hit = self._l1_cache.get(key)
+            if hit is not None and hit[0] == p._version and hit[1] == p.data_ptr():
+                return hit[2]
+            with torch.no_grad():
+                other = [o for o in range(p.dim()) if o != dim]
+                v = p.detach().abs().float()
+                v = v.sum(other) if other else v
+            self._l1_cache[key] = (p._version, p.data_ptr(), v)
+            return v
+        if stat not in self._acc:
+            raise ConfigError(f"statistic {stat!r} is not accumulated here (have {list(self._acc)}); "
+                              f"build Importance with stats including {stat!r}")
+        return self._acc[stat][(param, dim)]
+
+    def per_unit(self, c: Coupling | str, stat: str, side: int | None = None) -> torch.Tensor:
+        """``(width,)`` float64: the statistic summed over every slice of each unit (one side only
+        when ``side`` is 0 (producers) or 1 (readers))."""
+        ix = self._index[c if isinstance(c, str) else c.name]
+        out = torch.zeros(ix.coupling.width, dtype=torch.float64)
+        for part in ix.parts:
+            if side is not None and part.side != side:
+                continue
+            vals = self.channel(stat, part.param, part.dim)[part.channels]
+            out.index_add_(0, part.units.cpu(), vals.double().cpu())
+        return out
+
+    def per_matrix_mean(self, c: Coupling | str, stat: str) -> float:
+        """Average over the coupling's operands of (statistic summed over the operand's slices /
+        number of its entries): Eq. 6 without the ``1/|D|``, for ``stat="sq"``."""
+        ix = self._index[c if isinstance(c, str) else c.name]
+        sums = [0.0] * len(ix.matrix_numel)
+        for part in ix.parts:
+            sums[part.matrix] += float(self.channel(stat, part.param, part.dim)[part.channels].double().sum())
+        terms = [s / n for s, n in zip(sums, ix.matrix_numel) if n > 0]
+        return sum(terms) / len(terms) if terms else 0.0
+
+    def sides(self, c: Coupling | str) -> set[int]:
+        """Which sides (0 producers, 1 readers) the coupling has."""
+        return {p.side for p in self._index[c if isinstance(c, str) else c.name].parts}
+
+    def generator(self, name: str, salt: int = 0) -> torch.Generator:
+        """A generator seeded by ``(seed, salt, name)``: same draws for the same round and coupling."""
+        key = (self.seed * 1_000_003 + salt * 7_919 + zlib.crc32(name.encode())) % (2 ** 62)
+        return torch.Generator().manual_seed(key)
+
+    # ----------------------------------------------------------------- scores
+    def coupling_scores(self, method: str = "fisher", *, salt: int = 0) -> dict[str, float]:
+        """``{coupling name: score}``, smaller = less important (Eq. 6 for ``"fisher"``)."""
+        fn = _lookup(COUPLING_SCORES, method, "coupling score")
+        return {c.name: float(fn(self, c, salt)) for c in self.couplings}
+
+    def unit_scores(self, c: Coupling | str, method: str = "eq9", *, salt: int = 0) -> torch.Tensor:
+        """``(width,)`` float64 scores of the units of ``c``, summing to 1 (Eq. 9 for ``"eq9"``)."""
+        fn = _lookup(UNIT_SCORES, method, "unit score")
+        c = self._index[c if isinstance(c, str) else c.name].coupling
+        return normalise(fn(self, c, salt))
+
+
+ScoreFn = Callable[[Importance, Coupling, int], object]
+COUPLING_SCORES: dict[str, ScoreFn] = {}
+UNIT_SCORES: dict[str, ScoreFn] = {}
+NEEDS: dict[str, tuple[str, ...]] = {}  # score name -> gradient statistics it reads
+
+
+def _register(table: dict, kind: str, name: str, needs: tuple[str, ...]):
+    def deco(fn: ScoreFn) -> ScoreFn:
+        if name in table:
+            raise ConfigError(f"{kind} {name!r} is already registered")
+        table[name] = fn
+        NEEDS[f"{kind}:{name}"] = needs
+        return fn
+    return deco
+
+
+def register_coupling_score(name: str, needs: tuple[str, ...] = ()):
+    """Decorator: ``fn(importance, coupling, salt) -> float``, smaller = prune first."""
+    return _register(COUPLING_SCORES, "coupling score", name, needs)
+
+
+def register_unit_score(name: str, needs: tuple[str, ...] = ()):
+    """Decorator: ``fn(importance, coupling, salt) -> (width,) tensor >= 0`` (normalised after)."""
+    return _register(UNIT_SCORES, "unit score", name, needs)
+
+
+def _lookup(table: dict, name: str, kind: str) -> ScoreFn:
+    try:
+        return table[name]
+    except KeyError:
+        raise ConfigError(f"unknown {kind} {name!r}; choose from {sorted(table)}") from None
+
+
+def needed_stats(coupling_score: str, unit_score: str) -> tuple[str, ...]:
+    """Gradient statistics the two chosen scores read, e.g. ``("sq",)``."""
+    _lookup(COUPLING_SCORES, coupling_score, "coupling score")
+    _lookup(UNIT_SCORES, unit_score, "unit score")
+    need = NEEDS[f"coupling score:{coupling_score}"] + NEEDS[f"unit score:{unit_score}"]
+    return tuple(dict.fromkeys(need))
+
+
+@register_coupling_score("fisher", needs=("sq",))
+def _fisher(imp: Importance, c: Coupling, salt: int) -> float:
+    if imp.num_batches == 0:
+        raise EcospaError(f"no gradients accumulated for {c.name!r}: call accumulate() after "
+                          "loss.backward() before scoring with 'fisher'")
+    return imp.per_matrix_mean(c, "sq") / imp.num_batches
+
+
+@register_coupling_score("magnitude")
+def _coupling_magnitude(imp: Importance, c: Coupling, salt: int) -> float:
+    return imp.per_matrix_mean(c, "l1")
+
+
+@register_coupling_score("taylor", needs=("wg",))
+def _coupling_taylor(imp: Importance, c: Coupling, salt: int) -> float:
+    return imp.per_matrix_mean(c, "wg") / max(1, imp.num_batches)
+
+
+@register_coupling_score("random")
+def _coupling_random(imp: Importance, c: Coupling, salt: int) -> float:
+    return float(torch.rand(1, generator=imp.generator(c.name, salt)))
+
+
+@register_unit_score("eq9")
+def _eq9(imp: Importance, c: Coupling, salt: int) -> torch.Tensor:
+    sides = imp.sides(c)
+    out = torch.ones(c.width, dtype=torch.float64)
+    for side in sorted(sides):
+        out = out * imp.per_unit(c, "l1", side)
+    return out
+
+
+@register_unit_score("magnitude")
+def _unit_magnitude(imp: Importance, c: Coupling, salt: int) -> torch.Tensor:
+    return imp.per_unit(c, "l1")
+
+
+@register_unit_score("taylor", needs=("wg",))
+def _unit_taylor(imp: Importance, c: Coupling, salt: int) -> torch.Tensor:
+    return imp.per_unit(c, "wg")
+
+
+@register_unit_score("random")
+def _unit_random(imp: Importance, c: Coupling, salt: int) -> torch.Tensor:
+    return torch.rand(c.width, generator=imp.generator(c.name, salt), dtype=torch.float64)

@@ -1,7 +1,7 @@
 """Capture a model's forward as an ATen-level torch.fx graph with parameter names.
 
 ``torch.export.export(strict=False)`` is used: it handles Hugging Face models, timm models and
-``nn.TransformerEncoderLayer`` where ``torch.fx.symbolic_trace`` fails (../docs/CAPTURE.md).
+``nn.TransformerEncoderLayer`` where ``torch.fx.symbolic_trace`` fails (see docs/ARCHITECTURE.md).
 The model is wrapped so that any output structure (``ModelOutput``, dicts, tuples) becomes a flat
 tuple of tensors, and captured in eval mode (restored afterwards); nothing in the model changes.
 """

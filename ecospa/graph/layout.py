@@ -122,6 +122,11 @@ def _owner(param: str) -> str:
     return param.rsplit(".", 1)[0] if "." in param else ""
 
 
+def _mha_supported(m: nn.MultiheadAttention) -> bool:
+    same = getattr(m, "_qkv_same_embed_dim_orig", m._qkv_same_embed_dim)
+    return m.bias_k is None and not m.add_zero_attn and bool(same)
+
+
 def _node_ok_compact(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and (_name(node) in _COMPACT_OK or is_pointwise(node.target))
 
@@ -195,7 +200,11 @@ def plan_sites(flow: FlowResult, model: nn.Module, raws, comp: np.ndarray, gid_o
     for g, rs in enumerate(roles):
         layout = "scatter" if find(g) in scatter_root else "compact"
         problem = None
-        if layout == "scatter":
+        mha_bad = [r for r in rs if r[2] == "mha" and not _mha_supported(mods[r[3]])]
+        if mha_bad:
+            problem = (f"MultiheadAttention {mha_bad[0][3]!r} uses bias_k/bias_v, add_zero_attn or "
+                       "separate kdim/vdim projections, which ecospa cannot prune yet")
+        elif layout == "scatter":
             bad = [r for r in rs if r[2] == "direct"]
             if bad:
                 problem = (f"parameter {bad[0][0]!r} (dim {bad[0][1]}) is used outside a linear "

@@ -79,7 +79,13 @@ def order_like(ctx: Ctx, node: torch.fx.Node):
     name = node.target.overloadpacket.__name__
     dims = _dims(dim_arg, nd)
     val = node.meta.get("val")
-    keep = name in ("cumsum", "cumprod", "sort", "topk") or any(a is True for a in node.args[2:])
+    if name in ("cumsum", "cumprod", "sort"):  # same shape out: poisoned labels flow on
+        out = ctx.factors(x, nd)
+        for f in out:
+            if any(f.shape[d] > 1 for d in dims):
+                ctx.space.poison(f, f"{name} over channels at {ctx.where(node)}")
+        return (out, []) if isinstance(val, (tuple, list)) else out
+    keep = any(a is True for a in node.args[2:])
     out = reduce_dims(ctx, node, x, dims, keep, f"{name} over channels")
     if name in ("argmax", "argmin"):
         out = []
@@ -97,6 +103,7 @@ def softmax(ctx: Ctx, node: torch.fx.Node):
     for f in ctx.factors(x, nd):
         if f.shape[dim] > 1:
             ctx.space.poison(f, f"softmax over channels at {ctx.where(node)}")
+        ctx.space.event("nonlinear", f)
         out.append(f)
     return out
 

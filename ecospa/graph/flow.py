@@ -53,7 +53,7 @@ def _run(ctx: Ctx, node: torch.fx.Node):
     if node.op == "placeholder":
         pname = ctx.captured.params.get(node.name)
         if pname is None:
-            return [] if isinstance(node.meta.get("val"), torch.Tensor) else None
+            return _input_factors(ctx, node)
         return list(ctx.space.param_factors(pname, ctx.captured.shapes[pname]))
     if node.op == "output":
         for f in flat_factors(_leaves(ctx, node.args)):
@@ -67,6 +67,24 @@ def _run(ctx: Ctx, node: torch.fx.Node):
     if rule is None:
         return poison_value(ctx, node, f"op {node.target} has no channel rule")
     return rule(ctx, node)
+
+
+def _input_factors(ctx: Ctx, node: torch.fx.Node):
+    """A model input's channels (its last dimension) get labels, poisoned at once: they cannot
+    be removed, and whatever meets them at the same positions cannot be either. Buffers and
+    integer inputs (token ids) carry none."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    if node.name in ctx.captured.buffers or not val.is_floating_point() or val.dim() < 2:
+        return []
+    size = int(val.shape[-1])
+    if size <= 1:
+        return []
+    f = ctx.space.param_factors(f"<input {node.name}>", (1,) * (val.dim() - 1) + (size,))
+    for x in f:
+        ctx.space.poison(x, f"carries the channels of the model input {node.name!r}")
+    return list(f)
 
 
 def _leaves(ctx: Ctx, args) -> list:

@@ -188,14 +188,18 @@ def merge_aligned(space: LabelSpace, factors: list[np.ndarray], where: str) -> l
     """
     if len(factors) <= 1:
         return list(factors)
+    scalars = [f for f in factors if not varying(f)]
+    factors = [f for f in factors if varying(f)]
+    for f in scalars:  # one weight entry broadcast over everything: shared, not removable
+        space.poison(f, f"a single weight entry broadcast over channels at {where}")
     groups: list[list[np.ndarray]] = []
     for f in factors:
         vf = set(varying(f))
-        hit = [g for g in groups if any(vf & set(varying(h)) for h in g)]
+        hit = [i for i, g in enumerate(groups) if any(vf & set(varying(h)) for h in g)]
         merged = [f]
-        for g in hit:
-            merged += g
-            groups.remove(g)
+        for i in hit:
+            merged += groups[i]
+        groups = [g for i, g in enumerate(groups) if i not in hit]
         groups.append(merged)
     out = []
     for g in groups:

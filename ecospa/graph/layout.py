@@ -127,8 +127,30 @@ def _mha_supported(m: nn.MultiheadAttention) -> bool:
     return m.bias_k is None and not m.add_zero_attn and bool(same)
 
 
-def _node_ok_compact(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and (_name(node) in _COMPACT_OK or is_pointwise(node.target))
+def _node_ok_compact(node: torch.fx.Node, flow: FlowResult, labels: np.ndarray) -> bool:
+    """Can the channels ``labels`` simply vanish at ``node``? Only through elementwise ops (and
+    weight products) whose other operands carry the same channels or broadcast along them."""
+    if node.op != "call_function":
+        return False
+    if _name(node) in _COMPACT_OK and not is_pointwise(node.target):
+        return True
+    if not is_pointwise(node.target):
+        return False
+    out = flow.values.get(node)
+    if not isinstance(out, list):
+        return False
+    nd = len(node.meta["val"].shape)
+    dims = {d for f in out if np.isin(f, labels).any() for d in varying(f)}
+    for a in node.all_input_nodes:
+        val = a.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.dim() == 0:
+            continue
+        shape = (1,) * (nd - val.dim()) + tuple(val.shape)
+        fs = flow.values.get(a) or []
+        covered = {d + nd - f.ndim for f in fs if np.isin(f, labels).any() for d in varying(f)}
+        if any(shape[d] > 1 and d not in covered for d in dims):
+            return False
+    return True
 
 
 def plan_sites(flow: FlowResult, model: nn.Module, raws, comp: np.ndarray, gid_of: np.ndarray):
@@ -150,6 +172,9 @@ def plan_sites(flow: FlowResult, model: nn.Module, raws, comp: np.ndarray, gid_o
             if g >= 0:
                 region.setdefault(g, []).append(node)
 
+    lab_group = gid_of[comp]
+    by_group = np.argsort(lab_group, kind="stable")
+    bounds = np.searchsorted(lab_group[by_group], np.arange(len(raws) + 1))
     roles: list[list[tuple]] = []
     compact = []
     for g, raw in enumerate(raws):
@@ -174,7 +199,8 @@ def plan_sites(flow: FlowResult, model: nn.Module, raws, comp: np.ndarray, gid_o
                 rs.append((t.param, t.dim, "direct", owner, False))
         roles.append(rs)
         nodes = [n for n in region.get(g, []) if module_of(n) not in inside]
-        compact.append(all(_node_ok_compact(n) for n in nodes)
+        labels = by_group[bounds[g]:bounds[g + 1]]
+        compact.append(all(_node_ok_compact(n, flow, labels) for n in nodes)
                        and not any(r[2] == "mha" for r in rs))
 
     # couplings that share a module's output or input must share a layout

@@ -123,6 +123,8 @@ def group_units(flow: FlowResult) -> tuple[list[RawCoupling], np.ndarray, np.nda
             continue
         pid = int(p[a])
         name, dim = space.pd_names[pid]
+        if name.startswith("<"):  # pseudo-parameters (model inputs) are not part of any plan
+            continue
         tab = SliceTable(name, dim, r[a:b].copy(), lab[a:b] - space.pd_start[pid])
         per_group.setdefault(int(g[a]), []).append(tab)
     site_mods: dict[int, set[str]] = {}

@@ -106,6 +106,8 @@ def contract(ctx: Ctx, node: torch.fx.Node, operands, out: str, sizes: dict[str,
                 shape[ax] = arr.shape[ax]
                 tag = tag + np.arange(arr.shape[ax]).reshape(shape) * int(strides[batch.index(c)])
             space.tag(arr, tag)
+    if not any(param_like):  # channels carried through a product of activations (attn @ v)
+        for i, (k, arr, vl) in enumerate(items):
             if i not in consumed:
                 space.event("bmm", arr)
     passing = [_align(arr, vl, tuple(out)) for i, (k, arr, vl) in enumerate(items) if i not in consumed]

@@ -50,7 +50,7 @@ def pointwise(ctx: Ctx, node: torch.fx.Node):
     per_operand = []
     for a in tensor_args(node):
         fs = ctx.factors(a, ndim)
-        if fs:
+        if fs and not ctx.is_param_like(a):  # a weight times a channel is a scale, not a gate
             per_operand.append(fs)
         factors += fs
     out = merge_aligned(ctx.space, factors, ctx.where(node))

@@ -13,11 +13,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["LinearAdapter", "MHAAdapter", "set_index", "scatter_last", "ADAPTER_ATTR"]
+__all__ = ["LinearAdapter", "MHAAdapter", "set_index", "scatter_last", "source_index"]
 
-ADAPTER_ATTR = "forward"
 IN_INDEX = "_ecospa_in_index"
 OUT_INDEX = "_ecospa_out_index"
+OUT_SRC = "_ecospa_out_src"  # derived from OUT_INDEX: see source_index()
 
 
 def set_index(module: nn.Module, name: str, index: torch.Tensor | None) -> None:
@@ -29,11 +29,24 @@ def set_index(module: nn.Module, name: str, index: torch.Tensor | None) -> None:
 
 
 def scatter_last(y: torch.Tensor, index: torch.Tensor | None, full: int) -> torch.Tensor:
-    """``(..., k) -> (..., full)`` with ``y`` at positions ``index`` and zeros elsewhere."""
+    """``(..., k) -> (..., full)`` with ``y`` at positions ``index`` and zeros elsewhere.
+
+    Written as a gather (``index_select`` of ``y`` with one zero column appended): on CPU a
+    gather along the last dimension is several times faster than ``index_copy`` there.
+    """
     if index is None:
         return y
-    out = y.new_zeros(y.shape[:-1] + (full,))
-    return out.index_copy(-1, index, y)
+    src = source_index(index, full)
+    y = torch.cat([y, y.new_zeros(y.shape[:-1] + (1,))], dim=-1)
+    return y.index_select(-1, src)
+
+
+def source_index(index: torch.Tensor, full: int) -> torch.Tensor:
+    """``(full,)``: for each original position, the kept row it reads, or ``k`` (the zero row)."""
+    k = index.numel()
+    src = torch.full((full,), k, dtype=torch.long, device=index.device)
+    src[index] = torch.arange(k, device=index.device)
+    return src
 
 
 class LinearAdapter:
@@ -60,13 +73,22 @@ class LinearAdapter:
             x = x.index_select(-1, idx_in)
         w = getattr(m, self.weight)
         b = getattr(m, self.bias) if self.bias else None
-        if self.transposed:
-            y = torch.matmul(x, w)
+        src = m._buffers.get(OUT_SRC)
+        if src is not None:
+            # one zero output row, so that the scatter back to the full width is one gather
+            out_dim = 1 if self.transposed else 0
+            w = torch.cat([w, w.new_zeros((1, w.shape[1]) if out_dim == 0 else (w.shape[0], 1))], dim=out_dim)
             if b is not None:
-                y = y + b
+                b = torch.cat([b, b.new_zeros(1)])
+        if self.transposed:
+            lead = x.shape[:-1]
+            x2 = x.reshape(-1, x.shape[-1])
+            y = (torch.addmm(b, x2, w) if b is not None else x2 @ w).view(*lead, w.shape[1])
         else:
             y = F.linear(x, w, b)
-        return scatter_last(y, m._buffers.get(OUT_INDEX), self.out_full)
+        if src is not None:
+            y = y.index_select(-1, src)
+        return y
 
 
 def _float_mask(mask: torch.Tensor | None, dtype) -> torch.Tensor | None:

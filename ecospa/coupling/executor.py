@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ecospa.coupling.adapters import IN_INDEX, OUT_INDEX, LinearAdapter, MHAAdapter, set_index
+from ecospa.coupling.adapters import IN_INDEX, OUT_INDEX, OUT_SRC, LinearAdapter, MHAAdapter, set_index, source_index
 from ecospa.errors import PlanError
 from ecospa.graph.discover import _CACHE_ATTR, auto_couple
 from ecospa.graph.ir import Coupling, CouplingGraph, SliceTable
@@ -248,10 +248,13 @@ def _update_linear(mod, path, info, per_param, params) -> None:
         mod.forward = adapter
         set_index(mod, IN_INDEX, None)
         set_index(mod, OUT_INDEX, None)
+        set_index(mod, OUT_SRC, None)
     if out_dim in keeps:
         full = adapter.out_full
         if scatter or mod._buffers.get(OUT_INDEX) is not None:
-            set_index(mod, OUT_INDEX, _compose(mod, OUT_INDEX, full, keeps[out_dim]))
+            idx = _compose(mod, OUT_INDEX, full, keeps[out_dim])
+            set_index(mod, OUT_INDEX, idx)
+            set_index(mod, OUT_SRC, source_index(idx, full))
     if in_dim in keeps and (scatter or mod._buffers.get(IN_INDEX) is not None):
         set_index(mod, IN_INDEX, _compose(mod, IN_INDEX, w.shape[in_dim], keeps[in_dim]))
 

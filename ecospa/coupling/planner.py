@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ecospa.coupling.importance import COUPLING_SCORES, UNIT_SCORES
+from ecospa.coupling.scores import COUPLING_SCORES, UNIT_SCORES
 from ecospa.errors import ConfigError, PlanError
 from ecospa.graph.ir import Coupling, CouplingGraph
 

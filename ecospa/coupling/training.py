@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 
 from ecospa.coupling.executor import prune, remaining
-from ecospa.coupling.importance import Importance, needed_stats
+from ecospa.coupling.importance import Importance
+from ecospa.coupling.scores import needed_stats
 from ecospa.coupling.planner import Plan, PlanConfig, PlanStep, plan_round, resolve_target
 from ecospa.errors import ConfigError, EcospaError
 from ecospa.graph.discover import auto_couple

@@ -38,7 +38,7 @@ aten = torch.ops.aten
 _PRODUCTS = {"linear", "addmm", "mm", "matmul"}
 _PASSIVE = {"view", "reshape", "_unsafe_view", "t", "transpose", "alias", "clone", "contiguous",
             "index_select", "index_copy", "new_zeros", "_assert_tensor_metadata", "expand",
-            "unsqueeze", "squeeze", "flatten", "sym_size", "permute", "add"}
+            "unsqueeze", "squeeze", "flatten", "sym_size", "permute", "add", "cat"}
 _COMPACT_OK = {"clone", "contiguous", "alias", "detach", "dropout", "feature_dropout",
                "alpha_dropout", "native_dropout", "_to_copy", "to", "type_as", "linear", "addmm",
                "mm", "matmul", "sum", "_assert_tensor_metadata", "lift_fresh_copy"}
@@ -69,6 +69,9 @@ def _param_of(flow: FlowResult, arg) -> tuple[str | None, bool]:
         n = _name(arg)
         if n in ("t", "transpose", "permute"):
             flips += 1
+        elif n == "cat":  # ecospa's own adapter appends a zero row: [weight; 0]
+            arg = arg.args[0][0]
+            continue
         elif n not in ("alias", "_to_copy", "to", "contiguous", "detach"):
             return None, False
         arg = arg.args[0]

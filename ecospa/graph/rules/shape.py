@@ -198,32 +198,31 @@ def getitem(ctx: Ctx, node: torch.fx.Node):
 
 @register(aten.cat, aten.concat, aten.concatenate)
 def cat(ctx: Ctx, node: torch.fx.Node):
-    """Join along ``dim``: channels laid side by side keep their labels, in order."""
+    """Join along ``dim``. Factors that vary along ``dim`` are laid side by side (-1 where an
+    input has none). Factors that do not are the same channels on every input (a class token
+    prepended along the sequence, a zero row appended to a weight): they are merged, and a
+    label-free input simply takes them, which adds no constraint."""
     xs = list(node.args[0])
-    out_shape = shape_of(node)
-    nd = len(out_shape)
+    nd = len(shape_of(node))
     dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % nd
     shapes = [shape_of(x) for x in xs]
-    facs = [ctx.factors(x, nd) for x in xs]
-    # Factors that do not vary along dim and appear in every input: the same channels on both
-    # sides of the join (e.g. a class token prepended along the sequence): merge them.
-    out = []
-    along = [[f for f in fs if f.shape[dim] > 1] for fs in facs]
-    rest = [[f for f in fs if not any(f is g for g in along[i])] for i, fs in enumerate(facs)]
-    if all(r for r in rest):
-        merged = merge_aligned(ctx.space, [f for r in rest for f in r], ctx.where(node))
-        out += merged
-    else:
-        along = [a + r for a, r in zip(along, rest)]
-    if any(along):
-        dims = sorted(set(dim for fs in along for f in fs for dim in varying(f)) | {dim})
+    slots: dict[frozenset, list] = {}
+    across: list[np.ndarray] = []
+    for i, x in enumerate(xs):
+        for f in ctx.factors(x, nd):
+            if f.shape[dim] > 1:
+                key = frozenset(varying(f)) - {dim}
+                per = slots.setdefault(key, [None] * len(xs))
+                per[i] = f if per[i] is None else merge_aligned(ctx.space, [per[i], f], ctx.where(node))[0]
+            else:
+                across.append(f)
+    out = merge_aligned(ctx.space, across, ctx.where(node)) if across else []
+    for key, per in slots.items():
+        dims = key | {dim}
         pieces = []
-        for i, fs in enumerate(along):
+        for i, f in enumerate(per):
             shape = [shapes[i][d] if d in dims else 1 for d in range(nd)]
-            piece = np.full(shape, -1, dtype=np.int64)
-            for f in merge_aligned(ctx.space, [np.broadcast_to(f, shape) for f in fs], ctx.where(node)) if fs else []:
-                piece = np.where(piece >= 0, piece, np.broadcast_to(f, shape))
-            pieces.append(piece)
+            pieces.append(np.full(shape, -1, dtype=np.int64) if f is None else np.broadcast_to(f, shape))
         out.append(np.concatenate(pieces, axis=dim))
     return out
 

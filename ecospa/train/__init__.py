@@ -1,0 +1,21 @@
+"""Small training utilities for the demo and the benchmarks: a character corpus with a held-out
+split, a lockstep training loop for fair comparisons, cost measurements and plots."""
+from ecospa.train.data import CharCorpus
+from ecospa.train.loop import EcoSpaHook, Point, Run, StepHook, TrainConfig, ecospa_hook, train_interleaved
+from ecospa.train.measure import count_params, evaluate, forward_throughput, generate_throughput, state_bytes
+
+__all__ = [
+    "CharCorpus",
+    "TrainConfig",
+    "Run",
+    "Point",
+    "StepHook",
+    "EcoSpaHook",
+    "ecospa_hook",
+    "train_interleaved",
+    "count_params",
+    "evaluate",
+    "state_bytes",
+    "forward_throughput",
+    "generate_throughput",
+]

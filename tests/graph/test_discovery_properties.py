@@ -1,0 +1,22 @@
+"""Property tests: discovery finds exactly the couplings a random generator built in."""
+from __future__ import annotations
+
+from hypothesis import given, note
+
+import ecospa
+from tests.helpers import assert_couplings_match
+from tests.strategies import attention_blocks, mlp_stacks
+
+
+@given(mlp_stacks())
+def test_random_mlp_stack_discovery(gen):
+    """One coupling per hidden width (ffn, or linear across an identity), none on the output."""
+    note(repr(gen.spec))
+    assert_couplings_match(ecospa.auto_couple(gen.model, gen.inputs), gen.expected)
+
+
+@given(attention_blocks())
+def test_random_attention_block_discovery(gen):
+    """qk/vo per kv head (rotary pairs, GQA groups, any qkv layout) and the FFN/GLU."""
+    note(repr(gen.spec))
+    assert_couplings_match(ecospa.auto_couple(gen.model, gen.inputs), gen.expected)

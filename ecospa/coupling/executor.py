@@ -32,6 +32,14 @@ def _couplings_for(model: nn.Module, couplings: CouplingGraph | None) -> Couplin
     cached = model.__dict__.get(_CACHE_ATTR)
     if cached is not None:
         return cached
+    from ecospa.graph.capture import default_inputs
+
+    if default_inputs(model) is None:
+        raise PlanError(
+            f"coupling names need the couplings of this {type(model).__name__}: call "
+            "ecospa.auto_couple(model, example_inputs) first (prune then looks names up in it), "
+            "or pass couplings=cg, or key the plan by Coupling objects"
+        )
     return auto_couple(model)
 
 

@@ -161,7 +161,7 @@ class Run:
             n = self.params()
             if n != self.param_trace[-1][1]:
                 self.param_trace.append((self.steps, n))
-        self.last_loss = float(loss)
+        self.last_loss = float(loss.detach())
         return self.last_loss
 
     def record(self, val_loss: float) -> Point:

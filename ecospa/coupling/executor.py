@@ -311,7 +311,8 @@ def remaining(cg: CouplingGraph, plan: Mapping[Coupling, Iterable[int]]) -> Coup
             idx = t.index[mask]
             if rm is not None:
                 idx = idx - np.searchsorted(rm, idx)
-            tables.append(SliceTable(t.param, t.dim, new_id[t.unit][mask], idx))
+            side = t.side[mask] if t.side is not None else None
+            tables.append(SliceTable(t.param, t.dim, new_id[t.unit][mask], idx, side))
         out.append(Coupling(c.name, c.kind, c.exact, c.reason, int(keep_units.size), tuple(tables), c.sites))
     shapes = dict(cg.shapes)
     for (pname, dim), rm in removed.items():

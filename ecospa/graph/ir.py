@@ -28,12 +28,18 @@ class Slice(NamedTuple):
 
 
 class SliceTable(NamedTuple):
-    """All slices of one ``(param, dim)`` in a coupling: slice ``k`` is ``index[k]`` of unit ``unit[k]``."""
+    """All slices of one ``(param, dim)`` in a coupling: slice ``k`` is ``index[k]`` of unit ``unit[k]``.
+
+    ``side[k]`` (optional) is 0 when the slice produces the unit's channel (a producer row, q's
+    head dimension) and 1 when it reads it at the contraction (a consumer column, k's head
+    dimension): the two sides of Eq. 9.
+    """
 
     param: str
     dim: int
     unit: np.ndarray  # (n,) int64, unit id in [0, width)
     index: np.ndarray  # (n,) int64, index along ``dim``
+    side: np.ndarray | None = None  # (n,) int8, 0 producer side, 1 reader side
 
 
 class Site(NamedTuple):

@@ -23,7 +23,7 @@ __all__ = ["LabelSpace", "Factors", "varying", "to_ndim", "merge_aligned"]
 
 Factors = list  # list[np.ndarray]; None for non-tensor values
 
-EVENTS = ("contract", "actact", "bmm", "gate", "nonlinear")
+EVENTS = ("contract", "actact", "bmm", "gate", "nonlinear", "reader")
 
 
 def varying(f: np.ndarray) -> tuple[int, ...]:
@@ -53,6 +53,7 @@ class LabelSpace:
         self.pd_size: list[int] = []
         self._param_factors: dict[str, list[np.ndarray]] = {}
         self._edges: list[tuple[np.ndarray, np.ndarray]] = []
+        self._cross: list[bool] = []
         self._poison: list[tuple[np.ndarray, int]] = []
         self.reasons: list[str] = []
         self._reason_ids: dict[str, int] = {}
@@ -83,12 +84,17 @@ class LabelSpace:
         return out
 
     # -- facts ------------------------------------------------------------------------------
-    def edge(self, a: np.ndarray, b: np.ndarray) -> None:
-        """Labels ``a[i]`` and ``b[i]`` must be removed together (both arrays broadcast)."""
+    def edge(self, a: np.ndarray, b: np.ndarray, *, cross: bool = False) -> None:
+        """Labels ``a[i]`` and ``b[i]`` must be removed together (both arrays broadcast).
+
+        ``cross`` marks an edge across a contraction (producer meets reader); the others join
+        slices on the same side (a bias with its weight's rows, GLU's gate with up).
+        """
         a, b = np.broadcast_arrays(a, b)
         keep = (a >= 0) & (b >= 0) & (a != b)
         if keep.any():
             self._edges.append((a[keep].ravel(), b[keep].ravel()))
+            self._cross.append(cross)
 
     def poison(self, labels: np.ndarray, reason: str) -> None:
         """Removing any of ``labels`` changes the function: ``reason`` says why."""
@@ -126,14 +132,19 @@ class LabelSpace:
             self._sites.append((np.unique(lab), node_index))
 
     # -- results ----------------------------------------------------------------------------
-    def components(self) -> tuple[int, np.ndarray]:
-        """Connected components of the edges: ``(count, component id per label)``."""
+    def components(self, *, same_side: bool = False) -> tuple[int, np.ndarray]:
+        """Connected components of the edges: ``(count, component id per label)``.
+
+        With ``same_side``, only edges that do not cross a contraction: the components are the
+        slices that sit on one side of a unit.
+        """
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
 
-        if self._edges:
-            a = np.concatenate([e[0] for e in self._edges])
-            b = np.concatenate([e[1] for e in self._edges])
+        edges = [e for e, c in zip(self._edges, self._cross) if not (same_side and c)]
+        if edges:
+            a = np.concatenate([e[0] for e in edges])
+            b = np.concatenate([e[1] for e in edges])
         else:
             a = b = np.zeros(0, dtype=np.int64)
         m = coo_matrix((np.ones(a.size, dtype=np.int8), (a, b)), shape=(self.n, self.n))

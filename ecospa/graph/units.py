@@ -107,6 +107,10 @@ def group_units(flow: FlowResult) -> tuple[list[RawCoupling], np.ndarray, np.nda
         raws.append(RawCoupling(kind=kind, reason=why, tables=(), width=int(comps_arr.size),
                                 first_site=int(g_site[gi]), site_modules=(), comps=comps_arr))
 
+    _, side_comp = space.components(same_side=True)
+    reader_side = np.zeros(int(side_comp.max()) + 1 if side_comp.size else 0, dtype=bool)
+    reader_side[side_comp[space.event_mask("reader")]] = True
+    reader = reader_side[side_comp]
     # slice tables, vectorised: sort unit labels by (coupling, pd, unit, label)
     lab = labels
     g = gid_of[comp[lab]]
@@ -125,7 +129,8 @@ def group_units(flow: FlowResult) -> tuple[list[RawCoupling], np.ndarray, np.nda
         name, dim = space.pd_names[pid]
         if name.startswith("<"):  # pseudo-parameters (model inputs) are not part of any plan
             continue
-        tab = SliceTable(name, dim, r[a:b].copy(), lab[a:b] - space.pd_start[pid])
+        tab = SliceTable(name, dim, r[a:b].copy(), lab[a:b] - space.pd_start[pid],
+                         reader[lab[a:b]].astype(np.int8))
         per_group.setdefault(int(g[a]), []).append(tab)
     site_mods: dict[int, set[str]] = {}
     if sl.size:

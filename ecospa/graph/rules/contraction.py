@@ -83,10 +83,13 @@ def contract(ctx: Ctx, node: torch.fx.Node, operands, out: str, sizes: dict[str,
                         union = tuple(dict.fromkeys(la + lb))
                         x = _align(items[i][1], la, union)
                         y = _align(items[j][1], lb, union)
-                        space.edge(x, y)
+                        space.edge(x, y, cross=True)
                         for k2, arr in ((a_op, x), (b_op, y)):
                             space.event("contract", arr)
                             space.site(arr, ctx.index[node])
+                        # the second operand reads the channels of the first: a weight's input
+                        # columns in x @ W^T, k's head dims in q @ k^T
+                        space.event("reader", y)
                         if not param_like[a_op] and not param_like[b_op]:
                             space.event("actact", x)
                             space.event("actact", y)

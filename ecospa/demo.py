@@ -47,9 +47,9 @@ class DemoConfig:
     start: int | None = None  # None: 15% of steps
     top_k: float = 0.3
     theta: float = 0.9
-    n_layer: int = 3
+    n_layer: int = 4
     n_head: int = 4
-    n_embd: int = 96
+    n_embd: int = 128
     block_size: int = 64
     batch_size: int = 32
     lr: float = 3e-3

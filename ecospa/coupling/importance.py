@@ -7,12 +7,12 @@
 
       I(c) = 1/K * sum_k  1/|W_k| * 1/|D| * sum_{entries of W_k in c} (dL/dW)^2
 
-  where the K "matrices" of a coupling are its operands: the slices of one module on one side
-  of the contraction (a bias joins the output channels of its module). A nanoGPT head's ``qk``
-  coupling has two (the q rows and the k rows of the fused ``c_attn``), a GLU's has three
-  (gate, up, down), a GQA ``qk`` group has two (all its q heads together, and its k head).
-  ``|W_k|`` counts the entries of the operand inside the coupling and ``|D|`` the number of
-  ``accumulate()`` calls since the last ``reset()``.
+  where the K = 2 "matrices" of a coupling are the two sides of its product: W_1 every slice
+  that produces the units (rows of W_in and its bias; a GLU's gate and up rows together; a
+  head's q rows; all the q heads of a GQA group) and W_2 every slice that reads them (columns
+  of W_out; the head's k rows). So a fused and an unfused layout of one model score the same.
+  ``|W_k|`` counts the entries of side k inside the coupling and ``|D|`` the number of
+  ``accumulate()`` calls since the last ``reset()``; a coupling with one side has K = 1.
 - every unit of a coupling (``unit_scores``), default ``"eq9"`` (Eq. 9)::
 
       a_j = sum of |w| over the producer slices of unit j     (rows of W_in, its bias, ...)
@@ -24,7 +24,8 @@ The baselines (``magnitude``, ``taylor``, ``random``) and the registries that ho
 are in :mod:`ecospa.coupling.scores`; checked against numpy in ``tests/coupling/test_importance.py``
 (and against the zoo's ground-truth sides).
 
-**Which side is which.** Sites with role ``"in"`` (and dim 1 of an ``"mha"`` weight) are
+**Which side is which.** From ``SliceTable.side`` when discovery provides it (0 producer,
+1 reader). Otherwise: sites with role ``"in"`` (and dim 1 of an ``"mha"`` weight) are
 readers; ``"out"``, ``"bias"``, ``"direct"`` are producers. A coupling with no reader (``qk``:
 both operands are output rows) is split by module (first module one side, the others the other)
 or, when one fused module holds both operands, by position inside each unit: a unit's slice with
@@ -63,7 +64,7 @@ class _Part:
     param: str
     dim: int
     side: int
-    matrix: int  # operand id inside the coupling (Eq. 6's k)
+    matrix: int  # Eq. 6's k: position of this part's side in ``_Index.matrix_numel``
     channels: torch.Tensor  # (m,) index along ``dim``
     units: torch.Tensor  # (m,) unit id in [0, width)
     slice_numel: int  # entries per slice: numel / shape[dim]
@@ -75,7 +76,7 @@ class _Index:
 
     coupling: Coupling
     parts: tuple[_Part, ...]
-    matrix_numel: tuple[int, ...]  # entries of each operand inside the coupling
+    matrix_numel: tuple[int, ...]  # entries of each side inside the coupling
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
@@ -126,12 +127,14 @@ def _build_index(c: Coupling, shapes: Mapping[str, tuple[int, ...]], device_of: 
     has_reader = any(r == "in" for r in roles)
     distinct = list(dict.fromkeys(modules))
     parts: list[_Part] = []
-    matrix_ids: dict[tuple[str, int], int] = {}
+    matrix_ids: dict[int, int] = {}
     matrix_numel: list[int] = []
     for t, role, mod in zip(c.tables, roles, modules):
         shape = shapes[t.param]
         slice_numel = int(np.prod([k for d, k in enumerate(shape) if d != t.dim], dtype=np.int64))
-        if has_reader:
+        if t.side is not None:  # discovery says which side each slice is on
+            sides = np.asarray(t.side, dtype=np.int64)
+        elif has_reader:
             sides = np.full(t.unit.size, _READER if role == "in" else _PRODUCER, dtype=np.int64)
         elif len(distinct) > 1:
             sides = np.full(t.unit.size, 0 if mod == distinct[0] else 1, dtype=np.int64)
@@ -142,11 +145,10 @@ def _build_index(c: Coupling, shapes: Mapping[str, tuple[int, ...]], device_of: 
             mask = sides == side
             if not mask.any():
                 continue
-            key = (mod, side)
-            if key not in matrix_ids:
-                matrix_ids[key] = len(matrix_numel)
+            if side not in matrix_ids:
+                matrix_ids[side] = len(matrix_numel)
                 matrix_numel.append(0)
-            m = matrix_ids[key]
+            m = matrix_ids[side]
             matrix_numel[m] += int(mask.sum()) * slice_numel
             parts.append(_Part(
                 t.param, t.dim, side, m,
@@ -155,6 +157,9 @@ def _build_index(c: Coupling, shapes: Mapping[str, tuple[int, ...]], device_of: 
                 slice_numel,
             ))
     return _Index(c, tuple(parts), tuple(matrix_numel))
+
+
+_CHUNK = 1 << 20  # entries per block in column reductions (4 MiB of float32)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -170,7 +175,12 @@ def _channel_reduce(x: torch.Tensor, dim: int) -> torch.Tensor:
     other = [d for d in range(x.dim()) if d != dim]
     if dim == 0 and x.is_contiguous():  # rows: a fused norm over contiguous memory is fastest
         return torch.linalg.vector_norm(x, 2, dim=other, dtype=dtype).square_()
-    return x.to(dtype).square().sum(other)  # columns: strided norms are ~10x slower on CPU
+    if x.dim() == 2 and dim == 1:  # columns: strided norms are slow on CPU and a full-size
+        out = torch.zeros(x.shape[1], dtype=dtype, device=x.device)  # temporary thrashes the
+        for rows in x.split(max(1, _CHUNK // x.shape[1])):  # cache: square blocks of rows
+            out.add_(rows.to(dtype).square().sum(0))
+        return out
+    return x.to(dtype).square().sum(other)
 
 
 class Importance:
@@ -211,6 +221,7 @@ class Importance:
             for part in ix.parts:
                 dims.setdefault(part.param, set()).add(part.dim)
         self._tracked = [(n, self.params[n], tuple(sorted(ds))) for n, ds in dims.items()]
+        self._on_cpu = any(p.device.type == "cpu" for _, p, _ in self._tracked)
         self._l1_cache: dict[tuple[str, int], tuple[int, int, torch.Tensor]] = {}
         self.reset()
 
@@ -233,7 +244,22 @@ class Importance:
         """Add the current ``.grad`` of every tracked parameter; call once per optimizer step.
 
         Parameters without a gradient are skipped; ``num_batches`` (Eq. 6's ``|D|``) still counts.
+        On CPU the reductions run on one thread: they are memory-bound, and with several threads
+        each op pays a thread barrier, which costs milliseconds per op when other processes
+        share the cores (measured on GPT-2 small, 2 cores shared: 940 ms -> 32 ms per call).
         """
+        threads = torch.get_num_threads()
+        single = threads > 1 and self._on_cpu
+        if single:
+            torch.set_num_threads(1)
+        try:
+            self._accumulate()
+        finally:
+            if single:
+                torch.set_num_threads(threads)
+        self.num_batches += 1
+
+    def _accumulate(self) -> None:
         sq, wg = self._acc.get("sq"), self._acc.get("wg")
         for name, p, dims in self._tracked:
             g = p.grad
@@ -251,7 +277,6 @@ class Importance:
                 for d in dims:
                     other = [o for o in range(g.dim()) if o != d]
                     wg[(name, d)].add_(a.sum(other) if other else a)
-        self.num_batches += 1
 
     def state_dict(self) -> dict:
         """Accumulators (CPU copies) and ``num_batches``."""
@@ -303,7 +328,7 @@ class Importance:
         return out
 
     def per_matrix_mean(self, c: Coupling | str, stat: str) -> float:
-        """Average over the coupling's operands of (statistic summed over the operand's slices /
+        """Average over the coupling's sides of (statistic summed over the side's slices /
         number of its entries): Eq. 6 without the ``1/|D|``, for ``stat="sq"``."""
         ix = self._index[c if isinstance(c, str) else c.name]
         sums = [0.0] * len(ix.matrix_numel)

@@ -14,8 +14,10 @@ One round (``plan_round``), when the model has more parameters than the target:
 4. round each kept width *down* to a multiple of ``width_multiple`` (never below the minimum);
 5. **last round**: if removing everything selected would go below the target, remove only the
    shortest prefix (couplings in ascending score, units in ascending ``v``, in blocks that keep
-   widths valid) that reaches it. The final size is then ``<= target`` and above it by less
-   than one block: one unit's parameters, or ``width_multiple`` units' parameters.
+   widths valid) that reaches it. The final size is then ``<= target`` and undershoots it by
+   less than one block: one unit's parameters (``width_multiple`` units' with a multiple). The
+   schedule stops when the size is ``<= target``; a round that cannot reach the target takes
+   everything it selected.
 
 **Minimum width.** Each coupling keeps at least ``min_units`` units (default 1), rounded up to a
 multiple of ``width_multiple``: whole heads and whole FFNs do not empty out by default. With

@@ -5,17 +5,17 @@ score is ``fn(importance, coupling, salt) -> (width,) tensor >= 0`` (normalised 
 caller; smaller = removed first). ``salt`` (the pruning round) varies the ``random`` draws.
 Built in:
 
-========== ============================================ ===========================================
-name       coupling score                               unit score
-========== ============================================ ===========================================
-fisher     Eq. 6: mean over operands of sum g^2 / |W_k|,  (coupling only)
+=========  ============================================  ==========================================
+name       coupling score                                unit score
+=========  ============================================  ==========================================
+fisher     Eq. 6: mean over the 2 sides of sum g^2/|W_k|  (coupling only)
            divided by the number of batches
-eq9        (unit only)                                  Eq. 9: a_j * b_j, L1 norms of producer
-                                                        and reader slices
-magnitude  mean over operands of sum |w| / |W_k|        sum of |w| over the unit's slices
-taylor     like fisher with accumulated |w * g|         accumulated |w * g| over the unit's slices
-random     seeded uniform                               seeded uniform
-========== ============================================ ===========================================
+eq9        (unit only)                                   Eq. 9: a_j * b_j, L1 norms of the
+                                                         producer and the reader slices
+magnitude  mean over the 2 sides of sum |w| / |W_k|      sum of |w| over the unit's slices
+taylor     like fisher, with accumulated |w * g|         accumulated |w * g| over its slices
+random     seeded uniform                                seeded uniform
+=========  ============================================  ==========================================
 
 Add one with ``@register_unit_score("name", needs=("sq",))``; ``needs`` lists the gradient
 statistics it reads (``"sq"``: squared gradients, ``"wg"``: ``|w * g|``).

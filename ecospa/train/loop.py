@@ -87,7 +87,11 @@ class StepHook(Protocol):
     """Called after every optimizer step; may prune the model in place.
 
     Optional methods a hook may define: ``effective_params() -> int`` (the parameter count to
-    report, for hooks that mask instead of removing) and ``info() -> dict`` (JSON-able details).
+    report, for hooks that mask instead of removing), ``extra_bytes() -> int`` (state the hook
+    keeps beside the model, such as masks, added to the state bytes) and ``info() -> dict``
+    (JSON-able details). A numeric attribute ``excluded_seconds`` (cumulative) is time the hook
+    spent on bookkeeping that is not part of the method it implements (for example a benchmark's
+    search for a pruning ratio); it is left out of the wall clock.
     """
 
     def __call__(self, step: int) -> Any: ...
@@ -134,6 +138,11 @@ class Run:
         fn = getattr(self.hook, "effective_params", None)
         return int(fn()) if fn is not None else count_params(self.model)
 
+    def state_bytes(self) -> int:
+        """Bytes of weights + allocated gradients + optimizer state (+ the hook's ``extra_bytes()``)."""
+        fn = getattr(self.hook, "extra_bytes", None)
+        return state_bytes(self.model, self.optimizer)["total"] + (int(fn()) if fn is not None else 0)
+
     def train_step(self, batch: torch.Tensor) -> float:
         """One optimizer step on ``batch`` ``(B, T + 1)``, then the hook; returns the loss."""
         t0 = time.perf_counter()
@@ -146,15 +155,17 @@ class Run:
         self.optimizer.step()
         self.scheduler.step()
         t1 = time.perf_counter()
-        sb = state_bytes(self.model, self.optimizer)["total"]  # everything allocated, not timed
+        sb = self.state_bytes()  # everything allocated, not timed
         self.peak_state_bytes = max(self.peak_state_bytes, sb)
         self.state_bytes_sum += sb
         self.steps += 1
+        excluded = float(getattr(self.hook, "excluded_seconds", 0.0))
         t2 = time.perf_counter()
         if self.hook is not None:
             self.hook(self.steps)
         t3 = time.perf_counter()
-        dt = (t1 - t0) + (t3 - t2)
+        excluded = float(getattr(self.hook, "excluded_seconds", 0.0)) - excluded
+        dt = (t1 - t0) + (t3 - t2) - excluded
         self.step_seconds.append(dt)
         self.train_seconds += dt
         if self.hook is not None:
@@ -166,8 +177,7 @@ class Run:
 
     def record(self, val_loss: float) -> Point:
         """Append an evaluation point at the current step."""
-        p = Point(self.steps, self.train_seconds, float(val_loss), self.params(),
-                  state_bytes(self.model, self.optimizer)["total"])
+        p = Point(self.steps, self.train_seconds, float(val_loss), self.params(), self.state_bytes())
         self.history.append(p)
         return p
 
@@ -176,7 +186,6 @@ class Run:
         info_fn = getattr(self.hook, "info", None)
         final = self.final_val_loss if self.final_val_loss is not None else (
             self.history[-1].val_loss if self.history else float("nan"))
-        final_state = state_bytes(self.model, self.optimizer)
         return {
             "name": self.name,
             "steps": self.steps,
@@ -188,7 +197,7 @@ class Run:
             "setup_seconds": self.setup_seconds,
             "peak_state_bytes": self.peak_state_bytes,
             "mean_state_bytes": self.state_bytes_sum / max(1, self.steps),
-            "final_state_bytes": final_state["total"],
+            "final_state_bytes": self.state_bytes(),
             "history": [asdict(p) for p in self.history],
             "param_trace": [list(t) for t in self.param_trace],
             "hook": info_fn() if info_fn is not None else None,

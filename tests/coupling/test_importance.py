@@ -166,7 +166,7 @@ class GLU(nn.Module):
         self.down = nn.Linear(f, d, bias=False)
 
 
-def test_glu_three_operands(gen):
+def test_glu_gate_and_up_are_one_side(gen):
     d, f = 5, 7
     model = GLU(d, f)
     units = [[("gate.weight", 0, j), ("up.weight", 0, j), ("down.weight", 1, j)] for j in range(f)]
@@ -183,7 +183,7 @@ def test_glu_three_operands(gen):
     b = np.abs(wd).sum(0)
     np.testing.assert_allclose(imp.unit_scores(c).numpy(), a * b / (a * b).sum(), rtol=1e-6)
     s = [sum((g[k] ** 2).sum() for g in grads) for k in ("gate.weight", "up.weight", "down.weight")]
-    expected = sum(x / (f * d) for x in s) / 3 / 2
+    expected = 0.5 * ((s[0] + s[1]) / (2 * f * d) + s[2] / (f * d)) / 2  # gate+up | down, 2 batches
     assert imp.coupling_scores()["glu"] == pytest.approx(expected, rel=1e-5)
 
 
@@ -313,3 +313,25 @@ def test_eq9_sides_on_the_zoo(case):
         np.testing.assert_allclose(imp.unit_scores(c).numpy(), want[order], rtol=1e-6, err_msg=c.name)
         checked += 1
     assert checked, f"no coupling of {case} matched its ground truth"
+
+
+def test_accumulate_restores_the_thread_count(gen):
+    model, c = MLP(), ffn_coupling()
+    imp = Importance(model, [c])
+    random_grads(model, gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        imp.accumulate()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_column_reduction_in_blocks_matches_numpy(gen, monkeypatch):
+    import ecospa.coupling.importance as importance
+
+    monkeypatch.setattr(importance, "_CHUNK", 10)  # many blocks, the last one partial
+    g = torch.randn(7, 4, generator=gen)
+    np.testing.assert_allclose(importance._channel_reduce(g, 1).numpy(), (npa(g) ** 2).sum(0), rtol=1e-6)
+    np.testing.assert_allclose(importance._channel_reduce(g.t(), 0).numpy(), (npa(g) ** 2).sum(0), rtol=1e-6)

@@ -155,7 +155,7 @@ def test_scheduler_clipping_bf16_autocast_grad_accumulation_and_step_before_opti
             opt.step()
             sp.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert len(sp.events) >= 3
     assert all(torch.isfinite(torch.tensor(losses)))
     for p in model.parameters():

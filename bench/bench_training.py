@@ -118,16 +118,19 @@ VARIANTS: dict[str, str] = {
 def coupling_sides(c: ecospa.Coupling) -> dict[int, list[tuple[str, int, np.ndarray, np.ndarray]]]:
     """The slices of a coupling split into its two operands: ``{0: producer, 1: reader}``.
 
-    Each entry is ``(param, dim, units, indices)`` sorted by unit, one slice per unit. Sites with
-    role ``"in"`` are readers; when a coupling has none (q·k: both operands are output rows of
-    the fused qkv Linear) the lower index of each unit is the producer (q), the other the reader (k).
+    Each entry is ``(param, dim, units, indices)`` sorted by unit, one slice per unit. The side
+    comes from discovery (``SliceTable.side``) when it gives one; otherwise sites with role
+    ``"in"`` are readers and, when a coupling has none (q·k: both operands are output rows of the
+    fused qkv Linear), the lower index of each unit is the producer (q), the other the reader (k).
     """
     roles = {(s.param, s.dim): s.role for s in c.sites}
     has_reader = any(r == "in" for r in roles.values())
     out: dict[int, list] = {0: [], 1: []}
     for t in c.tables:
         unit, index = np.asarray(t.unit), np.asarray(t.index)
-        if has_reader:
+        if getattr(t, "side", None) is not None:
+            side = np.asarray(t.side, dtype=np.int64)
+        elif has_reader:
             side = np.full(unit.size, 1 if roles.get((t.param, t.dim)) == "in" else 0)
         else:
             order = np.lexsort((index, unit))
@@ -523,7 +526,7 @@ def markdown_table(agg: dict[str, Any]) -> str:
     for n, a in agg.items():
         rows.append(
             f"| {n} | {_pm(a['val_loss'], '.4f')} | {_pm(a['val_ppl'], '.3f')} | {a['params']['mean']:,.0f} "
-            f"| {_pm(a['train_seconds'], '.1f')} | {a['train_time_vs_dense']['mean']:.2f}× "
+            f"| {_pm(a['train_seconds'], '.1f')} | {_pm(a['train_time_vs_dense'], '.2f')}× "
             f"| {_pm(mib(a['peak_state_bytes']), '.2f')} | {_pm(mib(a['final_state_bytes']), '.2f')} "
             f"| {a['forward_tokens_per_s']['mean']:,.0f} ({a['forward_vs_dense']['mean']:.2f}×) "
             f"| {a['generate_tokens_per_s']['mean']:,.0f} ({a['generate_vs_dense']['mean']:.2f}×) |")
@@ -542,8 +545,9 @@ def findings(agg: dict[str, Any], seeds: list[dict[str, Any]]) -> list[str]:
         o = agg[n]["val_loss"]
         per = [a - b for a, b in zip(e["val_loss"]["values"], o["values"])]
         wins = sum(1 for x in per if x < 0)
-        return (f"{n} {o['mean']:.4f} ± {o['std']:.4f} (EcoSpa − {n} = {statistics.fmean(per):+.4f} nats, "
-                f"EcoSpa lower in {wins}/{len(per)} seeds)")
+        sd = statistics.stdev(per) if len(per) > 1 else 0.0
+        return (f"{n} {o['mean']:.4f} ± {o['std']:.4f} (paired per seed: EcoSpa − {n} = "
+                f"{statistics.fmean(per):+.4f} ± {sd:.4f} nats, EcoSpa lower in {wins}/{len(per)} seeds)")
 
     out.append(f"EcoSpa validation loss {el:.4f} ± {es:.4f} at {e['params']['mean']:,.0f} parameters.")
     for n in agg:
@@ -556,7 +560,8 @@ def findings(agg: dict[str, Any], seeds: list[dict[str, Any]]) -> list[str]:
                    f"{e['params']['mean'] / d['params']['mean']:.1%} of the parameters; training wall clock "
                    f"{e['train_time_vs_dense']['mean']:.2f}× dense; peak training state "
                    f"{e['peak_state_bytes']['mean'] / d['peak_state_bytes']['mean']:.2f}× dense (EcoSpa starts "
-                   f"dense), final {e['final_state_bytes']['mean'] / d['final_state_bytes']['mean']:.2f}×; "
+                   f"dense), averaged over the steps {e['mean_state_bytes']['mean'] / d['mean_state_bytes']['mean']:.2f}×, "
+                   f"final {e['final_state_bytes']['mean'] / d['final_state_bytes']['mean']:.2f}×; "
                    f"forward {e['forward_vs_dense']['mean']:.2f}× and generation "
                    f"{e['generate_vs_dense']['mean']:.2f}× dense tokens/s.")
     if "small-dense" in agg:

@@ -79,16 +79,33 @@ class LinearAdapter:
             x = x.index_select(-1, idx_in)
         w = getattr(m, self.weight)
         b = getattr(m, self.bias) if self.bias else None
+        src = m._buffers.get(OUT_SRC)
+        if src is not None:
+            w, b = _pad_rows(w, b, self.transposed)
         if self.transposed:
             lead = x.shape[:-1]
             x2 = x.reshape(-1, x.shape[-1])
             y = (torch.addmm(b, x2, w) if b is not None else x2 @ w).view(*lead, w.shape[1])
         else:
             y = F.linear(x, w, b)
-        src = m._buffers.get(OUT_SRC)
         if src is not None:
-            y = gather_with_zero(y, src)
+            y = y.index_select(-1, src)
         return y
+
+
+def _pad_rows(w: torch.Tensor, b: torch.Tensor | None, transposed: bool):
+    """Append zero output rows so the output width is a multiple of 8 (at least one zero row,
+    which the scatter reads for removed positions): GEMMs of odd widths are much slower on CPU
+    (1153 outputs took 1.5x the time of 1160 here)."""
+    k = w.shape[1] if transposed else w.shape[0]
+    pad = (-(k + 1)) % 8 + 1
+    if transposed:
+        w = torch.cat([w, w.new_zeros(w.shape[0], pad)], dim=1)
+    else:
+        w = torch.cat([w, w.new_zeros(pad, w.shape[1])], dim=0)
+    if b is not None:
+        b = torch.cat([b, b.new_zeros(pad)])
+    return w, b
 
 
 def _float_mask(mask: torch.Tensor | None, dtype) -> torch.Tensor | None:

@@ -69,6 +69,9 @@ def _param_of(flow: FlowResult, arg) -> tuple[str | None, bool]:
         n = _name(arg)
         if n in ("t", "transpose", "permute"):
             flips += 1
+        elif n == "cat":  # ecospa's own adapter appends zero rows: [weight; 0]
+            arg = arg.args[0][0]
+            continue
         elif n not in ("alias", "_to_copy", "to", "contiguous", "detach"):
             return None, False
         arg = arg.args[0]

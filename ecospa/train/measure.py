@@ -11,6 +11,8 @@ falls on all models alike; the median over rounds is reported.
 """
 from __future__ import annotations
 
+import contextlib
+
 import statistics
 import time
 from typing import Mapping
@@ -84,6 +86,19 @@ def _summary(times: list[float], tokens: int) -> dict[str, float]:
     return {"tokens_per_s": tokens / med, "median_s": med, "min_s": min(times), "rounds": len(times)}
 
 
+@contextlib.contextmanager
+def _eval_mode(models: Mapping[str, nn.Module]):
+    """Put every model in eval mode, and each back in its own mode afterwards."""
+    modes = {n: m.training for n, m in models.items()}
+    for m in models.values():
+        m.eval()
+    try:
+        yield
+    finally:
+        for n, m in models.items():
+            m.train(modes[n])
+
+
 def forward_throughput(models: Mapping[str, nn.Module], batch: torch.Tensor, *, rounds: int = 7,
                        warmup: int = 2) -> dict[str, dict[str, float]]:
     """Tokens per second of a batched forward (``model(batch)``, eval mode, inference mode).
@@ -96,14 +111,8 @@ def forward_throughput(models: Mapping[str, nn.Module], batch: torch.Tensor, *, 
                 m(batch)
         return fn
 
-    modes = {n: m.training for n, m in models.items()}
-    for m in models.values():
-        m.eval()
-    try:
+    with _eval_mode(models):
         times = _interleaved({n: make(m) for n, m in models.items()}, rounds, warmup)
-    finally:
-        for n, m in models.items():
-            m.train(modes[n])
     return {n: _summary(t, batch.numel()) for n, t in times.items()}
 
 
@@ -119,12 +128,6 @@ def generate_throughput(models: Mapping[str, nn.Module], prompt: torch.Tensor, n
             m.generate(prompt, new_tokens, generator=torch.Generator().manual_seed(seed))
         return fn
 
-    modes = {n: m.training for n, m in models.items()}
-    for m in models.values():
-        m.eval()
-    try:
+    with _eval_mode(models):
         times = _interleaved({n: make(m) for n, m in models.items()}, rounds, warmup)
-    finally:
-        for n, m in models.items():
-            m.train(modes[n])
     return {n: _summary(t, prompt.shape[0] * new_tokens) for n, t in times.items()}

@@ -31,6 +31,19 @@ def example():
     return (torch.zeros(1, CFG.block_size, dtype=torch.long),)
 
 
+def train(model, opt, sp, xs, *, until_done=False) -> int:
+    """Plain loop with ``sp.step()`` after each optimizer step; returns the steps taken."""
+    i = 0
+    for i, x in enumerate(xs, 1):
+        opt.zero_grad(set_to_none=True)
+        model.loss(x[:, :-1], x[:, 1:]).backward()
+        opt.step()
+        sp.step()
+        if until_done and sp.done:
+            break
+    return i
+
+
 def make_opt(kind, params):
     if kind == "adamw":
         return torch.optim.AdamW(params, lr=3e-3, weight_decay=0.1)
@@ -98,14 +111,8 @@ def test_reaches_target_exactly_and_logs(caplog):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sp = EcoSpa(model, opt, target=0.5, example_inputs=example(), every=2)
     caplog.set_level(logging.INFO, logger="ecospa")
-    for i, x in enumerate(batches(400)):
-        opt.zero_grad(set_to_none=True)
-        model.loss(x[:, :-1], x[:, 1:]).backward()
-        opt.step()
-        sp.step()
-        if sp.done:
-            break
-    assert sp.done, f"not at target after {i + 1} steps: {sp.num_params} > {sp.target_params}"
+    i = train(model, opt, sp, batches(400), until_done=True)
+    assert sp.done, f"not at target after {i} steps: {sp.num_params} > {sp.target_params}"
     biggest_unit = max(int(c.unit_numel(dict(sp.couplings.shapes)).max()) for c in sp.couplings)
     assert sp.target_params - biggest_unit < sp.num_params <= sp.target_params
     assert sp.events and sp.events[-1].params_after == sp.num_params
@@ -120,11 +127,7 @@ def test_plan_replay_reproduces_the_pruned_model():
     fresh = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sp = EcoSpa(model, opt, 0.6, example_inputs=example(), every=2, theta=0.7)
-    for x in batches(12):
-        opt.zero_grad(set_to_none=True)
-        model.loss(x[:, :-1], x[:, 1:]).backward()
-        opt.step()
-        sp.step()
+    train(model, opt, sp, batches(12))
     plan = type(sp.plan).from_json(sp.plan.to_json())
     plan.replay(fresh, example_inputs=example())
     assert {n: p.shape for n, p in fresh.named_parameters()} == {n: p.shape for n, p in model.named_parameters()}
@@ -239,13 +242,7 @@ def test_min_units_zero_may_empty_a_coupling():
     model = tiny_gpt(torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sp = EcoSpa(model, opt, 0.05, example_inputs=example(), every=1, top_k=1.0, theta=0.5, min_units=0)
-    for x in batches(60):
-        opt.zero_grad(set_to_none=True)
-        model.loss(x[:, :-1], x[:, 1:]).backward()
-        opt.step()
-        sp.step()
-        if sp.done:
-            break
+    train(model, opt, sp, batches(60), until_done=True)
     assert sp.done
     assert any(c.width == 0 for c in sp.couplings)
     x = batches(1, seed=5)[0]

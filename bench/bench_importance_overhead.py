@@ -1,6 +1,6 @@
 """Cost of EcoSpa's per-step work (Eq. 6 accumulation) relative to a training step.
 
-GPT-2-small shape (12 layers, width 768, 12 heads, vocab 50257) from ``ecospa.models``, fp32,
+GPT-2-small shape (12 layers, width 768, 12 heads, vocab 50257) from ``ecospa.recipes.nanogpt``, fp32,
 AdamW, on CPU by default. Each round times, in alternating order, a plain training step (A) and
 a training step followed by ``sp.step()`` (B, with pruning disabled), and inside B the
 ``sp.step()`` call alone, in wall time and in process CPU time (steadier when other jobs share
@@ -19,7 +19,7 @@ import time
 import torch
 
 import ecospa
-from ecospa.models import GPT, GPTConfig
+from ecospa.recipes.nanogpt import GPT, GPTConfig
 
 
 def main() -> None:

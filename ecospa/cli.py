@@ -12,7 +12,6 @@ import sys
 from typing import Sequence
 
 import ecospa
-from ecospa.errors import EcospaError
 
 __all__ = ["main", "build_parser"]
 
@@ -26,7 +25,7 @@ The last 10% of the text is held out for validation and never trained on.
 Prints a table (validation loss and perplexity, parameters, training wall clock, peak and final
 memory of weights + gradients + optimizer state, inference tokens/s) and writes demo.json and
 demo.png (validation loss vs step and vs wall clock, parameter count vs step) to --out.
-Works offline; needs matplotlib for the plot."""
+Works offline; needs the demo extra (tqdm, matplotlib): pip install 'ecospa[demo]'."""
 
 
 def _positive_int(text: str) -> int:
@@ -77,8 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+_DEMO_EXTRA = "pip install 'ecospa[demo]'"
+
+
 def _demo(args: argparse.Namespace) -> int:
-    from ecospa.demo import DemoConfig, run_demo
+    from ecospa.recipes import missing_requirements
+
+    missing = missing_requirements()
+    if missing:
+        print(f"ecospa demo: error: the demo needs {', '.join(missing)} (the demo extra): {_DEMO_EXTRA}",
+              file=sys.stderr)
+        return 2
+    from ecospa.recipes.demo import DemoConfig, run_demo
 
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -111,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
-    except EcospaError as e:
+    except ecospa.EcospaError as e:
         print(f"ecospa {args.command}: error: {e}", file=sys.stderr)
         return 2
     ap.error(f"unknown command {args.command!r}")

@@ -7,7 +7,8 @@ with the same model and optimizer objects until half of the prunable parameters 
     python examples/train_char_gpt.py                  # about 1500 steps
     python examples/train_char_gpt.py --steps 300 --every 5 --start 20    # a quick look
 
-Only the public API is used: ``ecospa.EcoSpa``, ``ecospa.models``, ``ecospa.data``.
+Only the public API is used (``ecospa.EcoSpa``), with the model and the text of ``ecospa.recipes``;
+needs the demo extra (tqdm): ``pip install -e '.[demo]'``.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import torch
 from tqdm import tqdm
 
 import ecospa
-from ecospa.data import load_tinyshakespeare
-from ecospa.models import GPT, GPTConfig
+from ecospa.recipes.data import load_tinyshakespeare
+from ecospa.recipes.nanogpt import GPT, GPTConfig
 
 
 def get_args() -> argparse.Namespace:

@@ -6,14 +6,13 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from ecospa.cli import build_parser, main
-from ecospa.demo import DemoConfig
-from ecospa.errors import ConfigError
+from ecospa import ConfigError
+from ecospa.recipes.demo import DemoConfig
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -58,6 +57,17 @@ def test_bad_arguments_are_rejected_with_the_value(args, capsys):
     assert repr(args[-1]) in capsys.readouterr().err
 
 
+def test_demo_without_its_extra_says_how_to_install_it(tmp_path: Path):
+    # matplotlib made unimportable: the demo stops before training, with one line and exit 2
+    code = ("import sys; sys.modules['matplotlib'] = None; from ecospa.cli import main; "
+            f"sys.exit(main(['demo', '--quick', '--no-progress', '--out', {str(tmp_path)!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "matplotlib" in lines[0] and "pip install 'ecospa[demo]'" in lines[0], r.stderr
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+
 def test_demo_config_errors_name_the_value():
     with pytest.raises(ConfigError, match="0.0"):
         DemoConfig(target=0.0)
@@ -67,11 +77,8 @@ def test_demo_config_errors_name_the_value():
 
 def test_quick_demo_writes_sane_json_and_png(tmp_path: Path):
     out = tmp_path / "demo"
-    t0 = time.perf_counter()
     r = _run("demo", "--quick", "--no-progress", "--out", str(out))
-    elapsed = time.perf_counter() - t0
     assert r.returncode == 0, r.stdout + r.stderr
-    assert elapsed < 60, f"quick demo took {elapsed:.0f} s"
     assert "ecospa/dense" in r.stdout  # the printed table
     png = out / "demo.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -255,7 +255,7 @@ def test_normalise_degenerate():
 
 def test_nanogpt_head_eq9_on_discovered_couplings():
     ecospa = pytest.importorskip("ecospa")
-    from ecospa.models import GPT, GPTConfig
+    from ecospa.recipes.nanogpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=11))

@@ -225,7 +225,7 @@ def test_removed_original_maps_renumbered_indices():
 
 
 def test_plan_replays_on_a_fresh_copy():
-    from ecospa.models import GPT, GPTConfig
+    from ecospa.recipes.nanogpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8))

@@ -11,7 +11,7 @@ import ecospa
 from ecospa.coupling.planner import PlanConfig
 from ecospa.coupling.training import EcoSpa
 from ecospa.errors import ConfigError
-from ecospa.models import GPT, GPTConfig
+from ecospa.recipes.nanogpt import GPT, GPTConfig
 from tests.helpers import delete_indices, removed_by_param
 
 CFG = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=13)

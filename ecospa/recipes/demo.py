@@ -25,11 +25,11 @@ from typing import Any
 import torch
 
 import ecospa
-from ecospa.errors import ConfigError
-from ecospa.models import GPT, GPTConfig
-from ecospa.train import (CharCorpus, Run, TrainConfig, ecospa_hook, forward_throughput,
-                          generate_throughput, train_interleaved)
-from ecospa.train.plot import plot_curves
+from ecospa import ConfigError
+from ecospa.recipes import missing_requirements
+from ecospa.recipes.nanogpt import GPT, GPTConfig
+from ecospa.recipes.train import CharCorpus, Run, TrainConfig, ecospa_hook, throughput, train_interleaved
+from ecospa.recipes.train.plot import plot_curves
 
 __all__ = ["DemoConfig", "run_demo", "format_table"]
 
@@ -139,7 +139,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     Raises:
         ConfigError: an invalid setting (for example a target EcoSpa cannot reach).
+        ImportError: the demo extra (tqdm, matplotlib) is not installed.
     """
+    missing = missing_requirements()
+    if missing:
+        raise ImportError(f"the demo needs {', '.join(missing)}: pip install 'ecospa[demo]'")
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,21 +170,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
               f"{cfg.prune_every} steps from step {cfg.prune_start}")
     train_interleaved(runs, corpus, tcfg, progress=cfg.progress, desc="dense + ecospa")
 
-    val = corpus.val
-    fwd_batch = CharCorpus.windows(val, corpus.val_starts(cfg.block_size, 8), cfg.block_size)[:, :-1]
-    prompt = CharCorpus.windows(val, corpus.val_starts(16, 4), 16)[:, :-1]
-    models = {r.name: r.model for r in runs}
-    fwd = forward_throughput(models, fwd_batch, rounds=cfg.throughput_rounds)
-    gen = generate_throughput(models, prompt, cfg.generate_tokens, rounds=max(2, cfg.throughput_rounds // 2),
-                              seed=cfg.seed)
-    summaries = []
-    for r in runs:
-        s = r.summary()
-        s["forward_tokens_per_s"] = fwd[r.name]["tokens_per_s"]
-        s["generate_tokens_per_s"] = gen[r.name]["tokens_per_s"]
-        s["throughput"] = {"forward": fwd[r.name], "generate": gen[r.name]}
-        summaries.append(s)
-    sample = sparse_model.generate(prompt[:1], 120, temperature=0.8,
+    speed = throughput({r.name: r.model for r in runs}, corpus, cfg.block_size, rounds=cfg.throughput_rounds,
+                       new_tokens=cfg.generate_tokens, seed=cfg.seed)
+    summaries = [{**r.summary(), **speed[r.name]} for r in runs]
+    prompt = CharCorpus.windows(corpus.val, corpus.val_starts(16, 1), 16)[:, :-1]  # (1, 16)
+    sample = sparse_model.generate(prompt, 120, temperature=0.8,
                                    generator=torch.Generator().manual_seed(cfg.seed))[0]
     result: dict[str, Any] = {
         "what": "dense vs EcoSpa, same seed, data order and steps, trained in lockstep",

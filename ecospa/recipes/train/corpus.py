@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ecospa.errors import ConfigError
+from ecospa import ConfigError
 
 __all__ = ["CharCorpus"]
 
@@ -51,7 +51,7 @@ class CharCorpus:
     @classmethod
     def tinyshakespeare(cls, val_fraction: float = 0.1) -> "CharCorpus":
         """The tiny-shakespeare text shipped with ecospa (about 1.1 MB, 65 characters)."""
-        from ecospa.data import load_tinyshakespeare
+        from ecospa.recipes.data import load_tinyshakespeare
 
         return cls.from_text(load_tinyshakespeare(), val_fraction)
 

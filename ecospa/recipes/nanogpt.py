@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ecospa.errors import ConfigError
+from ecospa import ConfigError
 
 __all__ = ["GPTConfig", "GPT"]
 

@@ -22,11 +22,10 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from ecospa.errors import ConfigError
-from ecospa.train.data import CharCorpus
-from ecospa.train.measure import count_params, evaluate, state_bytes
+from ecospa import ConfigError
+from ecospa.recipes.train.corpus import CharCorpus
+from ecospa.recipes.train.measure import count_params, evaluate, state_bytes
 
 __all__ = ["TrainConfig", "Point", "StepHook", "HookFactory", "Run", "EcoSpaHook", "ecospa_hook",
            "train_interleaved"]
@@ -247,6 +246,8 @@ def train_interleaved(runs: Sequence[Run], corpus: CharCorpus, cfg: TrainConfig,
     step 0), and at the end on ``cfg.final_eval_windows`` of them (None: the whole validation
     text), stored in each run's ``final_val_loss``.
     """
+    from tqdm import tqdm  # the demo extra
+
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"run names should be distinct, got {names}")

@@ -12,16 +12,17 @@ falls on all models alike; the median over rounds is reported.
 from __future__ import annotations
 
 import contextlib
-
 import statistics
 import time
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["state_bytes", "count_params", "evaluate", "forward_throughput", "generate_throughput"]
+from ecospa.recipes.train.corpus import CharCorpus
+
+__all__ = ["state_bytes", "count_params", "evaluate", "forward_throughput", "generate_throughput", "throughput"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -121,7 +122,7 @@ def generate_throughput(models: Mapping[str, nn.Module], prompt: torch.Tensor, n
     """New tokens per second of ``model.generate(prompt, new_tokens)`` (sampling, same seed).
 
     ``prompt`` is ``(B, T0)``; each model needs a ``generate(idx, max_new_tokens, generator=)``
-    method like :class:`ecospa.models.GPT`. Returns the same fields as :func:`forward_throughput`.
+    method like :class:`ecospa.recipes.nanogpt.GPT`. Returns the same fields as :func:`forward_throughput`.
     """
     def make(m: nn.Module):
         def fn() -> None:
@@ -131,3 +132,23 @@ def generate_throughput(models: Mapping[str, nn.Module], prompt: torch.Tensor, n
     with _eval_mode(models):
         times = _interleaved({n: make(m) for n, m in models.items()}, rounds, warmup)
     return {n: _summary(t, prompt.shape[0] * new_tokens) for n, t in times.items()}
+
+
+def throughput(models: Mapping[str, nn.Module], corpus: CharCorpus, block_size: int, *, rounds: int = 7,
+               new_tokens: int = 48, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Forward and generation speed of trained models, on validation text, measured interleaved.
+
+    Forward: 8 validation windows of ``block_size`` tokens, :func:`forward_throughput` over
+    ``rounds`` rounds. Generation: 4 prompts of 16 validation characters, ``new_tokens`` new
+    tokens each, :func:`generate_throughput` over ``max(2, rounds // 2)`` rounds.
+
+    Returns:
+        ``{name: {"forward_tokens_per_s", "generate_tokens_per_s", "throughput": {"forward":
+        {...}, "generate": {...}}}}``, ready to merge into a run's summary.
+    """
+    fwd_batch = CharCorpus.windows(corpus.val, corpus.val_starts(block_size, 8), block_size)[:, :-1]  # (8, T)
+    prompt = CharCorpus.windows(corpus.val, corpus.val_starts(16, 4), 16)[:, :-1]  # (4, 16)
+    fwd = forward_throughput(models, fwd_batch, rounds=rounds)
+    gen = generate_throughput(models, prompt, new_tokens, rounds=max(2, rounds // 2), seed=seed)
+    return {n: {"forward_tokens_per_s": fwd[n]["tokens_per_s"], "generate_tokens_per_s": gen[n]["tokens_per_s"],
+                "throughput": {"forward": fwd[n], "generate": gen[n]}} for n in models}

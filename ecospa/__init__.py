@@ -7,11 +7,13 @@
 See README.md and docs/ for the method and the design.
 """
 from ecospa.errors import CaptureError, ConfigError, EcospaError, PlanError, PruneError
-from ecospa.graph.ir import Coupling, CouplingGraph, Slice
-from ecospa.graph.discover import auto_couple
-from ecospa.coupling.executor import prune, remaining
+from ecospa.graph.ir import Coupling, CouplingGraph, Site, Slice, SliceTable, Stamp
+from ecospa.coupling.discovery import auto_couple
+from ecospa.coupling.executor import PruneResult, Removal, prune, prune_pass, remaining
 from ecospa.coupling.importance import Importance
 from ecospa.coupling.planner import Plan, PlanConfig, PlanStep
+from ecospa.coupling.record import ParamRecord, param_records
+from ecospa.coupling.scores import register_coupling_score, register_unit_score
 from ecospa.coupling.training import EcoSpa, PruneEvent
 
 __version__ = "0.1.0"
@@ -19,16 +21,26 @@ __version__ = "0.1.0"
 __all__ = [
     "auto_couple",
     "prune",
+    "prune_pass",
     "remaining",
+    "param_records",
     "EcoSpa",
     "PruneEvent",
+    "PruneResult",
+    "Removal",
     "Importance",
     "Plan",
     "PlanConfig",
     "PlanStep",
+    "register_coupling_score",
+    "register_unit_score",
     "Coupling",
     "CouplingGraph",
     "Slice",
+    "SliceTable",
+    "Site",
+    "Stamp",
+    "ParamRecord",
     "EcospaError",
     "CaptureError",
     "ConfigError",

@@ -179,7 +179,7 @@ def assert_pruned_equals_masked(model: nn.Module, inputs: Any, plan: Mapping, *,
         refs = [call(ref_model, x) for x in all_inputs]
     n0, names0 = param_count(model), [n for n, _ in model.named_parameters()]
     expected_drop = removed_numel(model, units)
-    out = ecospa.prune(model, plan, optimizer=optimizer)
+    out = ecospa.prune(model, plan, optimizer=optimizer, couplings=cg)
     assert out is model, "prune must prune in place and return the same model object"
     assert [n for n, _ in model.named_parameters()] == names0, "parameter names changed"
     drop = n0 - param_count(model)

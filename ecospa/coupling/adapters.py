@@ -13,19 +13,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["LinearAdapter", "MHAAdapter", "set_index", "scatter_last", "source_index"]
+from ecospa.coupling.record import EcospaForward, module_record
+
+__all__ = ["LinearAdapter", "MHAAdapter", "scatter_last", "source_index", "IN_INDEX", "OUT_INDEX", "OUT_SRC"]
 
 IN_INDEX = "_ecospa_in_index"
 OUT_INDEX = "_ecospa_out_index"
 OUT_SRC = "_ecospa_out_src"  # derived from OUT_INDEX: see source_index()
-
-
-def set_index(module: nn.Module, name: str, index: torch.Tensor | None) -> None:
-    """Store ``index`` as a non-persistent buffer ``name`` on ``module`` (None clears it)."""
-    if name in module._buffers:
-        module._buffers[name] = index
-    else:
-        module.register_buffer(name, index, persistent=False)
 
 
 def scatter_last(y: torch.Tensor, index: torch.Tensor | None, full: int) -> torch.Tensor:
@@ -55,7 +49,7 @@ def source_index(index: torch.Tensor, full: int) -> torch.Tensor:
     return src
 
 
-class LinearAdapter:
+class LinearAdapter(EcospaForward):
     """Forward of a linear-like module: gather inputs, product, add bias, scatter outputs.
 
     Args:
@@ -116,7 +110,7 @@ def _float_mask(mask: torch.Tensor | None, dtype) -> torch.Tensor | None:
     return mask.to(dtype)
 
 
-class MHAAdapter:
+class MHAAdapter(EcospaForward):
     """Forward of a pruned ``torch.nn.MultiheadAttention`` (packed ``in_proj_weight``).
 
     Rows of ``in_proj_weight`` (q, k, v) may be removed per head dimension, and the matching
@@ -127,7 +121,9 @@ class MHAAdapter:
     """
 
     def __init__(self, module: nn.MultiheadAttention):
-        if module.bias_k is not None or module.add_zero_attn or not module._qkv_same_embed_dim_orig:
+        rec = module_record(module)
+        same = rec.overridden.get("_qkv_same_embed_dim", module._qkv_same_embed_dim) if rec else module._qkv_same_embed_dim
+        if module.bias_k is not None or module.add_zero_attn or not same:
             raise NotImplementedError("MultiheadAttention with bias_k/add_zero_attn/kdim/vdim")
         self.module = module
 

@@ -1,101 +1,161 @@
 """The executor: the only code that mutates a model or an optimizer.
 
-``prune(model, plan, optimizer)`` removes units of couplings in place, as a pass with a
-contract: check the plan completely (nothing changes if anything is wrong), slice every
-parameter once along every affected dimension, slice the optimizer state and gradients the same
-way, then install or update the adapters of the modules whose channels changed
-(``ecospa.coupling.adapters``). ``remaining(cg, plan)`` gives the couplings of the pruned model
-without capturing it again.
+``prune_pass(model, removal, optimizer)`` removes units of couplings in place, as a pass with a
+contract:
+
+1. **check** everything first (:func:`resolve`): known couplings, exact ones only, indices in
+   range and unique, stamps equal to the model's state (a stale coupling, or one found on a model
+   in another state, is refused), an optimizer that holds the parameters it must slice;
+2. **transform** as one transaction: slice every affected parameter once per dimension (with its
+   gradient and optimizer state), update the removal record (``ecospa.coupling.record``) and the
+   forwards of the modules whose channels changed (``ecospa.coupling.execution``); any failure
+   undoes everything;
+3. **check** the result: every parameter has the shape the plan implies; with ``verify=True`` the
+   pruned model's outputs on the example inputs equal the dense model's with the removed slices
+   zeroed, or the transaction is undone and :class:`~ecospa.PruneError` raised;
+4. **return** what the caller needs next: a :class:`PruneResult` with the couplings of the pruned
+   model. ``prune`` is the same pass returning the model (the public contract).
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ecospa.coupling.adapters import IN_INDEX, OUT_INDEX, OUT_SRC, LinearAdapter, MHAAdapter, set_index, source_index
-from ecospa.errors import PlanError
-from ecospa.graph.discover import _CACHE_ATTR, auto_couple
-from ecospa.graph.ir import Coupling, CouplingGraph, SliceTable
+from ecospa.coupling.execution import Transaction, update_forwards
+from ecospa.coupling.record import ParamRecord, module_record, param_records, state_of
+from ecospa.coupling.renumber import renumber
+from ecospa.coupling.steps import Step, as_steps, couplings_for
+from ecospa.coupling.verify import masked_reference, outputs_match
+from ecospa.errors import PlanError, PruneError
+from ecospa.graph.ir import Coupling, CouplingGraph
 
-__all__ = ["prune", "resolve_plan", "remaining"]
+__all__ = ["Removal", "PruneResult", "prune", "prune_pass", "resolve", "remaining"]
 
-Plan = Mapping[object, Iterable[int]]
-
-
-def _couplings_for(model: nn.Module, couplings: CouplingGraph | None) -> CouplingGraph:
-    if couplings is not None:
-        return couplings
-    cached = model.__dict__.get(_CACHE_ATTR)
-    if cached is not None:
-        return cached
-    from ecospa.graph.capture import default_inputs
-
-    if default_inputs(model) is None:
-        raise PlanError(
-            f"coupling names need the couplings of this {type(model).__name__}: call "
-            "ecospa.auto_couple(model, example_inputs) first (prune then looks names up in it), "
-            "or pass couplings=cg, or key the plan by Coupling objects"
-        )
-    return auto_couple(model)
+Removal = Mapping[Union[Coupling, str], Iterable[int]]
+"""One removal: ``{coupling or coupling name: [unit indices]}``."""
 
 
-def resolve_plan(model: nn.Module, plan: Plan, couplings: CouplingGraph | None = None) -> dict[Coupling, np.ndarray]:
-    """Check ``plan`` against ``model``; return ``{Coupling: sorted unique unit indices}``.
+@dataclass(frozen=True)
+class PruneResult:
+    """What :func:`prune_pass` did.
+
+    Attributes:
+        model: the pruned model (the same object).
+        couplings: the couplings of the pruned model, renumbered (None when the removal was keyed
+            by Coupling objects and no ``couplings=`` graph was given).
+        removed: units removed per coupling name.
+        params_before, params_after: parameter counts.
+    """
+
+    model: nn.Module
+    couplings: CouplingGraph | None
+    removed: dict[str, int]
+    params_before: int
+    params_after: int
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _units(c: Coupling, idx) -> np.ndarray:
+    try:
+        arr = np.asarray(list(idx))
+    except TypeError:
+        raise PlanError(f"units of {c.name!r} must be a list of ints, got {idx!r}") from None
+    if arr.size and (arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer)):
+        raise PlanError(f"units of {c.name!r} must be ints, got {arr.tolist()!r}")
+    arr = arr.astype(np.int64).ravel()
+    if arr.size and (arr.min() < 0 or arr.max() >= c.width):
+        bad = arr[(arr < 0) | (arr >= c.width)].tolist()
+        raise PlanError(f"unit indices {bad} out of range for {c.name!r} (width {c.width}); indices "
+                        f"are 0..{c.width - 1}")
+    if np.unique(arr).size != arr.size:
+        vals, counts = np.unique(arr, return_counts=True)
+        raise PlanError(f"duplicate unit indices {vals[counts > 1].tolist()} for {c.name!r}")
+    return np.sort(arr)
+
+
+def _check_stamps(c: Coupling, params: Mapping[str, torch.Tensor], state: Mapping) -> None:
+    for t in c.tables:
+        if t.param not in params:
+            raise PlanError(f"coupling {c.name!r} names parameter {t.param!r}, which this model does "
+                            "not have: it was found on another model; call ecospa.auto_couple(model)")
+    for s in c.stamp:
+        size = params[s.param].shape[s.dim]
+        if size != s.size or state.get((s.param, s.dim), 0) != s.fingerprint:
+            raise PlanError(
+                f"coupling {c.name!r} is stale: it was found when {s.param} had {s.size} entries along "
+                f"dim {s.dim} (record {s.fingerprint:#x}); the model now has {size} "
+                f"(record {state.get((s.param, s.dim), 0):#x}). Use the couplings of the model as it is "
+                "now: ecospa.auto_couple(model) again, or cg = ecospa.remaining(cg, removal) after each prune")
+    for t in c.tables:
+        if t.index.size and t.index.max() >= params[t.param].shape[t.dim]:
+            raise PlanError(f"coupling {c.name!r} is stale: {t.param} has {params[t.param].shape[t.dim]} "
+                            f"entries along dim {t.dim}, the coupling indexes {int(t.index.max())}. "
+                            "Call ecospa.auto_couple(model) again")
+
+
+def resolve(model: nn.Module, removal, couplings: CouplingGraph | None = None) -> list[tuple[CouplingGraph | None, dict[Coupling, np.ndarray]]]:
+    """Check a removal (a dict or an ``ecospa.Plan``) against ``model``; nothing is changed.
+
+    Returns:
+        ``[(couplings before the step or None, {Coupling: sorted unique unit indices})]``, one
+        entry per step (one for a dict), entries with no units dropped.
 
     Raises:
-        PlanError: unknown coupling name, inexact coupling, bad/duplicate/out-of-range index,
-            or a coupling whose parameters no longer have the shapes it was found with.
+        PlanError: unknown name, inexact coupling, bad/duplicate/out-of-range index, a stale
+            coupling or one found on another model, a Plan that does not start from this model's
+            state, two couplings removing the same slice.
     """
-    if not isinstance(plan, Mapping):
-        raise PlanError(f"a plan is a dict {{coupling or name: [unit indices]}}, got {type(plan).__name__}")
-    cg = None
-    out: dict[Coupling, np.ndarray] = {}
-    for key, idx in plan.items():
-        if isinstance(key, str):
-            cg = cg or _couplings_for(model, couplings)
-            c = cg[key]
-        elif isinstance(key, Coupling):
-            c = key
-        else:
-            raise PlanError(f"plan keys are Couplings or coupling names, got {type(key).__name__}: {key!r}")
-        if not c.exact:
-            raise PlanError(f"coupling {c.name!r} is not exact ({c.reason}); it cannot be removed")
-        try:
-            arr = np.asarray(list(idx))
-        except TypeError:
-            raise PlanError(f"units of {c.name!r} must be a list of ints, got {idx!r}") from None
-        if arr.size and not np.issubdtype(arr.dtype, np.integer):
-            raise PlanError(f"units of {c.name!r} must be ints, got {arr.tolist()!r}")
-        arr = arr.astype(np.int64).ravel()
-        if arr.size and (arr.min() < 0 or arr.max() >= c.width):
-            bad = arr[(arr < 0) | (arr >= c.width)].tolist()
-            raise PlanError(f"unit indices {bad} out of range for {c.name!r} (width {c.width})")
-        if np.unique(arr).size != arr.size:
-            dup = sorted({int(v) for v in arr if (arr == v).sum() > 1})
-            raise PlanError(f"duplicate unit indices {dup} for {c.name!r}")
-        if c in out:
-            raise PlanError(f"coupling {c.name!r} appears twice in the plan")
-        out[c] = np.sort(arr)
+    steps: list[Step] = as_steps(removal)
     params = dict(model.named_parameters())
-    seen: dict[tuple[str, int], set] = defaultdict(set)
-    for c, arr in out.items():
-        for t in c.tables:
-            p = params.get(t.param)
-            if p is None:
-                raise PlanError(f"coupling {c.name!r} names parameter {t.param!r}, which the model "
-                                "does not have: was the coupling found on another model?")
-            if t.index.size and t.index.max() >= p.shape[t.dim]:
-                raise PlanError(f"coupling {c.name!r} is stale: {t.param} has {p.shape[t.dim]} entries "
-                                f"along dim {t.dim}, the coupling expects more. Call auto_couple again.")
-            rm = set(t.index[np.isin(t.unit, arr)].tolist())
-            clash = seen[(t.param, t.dim)] & rm
-            if clash:
-                raise PlanError(f"two couplings remove the same slices of {t.param} dim {t.dim}: {sorted(clash)[:5]}")
-            seen[(t.param, t.dim)] |= rm
+    state = state_of(model)
+    cg = couplings
+    if any(isinstance(k, str) for s in steps for k in s.removals) and cg is None:
+        cg = couplings_for(model)
+    out = []
+    for i, step in enumerate(steps):
+        resolved: dict[Coupling, np.ndarray] = {}
+        for key, idx in step.removals.items():
+            if isinstance(key, str):
+                c = cg[key]
+            elif isinstance(key, Coupling):
+                c = key
+            else:
+                raise PlanError(f"removal keys are Couplings or coupling names, got {type(key).__name__}: {key!r}")
+            if not c.exact:
+                raise PlanError(f"coupling {c.name!r} is not exact ({c.reason}); it cannot be removed")
+            if c in resolved:
+                raise PlanError(f"coupling {c.name!r} appears twice in the removal")
+            if step.widths and c.name in step.widths and step.widths[c.name] != c.width:
+                raise PlanError(
+                    f"step {i} of the plan expects coupling {c.name!r} to have width "
+                    f"{step.widths[c.name]}, the model has {c.width}: apply the plan to the model "
+                    "state it was made on (for a full EcoSpa plan: a fresh dense model)")
+            if i == 0:
+                _check_stamps(c, params, state)
+            resolved[c] = _units(c, idx)
+        resolved = {c: a for c, a in resolved.items() if a.size}
+        seen: dict[tuple[str, int], np.ndarray] = {}
+        for c, arr in resolved.items():
+            for t in c.tables:
+                rm = t.index[np.isin(t.unit, arr)]
+                prev = seen.get((t.param, t.dim))
+                if prev is not None and np.intersect1d(prev, rm).size:
+                    raise PlanError(f"two couplings remove the same slices of {t.param} dim {t.dim}: "
+                                    f"{np.intersect1d(prev, rm)[:5].tolist()}")
+                seen[(t.param, t.dim)] = rm if prev is None else np.union1d(prev, rm)
+        out.append((cg, resolved))
+        if i + 1 < len(steps):
+            if cg is None:
+                raise PlanError("a plan of several steps is keyed by names: pass couplings=cg")
+            cg = remaining(cg, resolved)
     return out
 
 
@@ -107,217 +167,170 @@ def _removed(resolved: Mapping[Coupling, np.ndarray]) -> dict[tuple[str, int], n
     return {k: np.unique(np.concatenate(v)) for k, v in acc.items()}
 
 
+def remaining(cg: CouplingGraph, removal: Removal) -> CouplingGraph:
+    """The couplings of the model after ``prune(model, removal)``, without capturing it again.
+
+    Removed units disappear, indices are renumbered to the smaller tensors; names, kinds and
+    order stay. ``removal`` maps Couplings (of ``cg``) or their names to unit indices.
+    """
+    resolved = {}
+    for k, v in removal.items():
+        c = cg[k] if isinstance(k, str) else k
+        resolved[c] = np.asarray(sorted(v), dtype=np.int64)
+    removed = _removed(resolved)
+    kept = dict(cg.kept)
+    for (param, dim), rm in removed.items():
+        base = kept.get((param, dim))
+        if base is None:
+            base = np.arange(cg.shapes[param][dim], dtype=np.int64)
+        kept[(param, dim)] = np.delete(base, rm)
+    return renumber(cg, removed, kept)
+
+
 def _keep(size: int, removed: np.ndarray) -> np.ndarray:
     mask = np.ones(size, dtype=bool)
     mask[removed] = False
     return np.nonzero(mask)[0]
 
 
-def _slice(t: torch.Tensor, keeps: dict[int, np.ndarray]) -> torch.Tensor:
-    for dim, keep in keeps.items():
-        t = t.index_select(dim, torch.as_tensor(keep, device=t.device))
-    return t.contiguous()
-
-
-def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
-    out: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
-    for mod in model.modules():
-        for name, p in mod._parameters.items():
-            if p is not None:
-                out[id(p)].append((mod, name))
-    return out
-
-
-def _slice_optimizer(opt, old: nn.Parameter, new: nn.Parameter, keeps: dict[int, np.ndarray]) -> None:
-    for group in opt.param_groups:
-        for i, p in enumerate(group["params"]):
-            if p is old:
-                group["params"][i] = new
-    state = opt.state.pop(old, None)
-    if state is None:
+def _check_optimizer(optimizer, model: nn.Module, sliced: Iterable[str]) -> None:
+    if optimizer is None:
         return
-    for k, v in list(state.items()):
-        if isinstance(v, torch.Tensor) and v.shape == old.shape and v.dim() > 0:
-            state[k] = _slice(v, keeps)
-    opt.state[new] = state
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    if not any(id(p) in held for p in params.values()):
+        raise PruneError(f"the optimizer ({type(optimizer).__name__}) holds none of this model's parameters: "
+                         "pass the optimizer built on model.parameters(), or optimizer=None")
+    missing = [n for n in sliced if params[n].requires_grad and id(params[n]) not in held]
+    if missing:
+        raise PruneError(f"the optimizer does not hold {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
+                         "which this prune slices: build the optimizer on all trainable parameters "
+                         "(model.parameters()), or pass optimizer=None and rebuild it after pruning")
 
 
-def _module_sites(resolved) -> dict[str, dict]:
-    """Per module: its adapter kind and the (param, dim) of its in/out channels."""
-    mods: dict[str, dict] = {}
-    for c in resolved:
-        for s in c.sites:
-            if s.role == "direct":
-                continue
-            info = mods.setdefault(s.module, {"layout": s.layout, "transposed": s.transposed,
-                                              "kind": "mha" if s.role == "mha" else "linear"})
-            if s.layout == "scatter":
-                info["layout"] = "scatter"
-            if s.role == "out" or (s.role == "mha" and s.dim == 0 and "in_proj" in s.param):
-                info["out"] = (s.param, s.dim)
-            elif s.role == "in" or (s.role == "mha" and s.dim == 1):
-                info["in"] = (s.param, s.dim)
-            elif s.role == "bias":
-                info["bias"] = s.param
-    return mods
+def prune_pass(model: nn.Module, removal, optimizer: torch.optim.Optimizer | None = None, *,
+               couplings: CouplingGraph | None = None, verify: bool = False,
+               example_inputs=None, tol: float = 1e-4) -> PruneResult:
+    """Remove units in place (see the module docstring) and return a :class:`PruneResult`.
+
+    Args:
+        model: the model; the same object keeps its parameter names.
+        removal: ``{coupling or coupling name: [unit indices]}``, or an ``ecospa.Plan``
+            (its steps are applied in order).
+        optimizer: if given, its state for every sliced parameter (Adam moments, SGD momentum,
+            anything shaped like the parameter) is sliced the same way, and its param groups
+            point to the new tensors.
+        couplings: where names are looked up (default: ``ecospa.auto_couple(model)`` for models
+            that carry dummy inputs).
+        verify: compare the pruned model with the masked dense one on example inputs
+            (``example_inputs``, else those ``couplings`` were found with); on a mismatch undo
+            everything and raise :class:`~ecospa.PruneError`.
+        tol: relative error allowed by ``verify``.
+
+    Raises:
+        PlanError: before anything changes, when the removal is not valid for this model.
+        PruneError: the optimizer does not hold the parameters to slice, or ``verify`` failed.
+    """
+    steps = resolve(model, removal, couplings)
+    before = _count(model)
+    removed_units: dict[str, int] = {}
+    cg_after = None
+    inputs = _verify_inputs(model, verify, example_inputs, couplings)
+    for cg, resolved in steps:
+        if not resolved:
+            cg_after = cg
+            continue
+        removed = _removed(resolved)
+        _check_optimizer(optimizer, model, {p for p, _ in removed})
+        reference = masked_reference(model, resolved, inputs) if verify else None
+        with Transaction(model, optimizer) as tx:
+            _apply(model, resolved, removed, optimizer, tx)
+            if verify and not outputs_match(model, inputs, reference, tol):
+                tx.rollback()
+                raise PruneError(
+                    f"verify: the pruned model differs from the masked dense model on the example inputs "
+                    f"(couplings {[c.name for c in list(resolved)[:4]]}...); the model and optimizer were "
+                    "restored. Please report this with the model: it is a bug in ecospa")
+        for c, arr in resolved.items():
+            removed_units[c.name] = removed_units.get(c.name, 0) + int(arr.size)
+        cg_after = remaining(cg, resolved) if cg is not None else None
+    return PruneResult(model, cg_after if cg_after is not None else couplings if not removed_units else None,
+                       removed_units, before, _count(model))
 
 
-def _compose(module: nn.Module, name: str, full: int, keep: np.ndarray) -> torch.Tensor:
-    """New index (original layout) after keeping positions ``keep`` of the current one."""
-    cur = module._buffers.get(name)
-    base = cur.cpu().numpy() if cur is not None else np.arange(full)
-    dev = next(iter(module.parameters())).device
-    return torch.as_tensor(base[keep], device=dev, dtype=torch.long)
+def _verify_inputs(model, verify, example_inputs, couplings):
+    if not verify:
+        return None
+    from ecospa.errors import ConfigError
+    from ecospa.graph.capture import normalise_inputs
+
+    if example_inputs is not None:
+        return normalise_inputs(model, example_inputs)
+    if couplings is not None and couplings.inputs is not None:
+        return couplings.inputs
+    try:
+        return normalise_inputs(model, None)
+    except Exception:
+        raise ConfigError("verify=True needs example inputs: pass example_inputs=..., or couplings=cg "
+                          "from ecospa.auto_couple(model, example_inputs)") from None
 
 
-def prune(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer | None = None, *,
-          couplings: CouplingGraph | None = None) -> nn.Module:
+def _apply(model: nn.Module, resolved, removed, optimizer, tx: Transaction) -> None:
+    params = dict(model.named_parameters())
+    per_param: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
+    for (pname, dim), rm in removed.items():
+        per_param[pname][dim] = _keep(params[pname].shape[dim], rm)
+    owners: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
+    for mod in model.modules():
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                owners[id(p)].append((mod, attr))
+    for pname, keeps in per_param.items():
+        old = params[pname]
+        for mod, attr in owners[id(old)]:
+            rec = module_record(mod, create=True)
+            prev = rec.params.get(attr) or ParamRecord(tuple(old.shape))
+            tx.set_record(mod, attr, prev.after(keeps))
+        tx.slice_param(old, owners[id(old)], keeps)
+    update_forwards(model, resolved, tx)
+    for pname, keeps in per_param.items():  # postcondition: the shapes the removal implies
+        new = dict(model.named_parameters())[pname]
+        want = list(params[pname].shape)
+        for d, k in keeps.items():
+            want[d] = k.size
+        if list(new.shape) != want:
+            raise PruneError(f"internal error: {pname} has shape {tuple(new.shape)} after pruning, "
+                             f"expected {tuple(want)}")
+    recs = param_records(model)
+    for pname in per_param:
+        r = recs.get(pname)
+        if r is None or any(r.kept_or_all(d).size != dict(model.named_parameters())[pname].shape[d]
+                            for d in range(len(r.dense_shape))):
+            raise PruneError(f"internal error: the removal record of {pname} disagrees with its shape")
+
+
+def prune(model: nn.Module, removal, optimizer: torch.optim.Optimizer | None = None, *,
+          couplings: CouplingGraph | None = None, verify: bool = False, example_inputs=None) -> nn.Module:
     """Remove units of couplings from ``model`` in place and return it.
 
     Args:
         model: the model; the same object keeps its parameter names.
-        plan: ``{coupling or coupling name: [unit indices]}``.
-        optimizer: if given, its state for every sliced parameter (Adam moments, SGD momentum,
-            anything shaped like the parameter) is sliced the same way, and its param groups
-            point to the new tensors.
-        couplings: where to look coupling names up (default: the last ``auto_couple`` of this
-            model, or a fresh one for models that carry dummy inputs).
+        removal: ``{coupling or coupling name: [unit indices]}``, or an ``ecospa.Plan`` (for
+            example ``EcoSpa(...).plan``, replayed on a fresh dense copy of the model).
+        optimizer: if given, its state for every sliced parameter is sliced the same way and its
+            param groups point to the new tensors.
+        couplings: where coupling names are looked up (default: ``ecospa.auto_couple(model)``
+            for models that carry dummy inputs, such as Hugging Face models).
+        verify: check the result against the masked dense model on example inputs, undo and
+            raise on a mismatch (see :func:`prune_pass`).
+        example_inputs: inputs for ``verify`` (default: those the couplings were found with).
 
-    Afterwards ``model(x)`` equals the dense model with the removed slices zeroed.
+    Afterwards ``model(x)`` equals the dense model with the removed slices zeroed. The couplings
+    of the pruned model are ``ecospa.remaining(cg, removal)`` (or a new ``auto_couple``).
 
     Raises:
-        PlanError: before anything changes, when the plan is not valid for this model.
+        PlanError: before anything changes, when the removal is not valid for this model.
+        PruneError: the optimizer does not hold the parameters to slice, or ``verify`` failed.
     """
-    resolved = resolve_plan(model, plan, couplings)
-    resolved = {c: a for c, a in resolved.items() if a.size}
-    if not resolved:
-        return model
-    removed = _removed(resolved)
-    modules = dict(model.named_modules())
-    params = dict(model.named_parameters())
-    mod_sites = _module_sites(resolved)
-    for path, info in mod_sites.items():
-        if path not in modules:
-            raise PlanError(f"module {path!r} of the plan is not in the model")
-        if info["kind"] == "mha" and not isinstance(modules[path], nn.MultiheadAttention):
-            raise PlanError(f"module {path!r} is not a MultiheadAttention")
-    # --- from here on the model changes --------------------------------------------------
-    owners = _owners(model)
-    per_param: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
-    for (pname, dim), rm in removed.items():
-        per_param[pname][dim] = _keep(params[pname].shape[dim], rm)
-    # adapters first need the original sizes
-    for path, info in mod_sites.items():
-        mod = modules[path]
-        if info["kind"] == "mha":
-            _update_mha(mod, info, per_param, params)
-        else:
-            _update_linear(mod, path, info, per_param, params)
-    with torch.no_grad():
-        for pname, keeps in per_param.items():
-            old = params[pname]
-            new = nn.Parameter(_slice(old.data, keeps), requires_grad=old.requires_grad)
-            if old.grad is not None:
-                new.grad = _slice(old.grad, keeps)
-            for mod, attr in owners[id(old)]:
-                mod._parameters[attr] = new
-            if optimizer is not None:
-                _slice_optimizer(optimizer, old, new, keeps)
-    for path, info in mod_sites.items():
-        mod = modules[path]
-        if isinstance(mod, nn.Linear):
-            mod.out_features, mod.in_features = mod.weight.shape
-    cached = model.__dict__.get(_CACHE_ATTR)
-    if cached is not None and all(any(c is d for d in cached.all) for c in resolved):
-        model.__dict__[_CACHE_ATTR] = remaining(cached, resolved)
-    return model
-
-
-def _update_linear(mod, path, info, per_param, params) -> None:
-    weight = info.get("out", info.get("in"))[0]
-    attr_w = weight[len(path) + 1:] if path else weight
-    bias = info.get("bias")
-    if bias is None:
-        for name, p in mod.named_parameters(recurse=False):
-            if name != attr_w and p.dim() == 1:
-                bias = f"{path}.{name}" if path else name
-    attr_b = (bias[len(path) + 1:] if path else bias) if bias else None
-    w = params[weight]
-    out_dim = 1 if info["transposed"] else 0
-    in_dim = 1 - out_dim
-    keeps = per_param.get(weight, {})
-    scatter = info["layout"] == "scatter"
-    adapter = mod.__dict__.get("forward")
-    needs = scatter or info["transposed"] or not isinstance(mod, nn.Linear) or isinstance(adapter, LinearAdapter)
-    if not needs:
-        return
-    if not isinstance(adapter, LinearAdapter):
-        adapter = LinearAdapter(mod, attr_w, attr_b, info["transposed"], w.shape[out_dim])
-        mod.forward = adapter
-        set_index(mod, IN_INDEX, None)
-        set_index(mod, OUT_INDEX, None)
-        set_index(mod, OUT_SRC, None)
-    if out_dim in keeps:
-        full = adapter.out_full
-        if scatter or mod._buffers.get(OUT_INDEX) is not None:
-            idx = _compose(mod, OUT_INDEX, full, keeps[out_dim])
-            set_index(mod, OUT_INDEX, idx)
-            set_index(mod, OUT_SRC, source_index(idx, full))
-    if in_dim in keeps and (scatter or mod._buffers.get(IN_INDEX) is not None):
-        set_index(mod, IN_INDEX, _compose(mod, IN_INDEX, w.shape[in_dim], keeps[in_dim]))
-
-
-def _update_mha(mod: nn.MultiheadAttention, info, per_param, params) -> None:
-    adapter = mod.__dict__.get("forward")
-    if not isinstance(adapter, MHAAdapter):
-        mod._qkv_same_embed_dim_orig = mod._qkv_same_embed_dim
-        adapter = MHAAdapter(mod)
-        mod.forward = adapter
-        mod._qkv_same_embed_dim = False  # turns off fused fast paths that read raw weights
-        set_index(mod, IN_INDEX, None)
-        set_index(mod, OUT_INDEX, None)
-    E = mod.embed_dim
-    if "out" in info:
-        keep = per_param[info["out"][0]].get(0)
-        if keep is not None:
-            set_index(mod, OUT_INDEX, _compose(mod, OUT_INDEX, 3 * E, keep))
-    if "in" in info:
-        keep = per_param[info["in"][0]].get(1)
-        if keep is not None:
-            set_index(mod, IN_INDEX, _compose(mod, IN_INDEX, E, keep))
-
-
-def remaining(cg: CouplingGraph, plan: Mapping[Coupling, Iterable[int]]) -> CouplingGraph:
-    """The couplings of the model after ``prune(model, plan)``, without capturing it again.
-
-    Removed units disappear, indices are renumbered to the smaller tensors; names, kinds and
-    order stay. ``plan`` maps Couplings (of ``cg``) or their names to unit indices.
-    """
-    resolved = {}
-    for k, v in plan.items():
-        c = cg[k] if isinstance(k, str) else k
-        resolved[c] = np.asarray(sorted(v), dtype=np.int64)
-    removed = _removed(resolved)
-    out = []
-    for c in cg.all:
-        drop = resolved.get(c, np.zeros(0, dtype=np.int64))
-        keep_units = _keep(c.width, drop)
-        new_id = np.full(c.width, -1, dtype=np.int64)
-        new_id[keep_units] = np.arange(keep_units.size)
-        tables = []
-        for t in c.tables:
-            mask = new_id[t.unit] >= 0
-            rm = removed.get((t.param, t.dim))
-            idx = t.index[mask]
-            if rm is not None:
-                idx = idx - np.searchsorted(rm, idx)
-            side = t.side[mask] if t.side is not None else None
-            tables.append(SliceTable(t.param, t.dim, new_id[t.unit][mask], idx, side))
-        out.append(Coupling(c.name, c.kind, c.exact, c.reason, int(keep_units.size), tuple(tables), c.sites))
-    shapes = dict(cg.shapes)
-    for (pname, dim), rm in removed.items():
-        if pname in shapes:
-            s = list(shapes[pname])
-            s[dim] -= rm.size
-            shapes[pname] = tuple(s)
-    return CouplingGraph(out, shapes=shapes, include_inexact=cg.include_inexact)
+    return prune_pass(model, removal, optimizer, couplings=couplings, verify=verify,
+                      example_inputs=example_inputs).model

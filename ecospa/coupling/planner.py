@@ -46,6 +46,12 @@ from ecospa.graph.ir import Coupling, CouplingGraph
 __all__ = ["PlanConfig", "PlanStep", "Plan", "plan_round", "resolve_target", "ParamCounter"]
 
 
+def _int(x) -> int:
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+        raise TypeError(f"expected an integer, got {x!r}")
+    return int(x)
+
+
 def _help(text: str, default=None):
     return field(default=default, metadata={"help": text})
 
@@ -253,12 +259,15 @@ def plan_round(couplings: Sequence[Coupling], shapes: Mapping[str, Sequence[int]
 @dataclass(frozen=True)
 class PlanStep:
     """Units removed at one optimizer step: ``{coupling name: unit indices}``, numbered in the
-    model as it was just before this removal."""
+    model as it was just before this removal. ``widths`` (optional) are the widths those
+    couplings had then: ``ecospa.prune`` checks them, so that a plan is only applied to the model
+    state it was made on."""
 
     step: int
     removals: dict[str, tuple[int, ...]]
     params_before: int | None = None
     params_after: int | None = None
+    widths: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -271,21 +280,33 @@ class Plan:
         return len(self.steps)
 
     def to_dict(self) -> dict:
-        """Plain data: ``{"version": 1, "steps": [{"step", "removals", ...}]}``."""
-        return {"version": 1, "steps": [
+        """Plain data: ``{"version": 2, "steps": [{"step", "removals", "widths", ...}]}``."""
+        return {"version": 2, "steps": [
             {**asdict(s), "removals": {k: list(v) for k, v in s.removals.items()}} for s in self.steps]}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "Plan":
-        """Inverse of :meth:`to_dict`."""
-        if data.get("version") != 1:
-            raise PlanError(f"unknown plan version {data.get('version')!r} (expected 1)")
-        try:
-            steps = tuple(PlanStep(int(s["step"]), {str(k): tuple(int(i) for i in v) for k, v in s["removals"].items()},
-                                   s.get("params_before"), s.get("params_after")) for s in data["steps"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise PlanError(f"malformed plan: {e!r}") from e
-        return cls(steps)
+        """Inverse of :meth:`to_dict` (also reads version 1, which has no widths).
+
+        Raises:
+            PlanError: not a plan, an unknown version, or a malformed step (the message says
+                which step and what is wrong).
+        """
+        if not isinstance(data, Mapping):
+            raise PlanError(f"a plan is a JSON object, got {type(data).__name__}")
+        if data.get("version") not in (1, 2):
+            raise PlanError(f"unknown plan version {data.get('version')!r} (expected 1 or 2)")
+        steps = []
+        for i, s in enumerate(data.get("steps", ())):
+            try:
+                removals = {str(k): tuple(_int(x) for x in v) for k, v in s["removals"].items()}
+                widths = s.get("widths")
+                widths = {str(k): _int(v) for k, v in widths.items()} if widths is not None else None
+                steps.append(PlanStep(_int(s["step"]), removals, s.get("params_before"),
+                                      s.get("params_after"), widths))
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise PlanError(f"malformed plan step {i}: {type(e).__name__}: {e}") from None
+        return cls(tuple(steps))
 
     def to_json(self, **kwargs) -> str:
         """JSON text of :meth:`to_dict`."""
@@ -300,17 +321,14 @@ class Plan:
                example_inputs=None, couplings: CouplingGraph | None = None) -> nn.Module:
         """Apply every step to ``model`` (a fresh copy of the dense model) in place; return it.
 
-        ``couplings`` defaults to ``ecospa.auto_couple(model, example_inputs)``.
+        ``couplings`` defaults to ``ecospa.auto_couple(model, example_inputs)``. Same as
+        ``ecospa.prune(model, plan, optimizer, couplings=couplings)``.
         """
-        from ecospa.coupling.executor import prune, remaining
-        from ecospa.graph.discover import auto_couple
+        from ecospa.coupling.discovery import auto_couple
+        from ecospa.coupling.executor import prune
 
         cg = couplings if couplings is not None else auto_couple(model, example_inputs)
-        for s in self.steps:
-            removal = {cg[name]: list(idx) for name, idx in s.removals.items()}
-            prune(model, removal, optimizer, couplings=cg)
-            cg = remaining(cg, removal)
-        return model
+        return prune(model, self, optimizer, couplings=cg)
 
     def removed_original(self, widths: Mapping[str, int]) -> dict[str, list[int]]:
         """Every removed unit in the numbering of the dense model, given its widths ``{name: width}``."""

@@ -34,12 +34,12 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from ecospa.coupling.executor import prune, remaining
+from ecospa.coupling.discovery import auto_couple
+from ecospa.coupling.executor import prune_pass
 from ecospa.coupling.importance import Importance
 from ecospa.coupling.scores import needed_stats
 from ecospa.coupling.planner import Plan, PlanConfig, PlanStep, plan_round, resolve_target
 from ecospa.errors import ConfigError, EcospaError
-from ecospa.graph.discover import auto_couple
 from ecospa.graph.ir import CouplingGraph
 
 __all__ = ["EcoSpa", "PruneEvent"]
@@ -177,16 +177,15 @@ class EcoSpa:
             log.info("ecospa: step %d: nothing left to remove (%d params, target %d)",
                      self.steps, self.num_params, self.target_params)
             return None
-        before = self.num_params
-        resolved = {self.couplings[n]: idx for n, idx in removals.items()}
-        prune(self.model, resolved, self.optimizer, couplings=self.couplings)
-        self.couplings = remaining(self.couplings, resolved)
+        widths = {n: self.couplings[n].width for n in removals}
+        result = prune_pass(self.model, removals, self.optimizer, couplings=self.couplings)
+        self.couplings = result.couplings
         self.importance.rebind(self.couplings)
-        after = self.num_params
         frozen = {n: tuple(v) for n, v in removals.items()}
-        event = PruneEvent(self.steps, frozen, before, after, time.perf_counter() - t0)
+        event = PruneEvent(self.steps, frozen, result.params_before, result.params_after,
+                           time.perf_counter() - t0)
         self.events.append(event)
-        self._plan_steps.append(PlanStep(self.steps, frozen, before, after))
+        self._plan_steps.append(PlanStep(self.steps, frozen, result.params_before, result.params_after, widths))
         log.info("ecospa: %s", event)
         return event
 
@@ -203,10 +202,8 @@ class EcoSpa:
             raise EcospaError("this EcoSpa has already pruned along another plan; load the state "
                               "into an EcoSpa built on a fresh dense model")
         if not self._plan_steps:
-            for s in plan.steps:
-                resolved = {self.couplings[n]: list(v) for n, v in s.removals.items()}
-                prune(self.model, resolved, self.optimizer, couplings=self.couplings)
-                self.couplings = remaining(self.couplings, resolved)
+            if plan.steps:
+                self.couplings = prune_pass(self.model, plan, self.optimizer, couplings=self.couplings).couplings
             self.importance.rebind(self.couplings)
             self._plan_steps = list(plan.steps)
             secs: Iterable[float] = state.get("seconds", [0.0] * len(plan.steps))

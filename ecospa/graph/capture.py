@@ -18,7 +18,7 @@ import torch.utils._pytree as pytree
 
 from ecospa.errors import CaptureError
 
-__all__ = ["Captured", "capture", "module_of", "default_inputs"]
+__all__ = ["Captured", "capture", "module_of", "default_inputs", "normalise_inputs"]
 
 _WRAP = "m"  # attribute name of the model inside the capture wrapper
 _REPEAT = re.compile(r"@\d+$")
@@ -54,6 +54,7 @@ class Captured:
     buffers: dict[str, torch.Tensor]
     shapes: dict[str, tuple[int, ...]]
     aliases: dict[str, str] = field(default_factory=dict)
+    inputs: tuple[tuple, dict[str, Any]] = ((), {})  # the (args, kwargs) the forward ran on
 
 
 def _strip(name: str) -> str:
@@ -145,6 +146,17 @@ class _ModuleTracker:
             h.remove()
 
 
+def normalise_inputs(model: nn.Module, example_inputs=None) -> tuple[tuple, dict[str, Any]]:
+    """``(args, kwargs)`` that run ``model``: from ``example_inputs`` (a tensor, a tuple of
+    positional inputs or a dict of keyword inputs) or, when None, from the model's own dummy
+    inputs (Hugging Face models), moved to the model's device.
+
+    Raises:
+        CaptureError: no inputs given and the model carries none, or inputs of an unknown type.
+    """
+    return _normalise_inputs(model, example_inputs)
+
+
 def capture(model: nn.Module, example_inputs=None) -> Captured:
     """Capture ``model``'s forward on ``example_inputs`` (tuple, tensor or dict of kwargs).
 
@@ -201,6 +213,7 @@ def capture(model: nn.Module, example_inputs=None) -> Captured:
         if full in state:
             buffers[node_name] = state[full]
     shapes = {n: tuple(p.shape) for n, p in named.items()}
-    return Captured(graph=ep.graph, params=params, buffers=buffers, shapes=shapes, aliases=aliases)
+    return Captured(graph=ep.graph, params=params, buffers=buffers, shapes=shapes, aliases=aliases,
+                    inputs=(args, kwargs))
 
 

@@ -1,7 +1,9 @@
-"""``auto_couple``: find every coupling of a model from its dataflow graph.
+"""``discover``: find every coupling of a (dense) model from its dataflow graph.
 
 No layer maps and no name matching: the captured graph is analysed op by op (see
-``ecospa.graph.flow``), so a renamed or never-seen module gives the same couplings.
+``ecospa.graph.flow``), so a renamed or never-seen module gives the same couplings. The public
+``ecospa.auto_couple`` (``ecospa.coupling.discovery``) calls this on the dense view of a model,
+so that it works on pruned models too.
 """
 from __future__ import annotations
 
@@ -10,12 +12,10 @@ import torch.nn as nn
 from ecospa.graph.capture import capture
 from ecospa.graph.flow import propagate
 from ecospa.graph.ir import Coupling, CouplingGraph
-from ecospa.graph.layout import plan_sites
+from ecospa.graph.layout import assign_sites
 from ecospa.graph.units import group_units
 
-__all__ = ["auto_couple", "name_couplings"]
-
-_CACHE_ATTR = "_ecospa_couplings"
+__all__ = ["discover", "name_couplings"]
 
 
 def _common_prefix(paths) -> str:
@@ -53,8 +53,8 @@ def name_couplings(raws) -> list[str]:
     return names
 
 
-def auto_couple(model: nn.Module, example_inputs=None, *, include_inexact: bool = False) -> CouplingGraph:
-    """Find every coupling of ``model``.
+def discover(model: nn.Module, example_inputs=None, *, include_inexact: bool = False) -> CouplingGraph:
+    """Find every coupling of ``model`` as it is (its graph is captured as it runs now).
 
     Args:
         model: any ``torch.nn.Module`` (left unchanged; it is run once, in eval mode, to capture
@@ -73,13 +73,11 @@ def auto_couple(model: nn.Module, example_inputs=None, *, include_inexact: bool 
     cap = capture(model, example_inputs)
     flow = propagate(cap)
     raws, comp, gid_of = group_units(flow)
-    planned = plan_sites(flow, model, raws, comp, gid_of)
+    planned = assign_sites(flow, model, raws, comp, gid_of)
     names = name_couplings(raws)
     couplings = []
     for raw, name, (sites, problem) in zip(raws, names, planned):
         reason = raw.reason or problem
         couplings.append(Coupling(name=name, kind=raw.kind, exact=reason is None, reason=reason,
                                   width=raw.width, tables=raw.tables, sites=sites))
-    cg = CouplingGraph(couplings, shapes=cap.shapes, include_inexact=include_inexact)
-    model.__dict__[_CACHE_ATTR] = cg
-    return cg
+    return CouplingGraph(couplings, shapes=cap.shapes, include_inexact=include_inexact, inputs=cap.inputs)

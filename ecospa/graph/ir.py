@@ -12,11 +12,13 @@ demand.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-__all__ = ["Slice", "SliceTable", "Site", "Coupling", "CouplingGraph"]
+from ecospa.errors import PlanError
+
+__all__ = ["Slice", "SliceTable", "Site", "Stamp", "Coupling", "CouplingGraph"]
 
 
 class Slice(NamedTuple):
@@ -66,6 +68,17 @@ class Site(NamedTuple):
     transposed: bool = False
 
 
+class Stamp(NamedTuple):
+    """The state of one ``(param, dim)`` a coupling slices, when the coupling was found: its size
+    and a fingerprint of which dense slices it still had (0: never sliced). The executor refuses a
+    coupling whose stamps do not match the model (stale, or found on a model in another state)."""
+
+    param: str
+    dim: int
+    size: int
+    fingerprint: int
+
+
 @dataclass(frozen=True, eq=False)
 class Coupling:
     """Weight slices used only through their product along one inner dimension.
@@ -80,6 +93,8 @@ class Coupling:
         width: number of units.
         tables: the slices, one :class:`SliceTable` per ``(param, dim)``.
         sites: how each ``(param, dim)`` is executed (see :class:`Site`).
+        stamp: the state of the model it was found on, one :class:`Stamp` per table (empty for a
+            coupling built by hand: then only index ranges are checked).
     """
 
     name: str
@@ -89,6 +104,7 @@ class Coupling:
     width: int
     tables: tuple[SliceTable, ...] = field(repr=False)
     sites: tuple[Site, ...] = field(default=(), repr=False)
+    stamp: tuple[Stamp, ...] = field(default=(), repr=False)
 
     def units(self) -> list[list[Slice]]:
         """One list per unit of ``(param_name, dim, index)``: every slice removed together."""
@@ -126,20 +142,28 @@ class CouplingGraph(Sequence[Coupling]):
 
     Attributes:
         all: every coupling found, exact or not.
-        shapes: ``{param_name: shape}`` of the model when it was analysed; the executor checks
-            it so that a stale plan is refused instead of corrupting a model.
+        shapes: ``{param_name: shape}`` of the model when it was analysed.
+        kept: ``{(param, dim): kept dense indices}`` of every dimension the model had already
+            lost slices along when it was analysed (empty for a dense model); the stamps of the
+            couplings are fingerprints of it.
+        inputs: the example inputs it was found with, as ``(args, kwargs)`` (None if unknown):
+            ``prune(..., verify=True)`` runs them.
     """
 
     def __init__(
         self,
         couplings: Sequence[Coupling],
         *,
-        shapes: dict[str, tuple[int, ...]] | None = None,
+        shapes: Mapping[str, tuple[int, ...]] | None = None,
+        kept: Mapping[tuple[str, int], np.ndarray] | None = None,
         include_inexact: bool = False,
+        inputs: tuple[tuple, dict[str, Any]] | None = None,
     ):
         self.all: tuple[Coupling, ...] = tuple(couplings)
         self.shapes: dict[str, tuple[int, ...]] = dict(shapes or {})
+        self.kept: dict[tuple[str, int], np.ndarray] = dict(kept or {})
         self.include_inexact = include_inexact
+        self.inputs = inputs
         self._offered = tuple(c for c in self.all if include_inexact or c.exact)
         self._by_name = {c.name: c for c in self.all}
 
@@ -159,8 +183,6 @@ class CouplingGraph(Sequence[Coupling]):
             try:
                 return self._by_name[key]
             except KeyError:
-                from ecospa.errors import PlanError
-
                 close = [n for n in self._by_name if key.split(".")[-1] in n][:3]
                 raise PlanError(
                     f"no coupling named {key!r} (there are {len(self._by_name)}; similar: "

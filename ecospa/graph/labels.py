@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["LabelSpace", "Factors", "varying", "to_ndim", "merge_aligned"]
+__all__ = ["LabelSpace", "Factors", "varying", "to_ndim", "merge_aligned", "connected_components"]
 
 Factors = list  # list[np.ndarray]; None for non-tensor values
 
@@ -138,17 +138,13 @@ class LabelSpace:
         With ``same_side``, only edges that do not cross a contraction: the components are the
         slices that sit on one side of a unit.
         """
-        from scipy.sparse import coo_matrix
-        from scipy.sparse.csgraph import connected_components
-
         edges = [e for e, c in zip(self._edges, self._cross) if not (same_side and c)]
         if edges:
             a = np.concatenate([e[0] for e in edges])
             b = np.concatenate([e[1] for e in edges])
         else:
             a = b = np.zeros(0, dtype=np.int64)
-        m = coo_matrix((np.ones(a.size, dtype=np.int8), (a, b)), shape=(self.n, self.n))
-        return connected_components(m, directed=False)
+        return connected_components(self.n, a, b)
 
     def poison_array(self) -> np.ndarray:
         """Reason id per label (-1 when not poisoned); the first reason recorded wins."""
@@ -187,6 +183,43 @@ class LabelSpace:
         for i, (s, k) in enumerate(zip(self.pd_start, self.pd_size)):
             out[s : s + k] = i
         return out
+
+
+def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> tuple[int, np.ndarray]:
+    """Connected components of the undirected graph on ``n`` nodes with edges ``a[i] -- b[i]``.
+
+    Returns ``(count, component id per node)``, ids numbered ``0..count-1`` in order of each
+    component's smallest node. Vectorised union-find: every round hooks each edge's larger root
+    under the smaller one and halves every path (pointer jumping), until no edge joins two roots.
+    """
+    parent = np.arange(n, dtype=np.int64)
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    while a.size:
+        ra, rb = parent[a], parent[b]
+        while True:  # roots of the endpoints (full pointer jumping)
+            ra2, rb2 = parent[ra], parent[rb]
+            if np.array_equal(ra2, ra) and np.array_equal(rb2, rb):
+                break
+            ra, rb = ra2, rb2
+        live = ra != rb
+        if not live.any():
+            break
+        lo, hi = np.minimum(ra[live], rb[live]), np.maximum(ra[live], rb[live])
+        np.minimum.at(parent, hi, lo)
+        a, b = a[live], b[live]
+        while True:
+            nxt = parent[parent]
+            if np.array_equal(nxt, parent):
+                break
+            parent = nxt
+    while True:
+        nxt = parent[parent]
+        if np.array_equal(nxt, parent):
+            break
+        parent = nxt
+    roots, comp = np.unique(parent, return_inverse=True)
+    return int(roots.size), comp.astype(np.int64)
 
 
 def merge_aligned(space: LabelSpace, factors: list[np.ndarray], where: str) -> list[np.ndarray]:

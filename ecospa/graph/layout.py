@@ -28,20 +28,10 @@ from ecospa.graph.capture import module_of
 from ecospa.graph.flow import FlowResult
 from ecospa.graph.ir import Site
 from ecospa.graph.labels import varying
-from ecospa.graph.rules import is_pointwise
-from ecospa.graph.rules.base import flat_factors
+from ecospa.graph.rules import has, is_pointwise, op_name
+from ecospa.graph.rules.base import flat_factors, param_behind
 
-__all__ = ["LinearLike", "linear_like_modules", "plan_sites"]
-
-aten = torch.ops.aten
-
-_PRODUCTS = {"linear", "addmm", "mm", "matmul"}
-_PASSIVE = {"view", "reshape", "_unsafe_view", "t", "transpose", "alias", "clone", "contiguous",
-            "index_select", "index_copy", "new_zeros", "_assert_tensor_metadata", "expand",
-            "unsqueeze", "squeeze", "flatten", "sym_size", "permute", "add", "cat"}
-_COMPACT_OK = {"clone", "contiguous", "alias", "detach", "dropout", "feature_dropout",
-               "alpha_dropout", "native_dropout", "_to_copy", "to", "type_as", "linear", "addmm",
-               "mm", "matmul", "sum", "_assert_tensor_metadata", "lift_fresh_copy"}
+__all__ = ["LinearLike", "linear_like_modules", "assign_sites"]
 
 
 @dataclass(frozen=True)
@@ -54,28 +44,9 @@ class LinearLike:
     transposed: bool  # weight stored (in, out)
 
 
-def _name(node) -> str:
-    return getattr(getattr(node.target, "overloadpacket", None), "__name__", str(node.target))
-
-
 def _param_of(flow: FlowResult, arg) -> tuple[str | None, bool]:
-    """Parameter behind ``arg`` (through t/transpose/alias) and whether it was transposed."""
-    flips = 0
-    while isinstance(arg, torch.fx.Node):
-        if arg.op == "placeholder":
-            return flow.captured.params.get(arg.name), bool(flips % 2)
-        if arg.op != "call_function":
-            return None, False
-        n = _name(arg)
-        if n in ("t", "transpose", "permute"):
-            flips += 1
-        elif n == "cat":  # ecospa's own adapter appends zero rows: [weight; 0]
-            arg = arg.args[0][0]
-            continue
-        elif n not in ("alias", "_to_copy", "to", "contiguous", "detach"):
-            return None, False
-        arg = arg.args[0]
-    return None, False
+    """Parameter behind ``arg`` (itself or its transpose) and whether it was transposed."""
+    return param_behind(flow.captured, arg, same_shape=True)
 
 
 def linear_like_modules(flow: FlowResult, model: nn.Module) -> dict[str, LinearLike]:
@@ -89,12 +60,12 @@ def linear_like_modules(flow: FlowResult, model: nn.Module) -> dict[str, LinearL
     for path, nodes in by_module.items():
         if path not in mods or isinstance(mods[path], nn.MultiheadAttention):
             continue
-        prods = [n for n in nodes if _name(n) in _PRODUCTS]
-        others = [n for n in nodes if _name(n) not in _PRODUCTS]
-        if len(prods) != 1 or any(_name(n) not in _PASSIVE for n in others):
+        prods = [n for n in nodes if has(n.target, "product")]
+        others = [n for n in nodes if not has(n.target, "product")]
+        if len(prods) != 1 or not all(has(n.target, "passive") for n in others):
             continue
         node = prods[0]
-        name = _name(node)
+        name = op_name(node.target)
         if name == "linear":
             w, flip = _param_of(flow, node.args[1])
             transposed = flip
@@ -107,7 +78,7 @@ def linear_like_modules(flow: FlowResult, model: nn.Module) -> dict[str, LinearL
             w, flip = _param_of(flow, node.args[1])
             transposed = not flip
             b = None
-            adds = [n for n in others if _name(n) == "add"]
+            adds = [n for n in others if op_name(n.target) == "add"]
             if adds:
                 b, _ = _param_of(flow, adds[0].args[1])
         prefix = path + "." if path else ""
@@ -115,7 +86,7 @@ def linear_like_modules(flow: FlowResult, model: nn.Module) -> dict[str, LinearL
             continue
         if b is not None and (not b.startswith(prefix) or "." in b[len(prefix):]):
             continue
-        if any(_name(n) == "add" for n in others) and b is None:
+        if any(op_name(n.target) == "add" for n in others) and b is None:
             continue
         out[path] = LinearLike(path, w, b, transposed)
     return out
@@ -126,19 +97,16 @@ def _owner(param: str) -> str:
 
 
 def _mha_supported(m: nn.MultiheadAttention) -> bool:
-    same = getattr(m, "_qkv_same_embed_dim_orig", m._qkv_same_embed_dim)
-    return m.bias_k is None and not m.add_zero_attn and bool(same)
+    return m.bias_k is None and not m.add_zero_attn and bool(m._qkv_same_embed_dim)
 
 
 def _node_ok_compact(node: torch.fx.Node, flow: FlowResult, labels: np.ndarray) -> bool:
     """Can the channels ``labels`` simply vanish at ``node``? Only through elementwise ops (and
     weight products) whose other operands carry the same channels or broadcast along them."""
-    if node.op != "call_function":
+    if node.op != "call_function" or not has(node.target, "compact"):
         return False
-    if _name(node) in _COMPACT_OK and not is_pointwise(node.target):
-        return True
     if not is_pointwise(node.target):
-        return False
+        return True
     out = flow.values.get(node)
     if not isinstance(out, list):
         return False
@@ -156,7 +124,7 @@ def _node_ok_compact(node: torch.fx.Node, flow: FlowResult, labels: np.ndarray) 
     return True
 
 
-def plan_sites(flow: FlowResult, model: nn.Module, raws, comp: np.ndarray, gid_of: np.ndarray):
+def assign_sites(flow: FlowResult, model: nn.Module, raws, comp: np.ndarray, gid_of: np.ndarray):
     """``(sites, problem)`` per raw coupling: problem is None when it can be executed."""
     linear = linear_like_modules(flow, model)
     mods = dict(model.named_modules())

@@ -140,7 +140,6 @@ def test_uncapturable_model_raises_capture_error_naming_the_module():
         ecospa.auto_couple(model, (torch.randn(3, 8),))
     msg = str(err.value)
     assert "inner" in msg or "DataDependentBranch" in msg, msg
-    assert isinstance(err.value, ecospa.EcospaError)
     _assert_unchanged(model, snap)
 
 

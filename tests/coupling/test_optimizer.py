@@ -126,4 +126,11 @@ def test_optimizer_state_dict_round_trip_after_pruning():
     ecospa.prune(model, plan, optimizer=opt)
     fresh = torch.optim.Adam(model.parameters(), lr=1e-2)
     fresh.load_state_dict(opt.state_dict())
+    for p in model.parameters():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(fresh.state[p][key], opt.state[p][key]), key
+    twin = copy.deepcopy((model, opt))
     _step(model, fresh, inputs)
+    _step(*twin, inputs)  # the original optimizer, on an identical copy: the same update
+    for a, b in zip(model.parameters(), twin[0].parameters()):
+        assert torch.equal(a, b)

@@ -60,10 +60,10 @@ def test_plan_by_name_equals_plan_by_coupling():
     a, inputs = build("nanogpt_block")
     b = copy.deepcopy(a)
     cg = ecospa.auto_couple(a, inputs)
-    ecospa.auto_couple(b, inputs)  # a plain module: names are looked up in its last discovery
     plan = random_plan(cg, random.Random(2))
     ecospa.prune(a, plan)
-    ecospa.prune(b, {c.name: idx for c, idx in plan.items()})
+    # a plain module carries no inputs: names are looked up in the couplings given
+    ecospa.prune(b, {c.name: idx for c, idx in plan.items()}, couplings=ecospa.auto_couple(b, inputs))
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     with torch.no_grad():
@@ -104,8 +104,7 @@ def test_state_dict_round_trip_between_pruned_models():
     state = model.state_dict()
     torch.manual_seed(7)
     fresh, _ = build("nanogpt_block")
-    ecospa.auto_couple(fresh, inputs)
-    ecospa.prune(fresh, {c.name: i for c, i in plan.items()})
+    ecospa.prune(fresh, {c.name: i for c, i in plan.items()}, couplings=ecospa.auto_couple(fresh, inputs))
     fresh.load_state_dict(state)
     with torch.no_grad():
         assert torch.equal(fresh(*inputs), model(*inputs))

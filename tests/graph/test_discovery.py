@@ -52,7 +52,8 @@ def test_couplings_are_well_formed(name, discovered):
         for unit in units:
             assert unit, f"{c.name}: empty unit"
             for s in unit:
-                assert isinstance(s, ecospa.Slice) and s == (s.param, s.dim, s.index)
+                assert isinstance(s, ecospa.Slice), type(s)
+                assert type(s.param) is str and type(s.dim) is int and type(s.index) is int, s
                 assert s.param in shapes, f"{c.name}: {s.param} is not a named parameter"
                 assert 0 <= s.dim < len(shapes[s.param]) and 0 <= s.index < shapes[s.param][s.dim]
                 assert s not in seen, f"slice {tuple(s)} in both {seen.get(s)} and {c.name}"

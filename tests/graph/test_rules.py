@@ -98,9 +98,14 @@ def test_rule_through_pair(name):
     assert torch.allclose(got, ref, atol=1e-6, rtol=1e-5)
 
 
-def test_every_registered_rule_is_a_function():
-    assert len(RULES) > 40
-    assert all(callable(r) for r in RULES.values())
+def test_registry_refuses_unknown_facts_and_double_registration():
+    """Facts are words of FACTS; an op cannot get two rules."""
+    from ecospa.graph.rules.registry import register
+
+    with pytest.raises(RuntimeError, match="unknown op facts"):
+        register(torch.ops.aten.erfinv, facts=("fast",))
+    with pytest.raises(RuntimeError, match="registered twice"):
+        register(torch.ops.aten.view)(lambda ctx, node: None)
 
 
 def test_reshape_blocks_split_and_merge():

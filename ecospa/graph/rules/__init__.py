@@ -1,17 +1,6 @@
-"""Op rules: how channels flow through each op. Importing this package registers them all."""
+"""Op rules and op facts (see ``ecospa.graph.rules.registry``). Importing this package registers
+every rule."""
 from ecospa.graph.rules import contraction, pointwise, reduction, shape  # noqa: F401  (register)
-from ecospa.graph.rules.pointwise import is_pointwise
-from ecospa.graph.rules.pointwise import pointwise as _pointwise
-from ecospa.graph.rules.registry import RULES, register
-from ecospa.graph.rules.registry import lookup as _lookup
+from ecospa.graph.rules.registry import FACTS, RULES, OpInfo, has, info, is_pointwise, lookup, op_name, register
 
-__all__ = ["RULES", "register", "lookup"]
-
-
-def lookup(target):
-    """The rule for ``target``: a registered one, else the pointwise rule for ops ATen tags
-    pointwise, else None."""
-    rule = _lookup(target)
-    if rule is None and is_pointwise(target):
-        return _pointwise
-    return rule
+__all__ = ["FACTS", "RULES", "OpInfo", "register", "lookup", "info", "has", "op_name", "is_pointwise"]

@@ -9,8 +9,9 @@ import torch
 
 from ecospa.graph.capture import Captured, module_of
 from ecospa.graph.labels import LabelSpace, to_ndim
+from ecospa.graph.rules.registry import has
 
-__all__ = ["Ctx", "flat_factors", "poison_value", "shape_of", "tensor_args"]
+__all__ = ["Ctx", "flat_factors", "param_behind", "poison_value", "shape_of", "tensor_args"]
 
 
 def shape_of(node) -> tuple[int, ...] | None:
@@ -71,24 +72,34 @@ class Ctx:
         return None
 
     def is_param_like(self, arg) -> bool:
-        """True when ``arg`` is a parameter, possibly transposed/viewed/converted."""
-        seen = 0
-        while isinstance(arg, torch.fx.Node) and seen < 8:
-            if arg.op == "placeholder":
-                return arg.name in self.captured.params
-            if arg.op != "call_function" or not arg.args:
-                return False
-            name = getattr(getattr(arg.target, "overloadpacket", None), "__name__", "")
-            if name == "cat" and arg.args[0]:  # ecospa's adapters append zero rows to a weight
-                arg = arg.args[0][0]
-                seen += 1
-                continue
-            if name not in {"t", "transpose", "permute", "view", "reshape", "expand", "alias",
-                            "_to_copy", "to", "contiguous", "clone", "detach", "unsqueeze"}:
-                return False
-            arg = arg.args[0]
-            seen += 1
-        return False
+        """True when ``arg`` is a parameter, possibly through ops with the ``transparent`` fact
+        (transposed, viewed, converted)."""
+        return param_behind(self.captured, arg)[0] is not None
+
+
+def param_behind(captured: Captured, arg, *, same_shape: bool = False,
+                 max_depth: int = 8) -> tuple[str | None, bool]:
+    """``(parameter name, transposed)`` when ``arg`` is a parameter seen through ops with the
+    ``transparent`` fact (an odd number of ``transposing`` ones makes it transposed), else
+    ``(None, False)``. With ``same_shape``, only ops that keep the shape (or reverse it, for the
+    transposing ones) count: the value is the weight itself or its transpose, not a view of it."""
+    flips = 0
+    for _ in range(max_depth):
+        if not isinstance(arg, torch.fx.Node):
+            break
+        if arg.op == "placeholder":
+            name = captured.params.get(arg.name)
+            return (name, bool(flips % 2)) if name is not None else (None, False)
+        if arg.op != "call_function" or not arg.args or not has(arg.target, "transparent"):
+            break
+        flip = has(arg.target, "transposing")
+        if same_shape:
+            out, src = shape_of(arg), shape_of(arg.args[0])
+            if out is None or src is None or out != (tuple(reversed(src)) if flip else src):
+                break
+        flips += flip
+        arg = arg.args[0]
+    return None, False
 
 
 def tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:

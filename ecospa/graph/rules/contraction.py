@@ -133,7 +133,7 @@ def _bias(ctx: Ctx, node, out_factors, bias, ndim):
     return merge_aligned(ctx.space, list(out_factors) + fs, ctx.where(node))
 
 
-@register(aten.linear)
+@register(aten.linear, facts=("product", "compact"))
 def linear(ctx: Ctx, node: torch.fx.Node):
     """``x @ W.T + b``: x (..., i), W (o, i), b (o,) -> (..., o)."""
     x, w = node.args[0], node.args[1]
@@ -146,7 +146,7 @@ def linear(ctx: Ctx, node: torch.fx.Node):
     return _bias(ctx, node, out, b, len(xs))
 
 
-@register(aten.addmm)
+@register(aten.addmm, facts=("product", "compact"))
 def addmm(ctx: Ctx, node: torch.fx.Node):
     """``b + x @ W``: x (n, i), W (i, o) (GPT-2 Conv1D stores its weight this way)."""
     b, x, w = node.args[0], node.args[1], node.args[2]
@@ -179,8 +179,19 @@ def _matmul_letters(sa, sb) -> tuple[str, str, str, dict[str, int]]:
     return la, lb, bl + "nm", sizes
 
 
-@register(aten.matmul, aten.mm, aten.bmm, aten.dot)
+@register(aten.matmul, aten.mm, facts=("product", "compact"))
 def matmul(ctx: Ctx, node: torch.fx.Node):
+    """``a @ b`` with torch.matmul's broadcasting (a linear-like module may be ``x @ self.w``)."""
+    return _matmul(ctx, node)
+
+
+@register(aten.bmm, aten.dot)
+def bmm(ctx: Ctx, node: torch.fx.Node):
+    """Batched product of two activations (attention) or of vectors."""
+    return _matmul(ctx, node)
+
+
+def _matmul(ctx: Ctx, node: torch.fx.Node):
     a, b = node.args[0], node.args[1]
     sa, sb = shape_of(a), shape_of(b)
     la, lb, lo, sizes = _matmul_letters(sa, sb)

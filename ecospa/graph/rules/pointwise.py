@@ -1,30 +1,51 @@
 """Rules for elementwise ops (anything ATen tags ``pointwise``) and identity-like ops."""
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 
 from ecospa.graph.labels import merge_aligned
 from ecospa.graph.rules.base import Ctx, shape_of, tensor_args
-from ecospa.graph.rules.registry import register
+from ecospa.graph.rules.registry import OpInfo, has, op_name, register
 
 aten = torch.ops.aten
 
-__all__ = ["pointwise", "identity", "is_pointwise"]
+__all__ = ["pointwise", "pointwise_info", "identity"]
 
-# Elementwise ops that are linear in their labelled operand (no "nonlinear" event).
+# Facts of the pointwise ops that have more than the default ("compact"), by op name.
 _LINEAR = {"add", "sub", "neg", "mul", "div", "_to_copy", "to", "clone", "where", "rsub",
            "true_divide", "type_as", "copy", "masked_fill", "lerp", "addcmul", "addcdiv"}
-# Products of two operands: both labelled makes a gate (GLU, gated outputs).
-_PRODUCTS = {"mul", "div", "true_divide", "addcmul", "addcdiv"}
+_GATE = {"mul", "div", "true_divide", "addcmul", "addcdiv"}
+_ZERO = {"mul", "div", "true_divide", "neg", "_to_copy", "to", "clone", "type_as", "relu", "gelu",
+         "silu", "tanh", "sin", "abs", "square", "leaky_relu", "hardtanh", "elu", "mish",
+         "hardswish", "sign", "sinh", "asin", "atan", "erf", "relu6", "celu", "selu", "softsign",
+         "tan", "asinh", "atanh", "trunc", "round", "sgn", "expm1", "log1p", "nan_to_num"}
+_ADDITIVE = {"add", "sub", "rsub"}
 
 
-def is_pointwise(target) -> bool:
-    return torch.Tag.pointwise in getattr(target, "tags", ())
+@lru_cache(maxsize=None)
+def _pointwise_facts(name: str) -> frozenset[str]:
+    facts = {"compact"}
+    if name in _LINEAR:
+        facts.add("linear")
+    if name in _GATE:
+        facts.add("gate")
+    if name in _ZERO:
+        facts.add("zero")
+    if name in _ADDITIVE:
+        facts.add("additive")
+    if name in ("_to_copy", "to", "clone", "type_as"):
+        facts.update(("transparent", "passive"))
+    if name == "add":
+        facts.add("passive")  # the bias add of a linear-like module
+    return frozenset(facts)
 
 
-def _name(node: torch.fx.Node) -> str:
-    return getattr(getattr(node.target, "overloadpacket", None), "__name__", str(node.target))
+def pointwise_info(target) -> OpInfo:
+    """The :class:`OpInfo` of an op ATen tags pointwise: the shared rule and per-name facts."""
+    return OpInfo(pointwise, _pointwise_facts(op_name(target)))
 
 
 def _distinct(per_operand: list[list[np.ndarray]]) -> bool:
@@ -54,19 +75,19 @@ def pointwise(ctx: Ctx, node: torch.fx.Node):
             per_operand.append(fs)
         factors += fs
     out = merge_aligned(ctx.space, factors, ctx.where(node))
-    name = _name(node)
-    gate = name in _PRODUCTS and len(per_operand) >= 2 and _distinct(per_operand)
+    gate = has(node.target, "gate") and len(per_operand) >= 2 and _distinct(per_operand)
+    linear = has(node.target, "linear")
     for f in out:
         if gate:
             ctx.space.event("gate", f)
-        if name not in _LINEAR:
+        if not linear:
             ctx.space.event("nonlinear", f)
     return out
 
 
-@register(aten.clone, aten.contiguous, aten.alias, aten.detach, aten.dropout, aten.feature_dropout,
-          aten.alpha_dropout, aten.lift_fresh_copy, aten._to_copy, aten.to, aten.type_as,
-          aten._assert_tensor_metadata, aten.lift_fresh)
+@register(aten.clone, aten.contiguous, aten.alias, aten.detach, aten.lift_fresh_copy, aten._to_copy,
+          aten.to, aten.type_as, aten.lift_fresh,
+          facts=("transparent", "compact", "passive", "linear", "zero"))
 def identity(ctx: Ctx, node: torch.fx.Node):
     """The output carries the labels of the first argument unchanged."""
     if shape_of(node) is None:
@@ -74,6 +95,18 @@ def identity(ctx: Ctx, node: torch.fx.Node):
     return ctx.factors(node.args[0])
 
 
-@register(aten.native_dropout)
+@register(aten.dropout, aten.feature_dropout, aten.alpha_dropout, facts=("compact", "linear", "zero"))
+def dropout(ctx: Ctx, node: torch.fx.Node):
+    """Dropout zeroes or scales each position: the labels pass through unchanged."""
+    return identity(ctx, node)
+
+
+@register(aten._assert_tensor_metadata, facts=("compact", "passive"))
+def assert_metadata(ctx: Ctx, node: torch.fx.Node):
+    """A runtime check of a tensor's dtype/device: no value."""
+    return None
+
+
+@register(aten.native_dropout, facts=("compact", "linear", "zero"))
 def native_dropout(ctx: Ctx, node: torch.fx.Node):
     return (ctx.factors(node.args[0]), [])

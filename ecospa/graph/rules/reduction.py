@@ -40,7 +40,7 @@ def reduce_dims(ctx: Ctx, node, x, dims: list[int], keepdim: bool, poison: str |
     return out
 
 
-@register(aten.sum, aten.nansum)
+@register(aten.sum, aten.nansum, facts=("compact",))
 def sum_(ctx: Ctx, node: torch.fx.Node):
     x = node.args[0]
     nd = len(shape_of(x))
@@ -216,7 +216,13 @@ def index_copy(ctx: Ctx, node: torch.fx.Node):
 @register(aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_full, aten.zeros_like,
           aten.ones_like, aten.empty_like, aten.full_like, aten.zeros, aten.ones, aten.full,
           aten.empty, aten.arange, aten.rand, aten.randn, aten.rand_like, aten.randn_like,
-          aten.scalar_tensor, aten.sym_size, aten.sym_numel, aten.sym_stride, aten.sym_storage_offset)
+          aten.scalar_tensor, facts=("fresh",))
 def fresh(ctx: Ctx, node: torch.fx.Node):
     """New tensors carry no labels (their values do not depend on any weight)."""
     return [] if shape_of(node) is not None else None
+
+
+@register(aten.sym_size, aten.sym_numel, aten.sym_stride, aten.sym_storage_offset, facts=("fresh", "passive"))
+def sym_size(ctx: Ctx, node: torch.fx.Node):
+    """A size of a tensor (dynamic shapes): an integer, no labels."""
+    return None

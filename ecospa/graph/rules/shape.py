@@ -71,13 +71,13 @@ def _reshape(ctx: Ctx, node, src):
 
 
 @register(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.view_as,
-          aten.squeeze, aten.unsqueeze, aten._reshape_alias)
+          aten.squeeze, aten.unsqueeze, aten._reshape_alias, facts=("layout", "transparent", "passive"))
 def reshape(ctx: Ctx, node: torch.fx.Node):
     """Any op that keeps the element order and changes the shape."""
     return _reshape(ctx, node, node.args[0])
 
 
-@register(aten.permute)
+@register(aten.permute, facts=("layout", "transparent", "transposing", "passive"))
 def permute(ctx: Ctx, node: torch.fx.Node):
     x, dims = node.args[0], node.args[1]
     nd = len(shape_of(x))
@@ -85,7 +85,7 @@ def permute(ctx: Ctx, node: torch.fx.Node):
     return [np.transpose(f, perm) for f in ctx.factors(x, nd)]
 
 
-@register(aten.transpose)
+@register(aten.transpose, facts=("layout", "transparent", "transposing", "passive"))
 def transpose(ctx: Ctx, node: torch.fx.Node):
     x = node.args[0]
     nd = len(shape_of(x))
@@ -93,14 +93,14 @@ def transpose(ctx: Ctx, node: torch.fx.Node):
     return [np.swapaxes(f, d0, d1) for f in ctx.factors(x, nd)]
 
 
-@register(aten.t, aten.numpy_T)
+@register(aten.t, aten.numpy_T, facts=("layout", "transparent", "transposing", "passive"))
 def t(ctx: Ctx, node: torch.fx.Node):
     x = node.args[0]
     nd = len(shape_of(x))
     return [f.T if nd == 2 else f for f in ctx.factors(x, nd)]
 
 
-@register(aten.expand, aten.expand_as, aten.broadcast_to)
+@register(aten.expand, aten.expand_as, aten.broadcast_to, facts=("layout", "transparent", "passive"))
 def expand(ctx: Ctx, node: torch.fx.Node):
     """Expanding only repeats size-1 dims, along which factors do not vary."""
     nd = len(shape_of(node))
@@ -115,7 +115,7 @@ def _slice_factor(f: np.ndarray, dim: int, sl) -> np.ndarray:
     return f[tuple(idx)]
 
 
-@register(aten.slice)
+@register(aten.slice, facts=("layout",))
 def slice_(ctx: Ctx, node: torch.fx.Node):
     x = node.args[0]
     shape = shape_of(x)
@@ -128,7 +128,7 @@ def slice_(ctx: Ctx, node: torch.fx.Node):
     return [_slice_factor(f, dim, slice(start, end, step)) for f in ctx.factors(x, nd)]
 
 
-@register(aten.select)
+@register(aten.select, facts=("layout",))
 def select(ctx: Ctx, node: torch.fx.Node):
     x, dim, index = node.args[0], node.args[1], node.args[2]
     nd = len(shape_of(x))
@@ -164,17 +164,17 @@ def _split(ctx: Ctx, node: torch.fx.Node, kind: str):
     return tuple(outs)
 
 
-@register(aten.split, aten.split_with_sizes)
+@register(aten.split, aten.split_with_sizes, facts=("layout",))
 def split(ctx: Ctx, node: torch.fx.Node):
     return _split(ctx, node, "split")
 
 
-@register(aten.chunk)
+@register(aten.chunk, facts=("layout",))
 def chunk(ctx: Ctx, node: torch.fx.Node):
     return _split(ctx, node, "chunk")
 
 
-@register(aten.unbind)
+@register(aten.unbind, facts=("layout",))
 def unbind(ctx: Ctx, node: torch.fx.Node):
     x = node.args[0]
     shape = shape_of(x)
@@ -188,7 +188,7 @@ def unbind(ctx: Ctx, node: torch.fx.Node):
     return tuple(outs)
 
 
-@register(operator.getitem)
+@register(operator.getitem, facts=("layout",))
 def getitem(ctx: Ctx, node: torch.fx.Node):
     v = ctx.value(node.args[0])
     if isinstance(v, tuple):
@@ -196,7 +196,7 @@ def getitem(ctx: Ctx, node: torch.fx.Node):
     return [] if shape_of(node) is not None else None
 
 
-@register(aten.cat, aten.concat, aten.concatenate)
+@register(aten.cat, aten.concat, aten.concatenate, facts=("layout",))
 def cat(ctx: Ctx, node: torch.fx.Node):
     """Join along ``dim``. Factors that vary along ``dim`` are laid side by side (-1 where an
     input has none). Factors that do not are the same channels on every input (a class token
@@ -227,7 +227,7 @@ def cat(ctx: Ctx, node: torch.fx.Node):
     return out
 
 
-@register(aten.stack)
+@register(aten.stack, facts=("layout",))
 def stack(ctx: Ctx, node: torch.fx.Node):
     xs = list(node.args[0])
     nd = len(shape_of(node))
@@ -249,7 +249,7 @@ def stack(ctx: Ctx, node: torch.fx.Node):
     return [np.concatenate(pieces, axis=dim)]
 
 
-@register(aten.repeat_interleave)
+@register(aten.repeat_interleave, facts=("layout",))
 def repeat_interleave(ctx: Ctx, node: torch.fx.Node):
     """Each position along ``dim`` repeated ``repeats`` times (GQA's ``repeat_kv``)."""
     x = node.args[0]
@@ -264,7 +264,7 @@ def repeat_interleave(ctx: Ctx, node: torch.fx.Node):
     return [np.repeat(f, reps, axis=dim) if f.shape[dim] > 1 else f for f in ctx.factors(x, nd)]
 
 
-@register(aten.repeat, aten.tile)
+@register(aten.repeat, aten.tile, facts=("layout",))
 def repeat(ctx: Ctx, node: torch.fx.Node):
     """Tile the tensor: labels repeat along the tiled dims."""
     x, reps = node.args[0], list(node.args[1])

@@ -13,6 +13,7 @@ from ecospa.coupling.executor import PruneResult, Removal, prune, prune_pass, re
 from ecospa.coupling.importance import Importance
 from ecospa.coupling.planner import Plan, PlanConfig, PlanStep
 from ecospa.coupling.record import ParamRecord, param_records
+from ecospa.coupling.report import RegionReport, execution_report
 from ecospa.coupling.scores import register_coupling_score, register_unit_score
 from ecospa.coupling.training import EcoSpa, PruneEvent
 
@@ -24,6 +25,8 @@ __all__ = [
     "prune_pass",
     "remaining",
     "param_records",
+    "execution_report",
+    "RegionReport",
     "EcoSpa",
     "PruneEvent",
     "PruneResult",

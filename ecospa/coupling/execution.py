@@ -229,9 +229,12 @@ def _update_mha(module: nn.MultiheadAttention, tx: Transaction) -> None:
     tx.set_buffer(module, IN_INDEX, _index(module_record(module.out_proj), "weight", 1, dev))
 
 
-def update_forwards(model: nn.Module, resolved: Mapping[Coupling, np.ndarray], tx: Transaction) -> None:
+def update_forwards(model: nn.Module, resolved: Mapping[Coupling, np.ndarray], tx: Transaction, *,
+                    narrow: bool = True) -> None:
     """Install or update the forwards of every module whose channels ``resolved`` changed (the
-    parameters are already sliced and the record updated)."""
+    parameters are already sliced and the record updated): adapters of linear-like modules, and,
+    with ``narrow``, a :class:`~ecospa.coupling.narrow.RegionForward` on the scope of every
+    coupling that is not compact (its narrow graphs are built at the next call)."""
     modules = dict(model.named_modules())
     for path, info in _module_sides(resolved).items():
         mod = modules.get(path)
@@ -243,3 +246,26 @@ def update_forwards(model: nn.Module, resolved: Mapping[Coupling, np.ndarray], t
             _update_mha(mod, tx)
         else:
             _update_linear(mod, path, info, tx)
+    if narrow:
+        _update_regions(model, modules, resolved, tx)
+
+
+def _update_regions(model: nn.Module, modules, resolved, tx: Transaction) -> None:
+    from ecospa.coupling.narrow import ProgramCache, RegionForward
+
+    scopes = {c.scope for c in resolved if any(s.layout == "scatter" for s in c.sites)}
+    cache = next((f.cache for m in model.modules() if isinstance(f := installed_forward(m), RegionForward)),
+                 None) or ProgramCache()
+    for path in sorted(scopes):
+        mod = modules.get(path)
+        if mod is None:
+            continue
+        fwd = installed_forward(mod)
+        if isinstance(fwd, RegionForward):
+            fwd.invalidate()
+            continue
+        tx.set_forward(mod, RegionForward(mod, path, cache, fallback=fwd))
+    for m in model.modules():  # a region containing the changed ones must rebuild too
+        fwd = installed_forward(m)
+        if isinstance(fwd, RegionForward):
+            fwd.invalidate()

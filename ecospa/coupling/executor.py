@@ -210,7 +210,7 @@ def _check_optimizer(optimizer, model: nn.Module, sliced: Iterable[str]) -> None
 
 def prune_pass(model: nn.Module, removal, optimizer: torch.optim.Optimizer | None = None, *,
                couplings: CouplingGraph | None = None, verify: bool = False,
-               example_inputs=None, tol: float = 1e-4) -> PruneResult:
+               example_inputs=None, tol: float = 1e-4, narrow: bool = True) -> PruneResult:
     """Remove units in place (see the module docstring) and return a :class:`PruneResult`.
 
     Args:
@@ -226,6 +226,9 @@ def prune_pass(model: nn.Module, removal, optimizer: torch.optim.Optimizer | Non
             (``example_inputs``, else those ``couplings`` were found with); on a mismatch undo
             everything and raise :class:`~ecospa.PruneError`.
         tol: relative error allowed by ``verify``.
+        narrow: run pruned attention at its kept widths (a rewritten graph per call signature,
+            checked once against the exact path, which stays the fallback); False keeps only the
+            exact scatter path.
 
     Raises:
         PlanError: before anything changes, when the removal is not valid for this model.
@@ -244,7 +247,7 @@ def prune_pass(model: nn.Module, removal, optimizer: torch.optim.Optimizer | Non
         _check_optimizer(optimizer, model, {p for p, _ in removed})
         reference = masked_reference(model, resolved, inputs) if verify else None
         with Transaction(model, optimizer) as tx:
-            _apply(model, resolved, removed, optimizer, tx)
+            _apply(model, resolved, removed, optimizer, tx, narrow)
             if verify and not outputs_match(model, inputs, reference, tol):
                 tx.rollback()
                 raise PruneError(
@@ -275,7 +278,7 @@ def _verify_inputs(model, verify, example_inputs, couplings):
                           "from ecospa.auto_couple(model, example_inputs)") from None
 
 
-def _apply(model: nn.Module, resolved, removed, optimizer, tx: Transaction) -> None:
+def _apply(model: nn.Module, resolved, removed, optimizer, tx: Transaction, narrow: bool) -> None:
     params = dict(model.named_parameters())
     per_param: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
     for (pname, dim), rm in removed.items():
@@ -292,7 +295,7 @@ def _apply(model: nn.Module, resolved, removed, optimizer, tx: Transaction) -> N
             prev = rec.params.get(attr) or ParamRecord(tuple(old.shape))
             tx.set_record(mod, attr, prev.after(keeps))
         tx.slice_param(old, owners[id(old)], keeps)
-    update_forwards(model, resolved, tx)
+    update_forwards(model, resolved, tx, narrow=narrow)
     for pname, keeps in per_param.items():  # postcondition: the shapes the removal implies
         new = dict(model.named_parameters())[pname]
         want = list(params[pname].shape)
@@ -310,7 +313,8 @@ def _apply(model: nn.Module, resolved, removed, optimizer, tx: Transaction) -> N
 
 
 def prune(model: nn.Module, removal, optimizer: torch.optim.Optimizer | None = None, *,
-          couplings: CouplingGraph | None = None, verify: bool = False, example_inputs=None) -> nn.Module:
+          couplings: CouplingGraph | None = None, verify: bool = False, example_inputs=None,
+          narrow: bool = True) -> nn.Module:
     """Remove units of couplings from ``model`` in place and return it.
 
     Args:
@@ -324,6 +328,7 @@ def prune(model: nn.Module, removal, optimizer: torch.optim.Optimizer | None = N
         verify: check the result against the masked dense model on example inputs, undo and
             raise on a mismatch (see :func:`prune_pass`).
         example_inputs: inputs for ``verify`` (default: those the couplings were found with).
+        narrow: run pruned attention at its kept widths (see :func:`prune_pass`).
 
     Afterwards ``model(x)`` equals the dense model with the removed slices zeroed. The couplings
     of the pruned model are ``ecospa.remaining(cg, removal)`` (or a new ``auto_couple``).
@@ -333,4 +338,4 @@ def prune(model: nn.Module, removal, optimizer: torch.optim.Optimizer | None = N
         PruneError: the optimizer does not hold the parameters to slice, or ``verify`` failed.
     """
     return prune_pass(model, removal, optimizer, couplings=couplings, verify=verify,
-                      example_inputs=example_inputs).model
+                      example_inputs=example_inputs, narrow=narrow).model

@@ -67,8 +67,7 @@ def renumber(cg: CouplingGraph, removed: Mapping[tuple[str, int], np.ndarray],
                 idx = idx - np.searchsorted(rm, idx)
             side = t.side[mask] if t.side is not None else None
             tables.append(SliceTable(t.param, t.dim, new_id[t.unit][mask], idx, side))
-        d = Coupling(c.name, c.kind, c.exact, c.reason, int(keep_units.size), tuple(tables), c.sites)
-        out.append(Coupling(d.name, d.kind, d.exact, d.reason, d.width, d.tables, d.sites,
-                            stamps(d, shapes, kept)))
+        d = c.replace(width=int(keep_units.size), tables=tuple(tables))
+        out.append(d.replace(stamp=stamps(d, shapes, kept)))
     return CouplingGraph(out, shapes=shapes, kept=kept, include_inexact=cg.include_inexact,
                          inputs=cg.inputs)

@@ -13,6 +13,7 @@ from ecospa.graph.capture import capture
 from ecospa.graph.flow import propagate
 from ecospa.graph.ir import Coupling, CouplingGraph
 from ecospa.graph.layout import assign_sites
+from ecospa.graph.scope import scopes_and_groups
 from ecospa.graph.units import group_units
 
 __all__ = ["discover", "name_couplings"]
@@ -53,6 +54,22 @@ def name_couplings(raws) -> list[str]:
     return names
 
 
+def _group_names(raws, scopes: list[str], groups: list[int]) -> list[str]:
+    """``<scope>.<kind of its first coupling>`` per width group, numbered where two collide."""
+    first: dict[int, int] = {}
+    for i, g in enumerate(groups):
+        first.setdefault(g, i)
+    base = {g: (f"{scopes[i]}.{raws[i].kind}" if scopes[i] else raws[i].kind) for g, i in first.items()}
+    taken: dict[str, list[int]] = {}
+    for g in sorted(first, key=first.get):
+        taken.setdefault(base[g], []).append(g)
+    name = {}
+    for b, gs in taken.items():
+        for k, g in enumerate(gs):
+            name[g] = b if len(gs) == 1 else f"{b}.{k}"
+    return [name[g] for g in groups]
+
+
 def discover(model: nn.Module, example_inputs=None, *, include_inexact: bool = False) -> CouplingGraph:
     """Find every coupling of ``model`` as it is (its graph is captured as it runs now).
 
@@ -75,9 +92,13 @@ def discover(model: nn.Module, example_inputs=None, *, include_inexact: bool = F
     raws, comp, gid_of = group_units(flow)
     planned = assign_sites(flow, model, raws, comp, gid_of)
     names = name_couplings(raws)
+    owners = [{t.param.rsplit(".", 1)[0] if "." in t.param else "" for t in raw.tables} for raw in raws]
+    scopes, groups = scopes_and_groups(flow, len(raws), comp, gid_of, owners)
+    group_names = _group_names(raws, scopes, groups)
     couplings = []
-    for raw, name, (sites, problem) in zip(raws, names, planned):
+    for i, (raw, name, (sites, problem)) in enumerate(zip(raws, names, planned)):
         reason = raw.reason or problem
         couplings.append(Coupling(name=name, kind=raw.kind, exact=reason is None, reason=reason,
-                                  width=raw.width, tables=raw.tables, sites=sites))
+                                  width=raw.width, tables=raw.tables, sites=sites, scope=scopes[i],
+                                  group=group_names[i]))
     return CouplingGraph(couplings, shapes=cap.shapes, include_inexact=include_inexact, inputs=cap.inputs)

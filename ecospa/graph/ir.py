@@ -11,6 +11,7 @@ demand.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
@@ -95,6 +96,10 @@ class Coupling:
         sites: how each ``(param, dim)`` is executed (see :class:`Site`).
         stamp: the state of the model it was found on, one :class:`Stamp` per table (empty for a
             coupling built by hand: then only index ranges are checked).
+        scope: path of the smallest module whose forward contains everything the coupling's
+            channels flow through (where a narrow rewrite of the graph happens; "" the root).
+        group: name of its width group: the couplings batched side by side in one tensor (the
+            heads of one attention), which run fastest at equal widths.
     """
 
     name: str
@@ -105,6 +110,12 @@ class Coupling:
     tables: tuple[SliceTable, ...] = field(repr=False)
     sites: tuple[Site, ...] = field(default=(), repr=False)
     stamp: tuple[Stamp, ...] = field(default=(), repr=False)
+    scope: str = field(default="", repr=False)
+    group: str = field(default="", repr=False)
+
+    def replace(self, **changes) -> "Coupling":
+        """A copy with some fields changed (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
 
     def units(self) -> list[list[Slice]]:
         """One list per unit of ``(param_name, dim, index)``: every slice removed together."""

@@ -158,13 +158,10 @@ def test_verify_passes_on_a_correct_prune_and_restores_on_a_wrong_one(monkeypatc
     snap = _snapshot(model, opt)
     real = execution.update_forwards
 
-    def sabotage(model_, resolved, tx):  # installs the forwards, then breaks one index buffer
-        real(model_, resolved, tx)
-        for mod in model_.modules():
-            idx = mod._buffers.get(execution.OUT_SRC)
-            if idx is not None:
-                tx.set_buffer(mod, execution.OUT_SRC, idx.flip(0))
-                return
+    def sabotage(model_, resolved, tx, **kw):  # a wrong slice: the rows of one weight reversed
+        real(model_, resolved, tx, **kw)
+        mod = model_.self_attn.q_proj
+        tx.set_item(mod._parameters, "weight", torch.nn.Parameter(mod.weight.detach().flip(0)))
 
     monkeypatch.setattr("ecospa.coupling.executor.update_forwards", sabotage)
     with pytest.raises(ecospa.PruneError, match="verify"):

@@ -11,7 +11,7 @@ from ecospa.graph.capture import Captured, module_of
 from ecospa.graph.labels import LabelSpace, to_ndim
 from ecospa.graph.rules.registry import has
 
-__all__ = ["Ctx", "flat_factors", "param_behind", "poison_value", "shape_of", "tensor_args"]
+__all__ = ["Ctx", "concrete", "flat_factors", "param_behind", "poison_value", "shape_of", "tensor_args"]
 
 
 def shape_of(node) -> tuple[int, ...] | None:
@@ -100,6 +100,18 @@ def param_behind(captured: Captured, arg, *, same_shape: bool = False,
         flips += flip
         arg = arg.args[0]
     return None, False
+
+
+def concrete(arg):
+    """An int argument as a Python int: a symbolic size (a node computing a dynamic dimension)
+    becomes the size it had in the captured example; other values are returned unchanged."""
+    if isinstance(arg, torch.fx.Node):
+        val = arg.meta.get("val")
+        if isinstance(val, torch.SymInt):
+            return int(val)
+    if isinstance(arg, torch.SymInt):
+        return int(arg)
+    return arg
 
 
 def tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ecospa.graph.labels import merge_aligned, to_ndim, varying
-from ecospa.graph.rules.base import Ctx, shape_of
+from ecospa.graph.rules.base import Ctx, concrete, shape_of
 from ecospa.graph.rules.registry import register
 
 aten = torch.ops.aten
@@ -124,8 +124,14 @@ def slice_(ctx: Ctx, node: torch.fx.Node):
     start = node.args[2] if len(node.args) > 2 else node.kwargs.get("start")
     end = node.args[3] if len(node.args) > 3 else node.kwargs.get("end")
     step = node.args[4] if len(node.args) > 4 else node.kwargs.get("step", 1)
-    start, end, step = slice(start, end, step).indices(shape[dim])
-    return [_slice_factor(f, dim, slice(start, end, step)) for f in ctx.factors(x, nd)]
+    start, end, step = slice(concrete(start), concrete(end), concrete(step)).indices(shape[dim])
+    return _nonempty([_slice_factor(f, dim, slice(start, end, step)) for f in ctx.factors(x, nd)])
+
+
+def _nonempty(fs: list[np.ndarray]) -> list[np.ndarray]:
+    """An empty tensor (``q[..., 16:]`` of a 16-wide head: Phi-3's rotary pass-through) carries
+    no labels."""
+    return [f for f in fs if f.size]
 
 
 @register(aten.select, facts=("layout",))
@@ -159,7 +165,7 @@ def _split(ctx: Ctx, node: torch.fx.Node, kind: str):
     fs = ctx.factors(x, nd)
     outs, start = [], 0
     for s in sizes:
-        outs.append([_slice_factor(f, dim, slice(start, start + s)) for f in fs])
+        outs.append(_nonempty([_slice_factor(f, dim, slice(start, start + s)) for f in fs]))
         start += s
     return tuple(outs)
 
@@ -209,6 +215,8 @@ def cat(ctx: Ctx, node: torch.fx.Node):
     slots: dict[frozenset, list] = {}
     across: list[np.ndarray] = []
     for i, x in enumerate(xs):
+        if shapes[i] is not None and 0 in shapes[i]:
+            continue  # an empty piece adds no positions
         for f in ctx.factors(x, nd):
             if f.shape[dim] > 1:
                 key = frozenset(varying(f)) - {dim}

@@ -1,0 +1,214 @@
+"""Which positions of every tensor of a captured module call survive pruning.
+
+The channel labels of the call's graph (``ecospa.graph.flow``) say which parameter slice sits at
+each position of each tensor. A position is *retained* when its unit is kept; the narrow graph
+computes only retained positions. Tensors whose channels are batched in blocks (the heads of
+``view(B, T, H, D)``) need the same number of retained positions in every block (every head):
+when Eq. 9 leaves heads ragged, some removed units are retained as *padding*: whole units, so
+rotary pairs stay pairs, computed as zeros (the narrow graph reads zero slices for them). Padded
+blocks are rounded up to ``pad_multiple`` positions (fast GEMM widths), never beyond the dense
+width.
+
+Per node, a :class:`Narrowing` per narrowed dimension: the dense positions kept along it, for
+every position of the dimensions the choice varies along (its *selectors*: a head index, say).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from ecospa.graph.capture import Captured, module_of
+from ecospa.graph.flow import FlowResult, propagate
+from ecospa.graph.labels import to_ndim, varying
+
+__all__ = ["Narrowing", "Layout", "analyse"]
+
+
+@dataclass(frozen=True)
+class Narrowing:
+    """Positions kept along ``dim`` (dense size ``size``): ``index[..., j]`` is the dense position
+    of narrow position ``j``; its leading axes follow the ``selectors`` dims (none: the same
+    positions everywhere, ``index`` is 1-D)."""
+
+    dim: int
+    size: int
+    index: np.ndarray
+    selectors: tuple[int, ...] = ()
+
+    @property
+    def width(self) -> int:
+        return int(self.index.shape[-1])
+
+
+NodeLayout = dict  # dim -> Narrowing, for a tensor value; a tuple of them for several outputs
+
+
+@dataclass
+class Layout:
+    """The result of :func:`analyse`.
+
+    Attributes:
+        nodes: per graph node, its :data:`NodeLayout` (``{}``: nothing narrowed; None: not a
+            tensor; a tuple for ops returning several tensors).
+        retained: per parameter (relative name) and dim, the dense indices the narrow graph
+            computes (kept units plus padding), for every dim the removal record slices.
+        flow: the labelled graph.
+        problem: why this call cannot run narrow (None when it can).
+    """
+
+    nodes: dict[torch.fx.Node, object]
+    retained: dict[str, dict[int, np.ndarray]]
+    flow: FlowResult
+    problem: str | None = None
+
+
+def _rows(f: np.ndarray, n: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """``(rows x positions along dim n, selector dims)`` of a factor varying along several dims:
+    one row per position of its other varying dims (the selectors)."""
+    vd = varying(f)
+    sel = tuple(d for d in vd if d != n)
+    g = np.moveaxis(f.reshape([f.shape[d] for d in vd]), vd.index(n), -1)  # drop size-1 dims
+    return g.reshape(-1, f.shape[n]), sel
+
+
+def _keep(rows: np.ndarray, comp: np.ndarray, retained: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(component per position (-1: none), retained mask)`` of label rows."""
+    c = np.where(rows >= 0, comp[np.maximum(rows, 0)], -1)
+    return c, (c < 0) | retained[np.maximum(c, 0)]
+
+
+def _even_dim(f: np.ndarray, comp: np.ndarray, retained: np.ndarray) -> int | None:
+    """The last varying dim of ``f`` along which every row retains the same number of positions
+    (the dim to narrow: a head's channels, not the heads), or None."""
+    for n in reversed(varying(f)):
+        counts = _keep(_rows(f, n)[0], comp, retained)[1].sum(1)
+        if counts.min() == counts.max():
+            return n
+    return None
+
+
+def _blocked(flow: FlowResult) -> list[np.ndarray]:
+    out = []
+    for node in flow.nodes:
+        v = flow.values.get(node)
+        for fs in (v if isinstance(v, tuple) else (v,)):
+            if isinstance(fs, list):
+                out += [f for f in fs if len(varying(f)) >= 2]
+    return out
+
+
+def _pad(blocked: list[np.ndarray], comp: np.ndarray, retained: np.ndarray, multiple: int) -> None:
+    """Retain removed units until every block row has the same number of retained positions."""
+    changed = True
+    while changed:
+        changed = False
+        for f in blocked:
+            if _even_dim(f, comp, retained) is not None:
+                continue
+            rows, _ = _rows(f, varying(f)[-1])  # ragged: pad a head's channels (its last dim)
+            c, mask = _keep(rows, comp, retained)
+            counts = mask.sum(1)
+            width = min(rows.shape[1], -(-int(counts.max()) // multiple) * multiple)
+            for r in np.nonzero(counts < width)[0]:
+                for pos in np.nonzero(~mask[r])[0]:
+                    if mask[r].sum() >= width:
+                        break
+                    retained[c[r, pos]] = True
+                    mask[r] = (c[r] < 0) | retained[np.maximum(c[r], 0)]
+                changed = True
+
+
+def _narrowing(f: np.ndarray, comp: np.ndarray, retained: np.ndarray) -> Narrowing | str:
+    """The narrowing of one factor that loses positions."""
+    vd = varying(f)
+    n = _even_dim(f, comp, retained)
+    if n is None:
+        return "blocks of unequal widths"
+    rows, sel = _rows(f, n)
+    m = _keep(rows, comp, retained)[1]
+    if len(vd) == 1:
+        return Narrowing(n, f.shape[n], np.nonzero(m.reshape(-1))[0])
+    idx = np.nonzero(m)[1].reshape(rows.shape[0], int(m[0].sum()))
+    if (idx == idx[:1]).all():
+        return Narrowing(n, f.shape[n], idx[0])
+    return Narrowing(n, f.shape[n], idx.reshape([f.shape[d] for d in sel] + [idx.shape[1]]), sel)
+
+
+def _node_layout(fs: list, ndim: int, comp: np.ndarray, retained: np.ndarray) -> NodeLayout | str:
+    out: dict[int, Narrowing] = {}
+    for f in fs:
+        f = to_ndim(f, ndim)
+        c = np.where(f >= 0, comp[np.maximum(f, 0)], -1)
+        keep = (c < 0) | retained[np.maximum(c, 0)]
+        if keep.all():
+            continue
+        nar = _narrowing(f, comp, retained)
+        if isinstance(nar, str):
+            return nar
+        if nar.dim in out:
+            return f"two sets of channels narrowed along dim {nar.dim}"
+        out[nar.dim] = nar
+    return out
+
+
+def analyse(captured: Captured, kept: Mapping[str, Mapping[int, np.ndarray]], *,
+            pad_multiple: int = 8) -> Layout:
+    """Narrow layout of a captured call.
+
+    Args:
+        captured: the call's graph, parameters named relative to the module.
+        kept: per parameter (relative name) and sliced dim, the kept dense indices (the removal
+            record).
+        pad_multiple: padded blocks are rounded up to a multiple of this many positions.
+    """
+    flow = propagate(captured)
+    space = flow.space
+    ncomp, comp = space.components()
+    keep_label = np.ones(space.n, dtype=bool)
+    for i, (name, dim) in enumerate(space.pd_names):
+        k = kept.get(name, {}).get(dim)
+        if k is not None:
+            lab = np.zeros(space.pd_size[i], dtype=bool)
+            lab[k] = True
+            keep_label[space.pd_start[i]: space.pd_start[i] + space.pd_size[i]] = lab
+    all_kept = np.ones(ncomp, dtype=bool)
+    any_kept = np.zeros(ncomp, dtype=bool)
+    np.logical_and.at(all_kept, comp, keep_label)
+    np.logical_or.at(any_kept, comp, keep_label)
+    mixed = np.nonzero(all_kept != any_kept)[0]
+    if mixed.size:
+        lab = int(np.nonzero(comp == mixed[0])[0][0])
+        pd = int(np.searchsorted(space.pd_start, lab, side="right") - 1)
+        return Layout({}, {}, flow, f"a unit of {space.pd_names[pd][0]} is only partly removed")
+    retained = all_kept.copy()
+    _pad(_blocked(flow), comp, retained, max(1, int(pad_multiple)))
+    nodes: dict[torch.fx.Node, object] = {}
+    for node in flow.nodes:
+        v = flow.values.get(node)
+        val = node.meta.get("val")
+        if isinstance(v, tuple):
+            vals = val if isinstance(val, (tuple, list)) else [None] * len(v)
+            lay = tuple(_node_layout(fs, len(t.shape), comp, retained)
+                        if isinstance(fs, list) and isinstance(t, torch.Tensor) else None
+                        for fs, t in zip(v, vals))
+            bad = next((x for x in lay if isinstance(x, str)), None)
+        elif isinstance(v, list) and isinstance(val, torch.Tensor):
+            lay = _node_layout(v, val.dim(), comp, retained)
+            bad = lay if isinstance(lay, str) else None
+        else:
+            lay, bad = None, None
+        if bad is not None:
+            return Layout(nodes, {}, flow, f"{bad} at {node.name} ({node.target}) in {module_of(node) or '<root>'}")
+        nodes[node] = lay
+    retained_idx: dict[str, dict[int, np.ndarray]] = {}
+    for i, (name, dim) in enumerate(space.pd_names):
+        if name.startswith("<"):
+            continue
+        c = comp[space.pd_start[i]: space.pd_start[i] + space.pd_size[i]]
+        r = retained[c]
+        if not r.all() or kept.get(name, {}).get(dim) is not None:
+            retained_idx.setdefault(name, {})[dim] = np.nonzero(r)[0]
+    return Layout(nodes, retained_idx, flow)

@@ -1,0 +1,68 @@
+"""Which path each pruned part of a model runs, and why: ``ecospa.execution_report(model)``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from ecospa.coupling.record import installed_forward
+
+__all__ = ["RegionReport", "execution_report", "format_report"]
+
+
+@dataclass(frozen=True)
+class RegionReport:
+    """One module whose pruned attention can run narrow.
+
+    Attributes:
+        path: the module (the scope of its couplings).
+        narrow_calls / fallback_calls: calls served by a narrow graph / by the exact fallback
+            (the model's own code over scatter adapters, at the dense head width).
+        reasons: why calls fell back, most frequent first (empty when none did).
+        signatures: how many distinct call signatures (argument structure, shapes, modes) it saw.
+    """
+
+    path: str
+    narrow_calls: int
+    fallback_calls: int
+    reasons: tuple[str, ...]
+    signatures: int
+
+    @property
+    def narrow(self) -> bool:
+        """True when every call so far ran narrow (and there was at least one)."""
+        return self.narrow_calls > 0 and self.fallback_calls == 0
+
+
+def execution_report(model: nn.Module) -> list[RegionReport]:
+    """Per module whose couplings may run narrow, what its calls so far ran. Empty for a dense
+    model or one pruned with ``narrow=False``. Narrow graphs are built at the first call of each
+    signature: run the model once before asking."""
+    from ecospa.coupling.narrow import RegionForward
+
+    out = []
+    for path, mod in model.named_modules():
+        fwd = installed_forward(mod)
+        if not isinstance(fwd, RegionForward):
+            continue
+        rows = fwd.report()
+        narrow = sum(r["calls"] for r in rows if r["path"] == "narrow")
+        fallback = [r for r in rows if r["path"] == "fallback"]
+        reasons: dict[str, int] = {}
+        for r in fallback:
+            if r["calls"]:
+                reasons[r["reason"]] = reasons.get(r["reason"], 0) + r["calls"]
+        out.append(RegionReport(path, narrow, sum(r["calls"] for r in fallback),
+                                tuple(sorted(reasons, key=reasons.get, reverse=True)), len(fwd.entries)))
+    return out
+
+
+def format_report(reports: list[RegionReport]) -> str:
+    """A plain-text table of :func:`execution_report`."""
+    if not reports:
+        return "no narrow regions (dense model, compact couplings only, or pruned with narrow=False)"
+    lines = [f"{'module':40s} {'narrow':>7s} {'fallback':>8s}  why it fell back"]
+    for r in reports:
+        why = "; ".join(r.reasons) if r.reasons else "-"
+        lines.append(f"{r.path or '<root>':40s} {r.narrow_calls:7d} {r.fallback_calls:8d}  {why}")
+    return "\n".join(lines)

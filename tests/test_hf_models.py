@@ -6,6 +6,7 @@ of every layer, nothing else; pruning must equal the masked dense model.
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -224,3 +225,50 @@ def test_llama_pruning_twice_without_inputs():
     done = {c.name: len(i) for c, i in plan1.items()}
     assert {c.name: c.width for c in cg2} == {c.name: c.width - done.get(c.name, 0) for c in cg1}
     assert_pruned_equals_masked(model, x, random_plan(cg2, random.Random(4), frac=0.25))
+
+
+def _albert():
+    cfg = transformers.AlbertConfig(vocab_size=100, embedding_size=16, hidden_size=D_MODEL,
+                                    num_hidden_layers=3, num_attention_heads=H, intermediate_size=FF,
+                                    max_position_embeddings=64, attn_implementation="sdpa")
+    return transformers.AlbertModel(cfg).eval()
+
+
+def test_albert_shared_layer_one_coupling_per_head():
+    """ALBERT runs one layer three times: one qk and one vo coupling per head (not per call),
+    one FFN, all exact, pruned exactly in every call."""
+    model = _albert()
+    x = _ids()
+    cg = ecospa.auto_couple(model, x)
+    p = "encoder.albert_layer_groups.0.albert_layers.0."
+    out = attention_expects(
+        n_kv=H, rep=1, head_dim=HD,
+        q=lambda h, j: lin_out(f"{p}attention.query", h * HD + j),
+        k=lambda g, j: lin_out(f"{p}attention.key", g * HD + j),
+        v=lambda g, j: lin_out(f"{p}attention.value", g * HD + j),
+        o=lambda h, j: lin_in(f"{p}attention.dense", h * HD + j))
+    out.append(ffn_expect(f"{p}ffn", f"{p}ffn_output", FF))
+    # embedding_hidden_mapping_in (16 -> 32) feeds the residual stream: its rows are inexact
+    assert_couplings_match(cg, out)
+    assert_pruned_equals_masked(model, x, random_plan(cg, random.Random(5)), check_inputs=[_ids(3, 4)])
+
+
+def _qwen3():
+    cfg = transformers.Qwen3Config(vocab_size=100, hidden_size=D_MODEL, intermediate_size=FF,
+                                   num_hidden_layers=L, num_attention_heads=H,
+                                   num_key_value_heads=KV, head_dim=HD, max_position_embeddings=64,
+                                   use_cache=False, attn_implementation="sdpa")
+    return transformers.Qwen3ForCausalLM(cfg).eval()
+
+
+def test_qwen3_qk_norm_makes_qk_inexact_but_vo_and_glu_prune():
+    """Qwen3's RMSNorm over each head's q and k dims mixes a unit's channels: every qk coupling
+    is inexact and says so; v.o (per KV head) and the GLU still prune exactly."""
+    model = _qwen3()
+    x = _ids()
+    cg = ecospa.auto_couple(model, x)
+    qk = [c for c in cg.inexact if c.kind == "qk"]
+    assert len(qk) == L * KV, cg.summary()
+    assert all("over channels" in c.reason and ("q_norm" in c.reason or "k_norm" in c.reason) for c in qk)
+    assert sorted(Counter(c.kind for c in cg).items()) == [("glu", L), ("vo", L * KV)]
+    assert_pruned_equals_masked(model, x, random_plan(cg, random.Random(6)), check_inputs=[_ids(3, 4)])

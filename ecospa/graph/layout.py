@@ -49,46 +49,66 @@ def _param_of(flow: FlowResult, arg) -> tuple[str | None, bool]:
     return param_behind(flow.captured, arg, same_shape=True)
 
 
+def _call_of(node: torch.fx.Node) -> str:
+    """Which call of its innermost module produced ``node``: torch.export keys the module stack
+    by call (``...attn.q_proj`` for the first call, ``...attn.q_proj@1`` for the second)."""
+    stack = node.meta.get("nn_module_stack")
+    return list(stack)[-1] if stack else ""
+
+
+def _product_of(flow: FlowResult, path: str, nodes: list) -> LinearLike | None:
+    """The linear-like view of one call of module ``path`` (its ``nodes``), or None when that
+    call is not a single product with the module's own weight (plus passive ops)."""
+    prods = [n for n in nodes if has(n.target, "product")]
+    others = [n for n in nodes if not has(n.target, "product")]
+    if len(prods) != 1 or not all(has(n.target, "passive") for n in others):
+        return None
+    node = prods[0]
+    name = op_name(node.target)
+    if name == "linear":
+        w, flip = _param_of(flow, node.args[1])
+        transposed = flip
+        b, _ = _param_of(flow, node.args[2]) if len(node.args) > 2 else (None, False)
+    elif name == "addmm":
+        w, flip = _param_of(flow, node.args[2])
+        transposed = not flip
+        b, _ = _param_of(flow, node.args[0])
+    else:
+        w, flip = _param_of(flow, node.args[1])
+        transposed = not flip
+        b = None
+        adds = [n for n in others if op_name(n.target) == "add"]
+        if adds:
+            b, _ = _param_of(flow, adds[0].args[1])
+    prefix = path + "." if path else ""
+    if w is None or not w.startswith(prefix) or "." in w[len(prefix):]:
+        return None
+    if b is not None and (not b.startswith(prefix) or "." in b[len(prefix):]):
+        return None
+    if any(op_name(n.target) == "add" for n in others) and b is None:
+        return None
+    return LinearLike(path, w, b, transposed)
+
+
 def linear_like_modules(flow: FlowResult, model: nn.Module) -> dict[str, LinearLike]:
-    """Modules whose forward is one product with their own weight (see module docstring)."""
-    by_module: dict[str, list] = {}
+    """Modules whose forward is one product with their own weight (see module docstring).
+
+    A module called several times per forward (a shared layer, a block applied twice) is
+    linear-like when every call is such a product, with the same weight, bias and orientation:
+    the adapter that replaces its forward then serves every call.
+    """
+    by_call: dict[str, dict[str, list]] = {}
     for node in flow.nodes:
         if node.op == "call_function":
-            by_module.setdefault(module_of(node), []).append(node)
+            by_call.setdefault(module_of(node), {}).setdefault(_call_of(node), []).append(node)
     out: dict[str, LinearLike] = {}
     mods = dict(model.named_modules())
-    for path, nodes in by_module.items():
+    for path, calls in by_call.items():
         if path not in mods or isinstance(mods[path], nn.MultiheadAttention):
             continue
-        prods = [n for n in nodes if has(n.target, "product")]
-        others = [n for n in nodes if not has(n.target, "product")]
-        if len(prods) != 1 or not all(has(n.target, "passive") for n in others):
-            continue
-        node = prods[0]
-        name = op_name(node.target)
-        if name == "linear":
-            w, flip = _param_of(flow, node.args[1])
-            transposed = flip
-            b, _ = _param_of(flow, node.args[2]) if len(node.args) > 2 else (None, False)
-        elif name == "addmm":
-            w, flip = _param_of(flow, node.args[2])
-            transposed = not flip
-            b, _ = _param_of(flow, node.args[0])
-        else:
-            w, flip = _param_of(flow, node.args[1])
-            transposed = not flip
-            b = None
-            adds = [n for n in others if op_name(n.target) == "add"]
-            if adds:
-                b, _ = _param_of(flow, adds[0].args[1])
-        prefix = path + "." if path else ""
-        if w is None or not w.startswith(prefix) or "." in w[len(prefix):]:
-            continue
-        if b is not None and (not b.startswith(prefix) or "." in b[len(prefix):]):
-            continue
-        if any(op_name(n.target) == "add" for n in others) and b is None:
-            continue
-        out[path] = LinearLike(path, w, b, transposed)
+        views = {_product_of(flow, path, nodes) for nodes in calls.values()}
+        if len(views) == 1 and None not in views:
+            out[path] = views.pop()
     return out
 
 

@@ -1,101 +1,108 @@
-"""One test per op rule: a small module routes the hidden channels of a Linear pair through the
-op, and discovery must say whether the pair stays an exact coupling (and pruning must match the
-masked dense model when it does)."""
+"""One test per op rule: the cases of ``tests/graph/rule_cases.py`` (a small model whose graph
+contains the op) say whether a coupling through the op stays exact, of which kind, or why not;
+pruning an exact one must equal the masked dense model. Every op registered in
+``ecospa.graph.rules.RULES`` must appear in the captured graph of some case."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import ecospa
+from ecospa.graph.capture import capture
 from ecospa.graph.labels import LabelSpace, merge_aligned
-from ecospa.graph.rules import RULES
+from ecospa.graph.rules import RULES, entry_key
 from ecospa.graph.rules.shape import reshape_blocks, reshape_factor
-
-D, HID = 6, 8
-
-
-class Pair(nn.Module):
-    """x -> a(x) -> op -> b -> out, where op acts on the hidden channels."""
-
-    def __init__(self, op, hid=HID, out_hid=None):
-        super().__init__()
-        self.a = nn.Linear(D, hid)
-        self.b = nn.Linear(out_hid or hid, D)
-        self.op = op
-
-    def forward(self, x):
-        return self.b(self.op(self.a(x)))
+from tests.graph.rule_cases import CASES
 
 
-def _heads(h):  # (B, T, 8) -> (B, 2, T, 4) -> back
-    b, t, _ = h.shape
-    return h.view(b, t, 2, 4).transpose(1, 2).contiguous().transpose(1, 2).reshape(b, t, 8)
+def _build(name):
+    torch.manual_seed(0)
+    model, inputs = CASES[name].build()
+    return model.eval(), inputs
 
 
-CASES = {
-    # name: (op, exact, kind, out_hid)
-    "gelu": (F.gelu, True, "ffn", None),
-    "relu_dropout": (lambda h: F.dropout(F.relu(h), 0.0), True, "ffn", None),
-    "sigmoid": (torch.sigmoid, True, "ffn", None),
-    "scale_add_scalar": (lambda h: 2 * h + 1, True, "linear", None),
-    "identity": (lambda h: h.clone().contiguous(), True, "linear", None),
-    "view_transpose": (_heads, True, "linear", None),
-    "permute": (lambda h: h.permute(1, 0, 2).permute(1, 0, 2), True, "linear", None),
-    "flatten_unflatten": (lambda h: h.unflatten(-1, (2, 4)).flatten(-2), True, "linear", None),
-    "unsqueeze_squeeze": (lambda h: h.unsqueeze(0).squeeze(0), True, "linear", None),
-    "split_cat": (lambda h: torch.cat(h.split(3, dim=-1)[::-1], dim=-1), True, "linear", None),
-    "chunk_mul_glu": (lambda h: F.silu(h.chunk(2, dim=-1)[0]) * h.chunk(2, dim=-1)[1], True, "glu", HID // 2),
-    "unbind_stack": (lambda h: torch.stack(h.view(*h.shape[:-1], 2, 4).unbind(-2), dim=-2).flatten(-2), True, "linear", None),
-    "slice_select": (lambda h: h[..., 2:], True, "linear", HID - 2),
-    "repeat_interleave": (lambda h: h.repeat_interleave(2, dim=-1), True, "linear", 2 * HID),
-    "expand": (lambda h: h.unsqueeze(-2).expand(*h.shape[:-1], 2, HID).sum(-2), True, "linear", None),
-    "softmax_over_channels": (lambda h: torch.softmax(h, -1), False, None, None),
-    "layer_norm_over_channels": (lambda h: F.layer_norm(h, (HID,)), False, None, None),
-    "mean_over_channels": (lambda h: h - h.mean(-1, keepdim=True), False, None, None),
-    "max_over_channels": (lambda h: h - h.amax(-1, keepdim=True), False, None, None),
-    "cumsum_over_channels": (lambda h: h.cumsum(-1), False, None, None),
-    "softmax_over_time": (lambda h: torch.softmax(h, 1), True, "ffn", None),
-}
+def _couplings(cg, param, dim):
+    """The couplings that slice ``param`` along ``dim`` (one per head for attention)."""
+    hits = [c for c in cg.all if any(t.param == param and t.dim == dim for t in c.tables)]
+    assert hits, f"no coupling slices {param} dim {dim}:\n{cg.summary()}"
+    return hits
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_rule_through_pair(name):
-    op, exact, kind, out_hid = CASES[name]
-    torch.manual_seed(0)
-    model = Pair(op, out_hid=out_hid).eval()
-    x = torch.randn(2, 3, D)
-    cg = ecospa.auto_couple(model, (x,))
-    pair = [c for c in cg.all if "a.weight" in c.params and any(t.param == "a.weight" and t.dim == 0 for t in c.tables)]
-    assert pair, cg.summary()
-    c = pair[0]
-    assert c.exact is exact, cg.summary()
-    if not exact:
-        assert c.reason
-        assert c not in list(cg)
+def test_rule_case(name):
+    case = CASES[name]
+    model, inputs = _build(name)
+    cg = ecospa.auto_couple(model, inputs)
+    hits = _couplings(cg, case.param, case.dim)
+    for c in hits:
+        assert c.exact is case.exact, cg.summary()
+        if not case.exact:
+            assert case.reason in c.reason, c.reason
+            assert c not in list(cg)
+        else:
+            assert c.kind == case.kind, cg.summary()
+    if not case.exact:
         return
-    assert c.kind == kind
-    units = c.units()
-    drop = list(range(0, c.width, 2))
+    plan = {c: list(range(0, c.width, 2)) for c in hits}
     ref_model = copy.deepcopy(model)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    removed = 0
     with torch.no_grad():
         params = dict(ref_model.named_parameters())
-        for u in (units[i] for i in drop):
-            for p, d, i in u:
+        for c, drop in plan.items():
+            units = c.units()
+            for p, d, i in (s for j in drop for s in units[j]):
                 params[p].select(d, i).zero_()
-        ref = ref_model(x)
+                removed += int(np.prod([k for dd, k in enumerate(shapes[p]) if dd != d]))
+        ref = ref_model(*inputs)
     n0 = sum(p.numel() for p in model.parameters())
-    removed = sum(np.prod([k for dd, k in enumerate(dict(model.named_parameters())[p].shape) if dd != d])
-                  for i in drop for (p, d, _) in units[i])
-    ecospa.prune(model, {c: drop})
+    ecospa.prune(model, plan)
     with torch.no_grad():
-        got = model(x)
+        got = model(*inputs)
     assert sum(p.numel() for p in model.parameters()) == n0 - removed
-    assert torch.allclose(got, ref, atol=1e-6, rtol=1e-5)
+    err = ((got - ref).double().norm() / ref.double().norm()).item()
+    assert err <= case.tol, f"pruned != masked dense: relative error {err:.2e}"
+
+
+@functools.lru_cache(maxsize=None)
+def _ops_of_case(name) -> frozenset:
+    """The RULES keys of every op in the captured graph of a case."""
+    model, inputs = _build(name)
+    graph = capture(model, inputs).graph
+    return frozenset(k for n in graph.nodes if n.op == "call_function" and (k := entry_key(n.target)) is not None)
+
+
+def _loaded(key) -> bool:
+    """False for a custom op registered by name whose library is not installed here."""
+    if not isinstance(key, str):
+        return True
+    ns, _, op = key.partition("::")
+    try:
+        getattr(getattr(torch.ops, ns), op)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _without_case(rules) -> list[str]:
+    seen = frozenset().union(*(_ops_of_case(n) for n in CASES))
+    return sorted(str(k) for k in rules if k not in seen and _loaded(k))
+
+
+def test_every_registered_op_has_a_rule_case():
+    """Each op in RULES appears in the captured graph of at least one case (computed, not
+    listed: registering an op without a case fails here)."""
+    missing = _without_case(RULES)
+    assert not missing, f"registered ops without a rule case in tests/graph/rule_cases.py: {missing}"
+
+
+def test_the_coverage_check_sees_an_op_without_a_case():
+    extra = {torch.ops.aten.erfinv: None, "nowhere::op": None}
+    assert _without_case({**RULES, **extra}) == ["aten.erfinv"]
 
 
 def test_registry_refuses_unknown_facts_and_double_registration():

@@ -200,9 +200,11 @@ def _matmul(ctx: Ctx, node: torch.fx.Node):
 
 @register(aten.baddbmm, aten.addbmm)
 def baddbmm(ctx: Ctx, node: torch.fx.Node):
+    """``c + a @ b`` batched (baddbmm), or summed over the batch too (addbmm: 2-D output)."""
     c, a, b = node.args[0], node.args[1], node.args[2]
     sa, sb = shape_of(a), shape_of(b)
     la, lb, lo, sizes = _matmul_letters(sa, sb)
+    lo = lo[len(lo) - len(shape_of(node)):]  # addbmm sums the batch letter away
     out = contract(ctx, node, [(a, ctx.factors(a, len(sa)), la), (b, ctx.factors(b, len(sb)), lb)], lo, sizes)
     return _bias(ctx, node, out, c, len(shape_of(node)))
 
@@ -234,6 +236,27 @@ def einsum(ctx: Ctx, node: torch.fx.Node):
             sizes[c] = max(sizes.get(c, 1), int(k))
     ops = [(x, ctx.factors(x, len(s)), t) for x, s, t in zip(xs, shapes, full_terms)]
     return contract(ctx, node, ops, rhs, sizes)
+
+
+@register(aten._grouped_mm, "transformers::grouped_mm_fallback", facts=("compact",))
+def grouped_mm(ctx: Ctx, node: torch.fx.Node):
+    """Mixture-of-experts product: x (n, i) times W (experts, i, o), each row of x by the expert
+    its offsets give it -> (n, o). The expert index is chosen per token by data, so labels along
+    W's expert dim are poisoned; a slice of its i or o dim is that index in every expert."""
+    x, w = node.args[0], node.args[1]
+    xs, ws = shape_of(x), shape_of(w)
+    if len(xs) != 2 or len(ws) != 3:
+        from ecospa.graph.rules.base import poison_value
+
+        return poison_value(ctx, node, "grouped product of other than 2-D by 3-D operands")
+    fw = []
+    for f in ctx.factors(w, 3):
+        if f.shape[0] > 1:
+            ctx.space.poison(f, f"expert weights chosen per token by a router at {ctx.where(node)}")
+        else:
+            fw.append(f)
+    sizes = {**_sizes("ni", xs), **_sizes("eio", ws)}
+    return contract(ctx, node, [(x, ctx.factors(x, 2), "ni"), (w, fw, "eio")], "no", sizes)
 
 
 @register(aten.scaled_dot_product_attention)

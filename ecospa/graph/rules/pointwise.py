@@ -86,7 +86,7 @@ def pointwise(ctx: Ctx, node: torch.fx.Node):
 
 
 @register(aten.clone, aten.contiguous, aten.alias, aten.detach, aten.lift_fresh_copy, aten._to_copy,
-          aten.to, aten.type_as, aten.lift_fresh,
+          aten.to, aten.type_as,
           facts=("transparent", "compact", "passive", "linear", "zero"))
 def identity(ctx: Ctx, node: torch.fx.Node):
     """The output carries the labels of the first argument unchanged."""

@@ -73,10 +73,16 @@ def mean_like(ctx: Ctx, node: torch.fx.Node):
 @register(aten.max, aten.min, aten.argmax, aten.argmin, aten.sort, aten.topk, aten.cumsum,
           aten.cumprod, aten.median)
 def order_like(ctx: Ctx, node: torch.fx.Node):
+    """Ops that order or pick values along ``dim`` (or everywhere, without one): a factor that
+    varies along it is poisoned. ``topk``'s dim is its third argument (the second is ``k``);
+    ``sort`` and ``topk`` default to the last dim."""
     x = node.args[0]
     nd = len(shape_of(x))
-    dim_arg = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], int) else node.kwargs.get("dim")
     name = node.target.overloadpacket.__name__
+    pos = 2 if name == "topk" else 1
+    dim_arg = node.args[pos] if len(node.args) > pos and isinstance(node.args[pos], int) else node.kwargs.get("dim")
+    if dim_arg is None and name in ("sort", "topk"):
+        dim_arg = -1
     dims = _dims(dim_arg, nd)
     val = node.meta.get("val")
     if name in ("cumsum", "cumprod", "sort"):  # same shape out: poisoned labels flow on
@@ -85,7 +91,7 @@ def order_like(ctx: Ctx, node: torch.fx.Node):
             if any(f.shape[d] > 1 for d in dims):
                 ctx.space.poison(f, f"{name} over channels at {ctx.where(node)}")
         return (out, []) if isinstance(val, (tuple, list)) else out
-    keep = any(a is True for a in node.args[2:])
+    keep = name == "topk" or any(a is True for a in node.args[2:]) or bool(node.kwargs.get("keepdim"))
     out = reduce_dims(ctx, node, x, dims, keep, f"{name} over channels")
     if name in ("argmax", "argmin"):
         out = []
@@ -148,10 +154,16 @@ def rms_norm(ctx: Ctx, node: torch.fx.Node):
 @register(aten.group_norm, aten.batch_norm, aten.native_batch_norm, aten.instance_norm,
           aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit)
 def other_norm(ctx: Ctx, node: torch.fx.Node):
-    return poison_value(ctx, node, f"{node.target.overloadpacket.__name__} (normalises channels)")
+    """Batch, instance and group norms, channels at dim 1: they use running statistics (buffers
+    ecospa does not slice) or mix a group's channels, so every label that enters is poisoned;
+    the input's labels flow on (poisoned), so the reason names this op."""
+    name = node.target.overloadpacket.__name__
+    out = poison_value(ctx, node, f"{name} normalises channels")
+    fs = ctx.factors(node.args[0], len(shape_of(node.args[0])))
+    return (fs, *out[1:]) if isinstance(out, tuple) else fs
 
 
-@register(aten.embedding)
+@register(aten.embedding, facts=("compact",))
 def embedding(ctx: Ctx, node: torch.fx.Node):
     """Rows of the table are selected by data (poisoned); its columns become the channels."""
     w, idx = node.args[0], node.args[1]
@@ -166,13 +178,31 @@ def embedding(ctx: Ctx, node: torch.fx.Node):
     return out
 
 
+_CONST_PASS = ("lift_fresh_copy", "clone", "detach", "detach_", "_to_copy", "to",
+               "alias", "contiguous")
+
+
+def _known_index(ctx: Ctx, arg) -> np.ndarray | None:
+    """Values of an index tensor when they are known without running the model: a buffer or a
+    constant (``x[..., [-2]]`` lifts a constant and copies it), else None."""
+    for _ in range(4):
+        val = ctx.constant(arg)
+        if val is not None:
+            return val.detach().cpu().numpy()
+        if not (isinstance(arg, torch.fx.Node) and arg.op == "call_function" and arg.args
+                and getattr(getattr(arg.target, "overloadpacket", None), "__name__", "") in _CONST_PASS):
+            return None
+        arg = arg.args[0]
+    return None
+
+
 @register(aten.index_select)
 def index_select(ctx: Ctx, node: torch.fx.Node):
     """Gather along ``dim`` by an index whose values are known (a buffer): labels move with it."""
     x, dim, index = node.args[0], node.args[1], node.args[2]
     nd = len(shape_of(x))
     dim %= nd
-    idx = ctx.constant(index)
+    idx = _known_index(ctx, index)
     out = []
     for f in ctx.factors(x, nd):
         if f.shape[dim] == 1:
@@ -180,8 +210,53 @@ def index_select(ctx: Ctx, node: torch.fx.Node):
         elif idx is None:
             ctx.space.poison(f, f"gathered by a data-dependent index at {ctx.where(node)}")
         else:
-            out.append(np.take(f, idx.detach().cpu().numpy().astype(np.int64), axis=dim))
+            out.append(np.take(f, idx.astype(np.int64), axis=dim))
     return out
+
+
+@register(aten.index)
+def index(ctx: Ctx, node: torch.fx.Node):
+    """``x[i0, i1, ...]`` with index tensors (None: a whole dim), numpy's advanced indexing.
+
+    Labels along an indexed dim move with known index values (a constant, a buffer) and are
+    poisoned when the index depends on data (tokens routed to experts, a mask); labels along the
+    other dims pass through."""
+    x, indices = node.args[0], list(node.args[1])
+    shape, out_shape = shape_of(x), shape_of(node)
+    nd = len(shape)
+    pos = [d for d, i in enumerate(indices) if i is not None]
+    known = {d: _known_index(ctx, indices[d]) for d in pos}
+    bools = any(known[d] is not None and known[d].dtype == bool or
+                isinstance(indices[d], torch.fx.Node) and shape_of(indices[d]) is not None
+                and indices[d].meta["val"].dtype == torch.bool for d in pos)
+    out = []
+    for f in ctx.factors(x, nd):
+        varies = [d for d in pos if f.shape[d] > 1]
+        if varies and (bools or any(known[d] is None for d in pos)):
+            ctx.space.poison(f, f"gathered by a data-dependent index at {ctx.where(node)}")
+            continue
+        if varies:
+            full = [shape[d] if d in pos else f.shape[d] for d in range(nd)]
+            g = np.broadcast_to(f, full)
+            sel = tuple(known[d].astype(np.int64) if d in pos else slice(None) for d in range(len(indices)))
+        else:  # the indexed dims carry no labels: only the shape changes
+            g = f
+            sel = tuple(np.zeros((1,) * _index_ndim(indices[d]), dtype=np.int64) if d in pos
+                        else slice(None) for d in range(len(indices)))
+        try:
+            h = np.ascontiguousarray(g[sel])
+        except IndexError:
+            h = None
+        if h is None or h.ndim != len(out_shape) or any(a not in (1, b) for a, b in zip(h.shape, out_shape)):
+            ctx.space.poison(f, f"indexed in a way ecospa does not follow at {ctx.where(node)}")
+            continue
+        out.append(h)
+    return out
+
+
+def _index_ndim(arg) -> int:
+    s = shape_of(arg)
+    return len(s) if s is not None else 1
 
 
 @register(aten.index_copy)
@@ -191,11 +266,11 @@ def index_copy(ctx: Ctx, node: torch.fx.Node):
     shape = shape_of(node)
     nd = len(shape)
     dim %= nd
-    idx = ctx.constant(index)
+    idx = _known_index(ctx, index)
     fb, fs = ctx.factors(base, nd), ctx.factors(src, nd)
     if idx is None:
         return poison_value(ctx, node, "scatter by a data-dependent index")
-    idx = idx.detach().cpu().numpy().astype(np.int64)
+    idx = idx.astype(np.int64)
     out = []
     for f in fs:
         if f.shape[dim] == 1:
@@ -222,7 +297,7 @@ def fresh(ctx: Ctx, node: torch.fx.Node):
     return [] if shape_of(node) is not None else None
 
 
-@register(aten.sym_size, aten.sym_numel, aten.sym_stride, aten.sym_storage_offset, facts=("fresh", "passive"))
+@register(aten.sym_size, facts=("fresh", "passive"))
 def sym_size(ctx: Ctx, node: torch.fx.Node):
     """A size of a tensor (dynamic shapes): an integer, no labels."""
     return None

@@ -9,8 +9,8 @@ entry) or by Python callable. Elementwise ops that ATen tags ``pointwise`` need 
 own: they share the pointwise rule, with facts from ``ecospa.graph.rules.pointwise``.
 
 Adding support for an op is one :func:`register` call next to its rule, plus a case in
-``tests/graph/test_rules.py`` whose graph contains the op (a test checks that every registered
-op has one).
+``tests/graph/rule_cases.py`` whose captured graph contains the op, with the expected outcome
+(``tests/graph/test_rules.py`` fails for a registered op that no case's graph contains).
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["FACTS", "OpInfo", "RULES", "register", "lookup", "info", "has", "op_name", "is_pointwise"]
+__all__ = ["FACTS", "OpInfo", "RULES", "register", "lookup", "info", "has", "op_name", "is_pointwise",
+           "entry_key"]
 
 Rule = Callable[..., object]
 
@@ -53,8 +54,16 @@ def _key(target):
     return getattr(target, "overloadpacket", target)
 
 
+def _qualified(target) -> str | None:
+    """``"namespace::name"`` of an op (the key of ops registered by name), or None."""
+    return getattr(_key(target), "_qualified_op_name", None)
+
+
 def register(*targets, facts: tuple[str, ...] = ()) -> Callable[[Rule], Rule]:
     """Register ``fn`` as the rule of each op in ``targets``, with ``facts``.
+
+    A target may be an op or, for custom ops that exist only once a library registers them
+    (``"transformers::grouped_mm_fallback"``), the op's qualified name.
 
     Raises:
         RuntimeError: an op is registered twice, or a fact is not a word of :data:`FACTS`.
@@ -85,10 +94,24 @@ def op_name(target) -> str:
     return getattr(packet, "__name__", getattr(target, "__name__", str(target)))
 
 
+def entry_key(target):
+    """The key of :data:`RULES` whose entry ``target`` uses (its overload packet, or the
+    qualified name of a custom op registered by name), or None when it has no entry of its own
+    (pointwise ops share one rule; other ops have none)."""
+    k = _key(target)
+    if k in RULES:
+        return k
+    name = _qualified(target)
+    return name if name in RULES else None
+
+
 def info(target) -> OpInfo | None:
     """The :class:`OpInfo` of ``target``: its own entry, else the pointwise one for ops ATen tags
     pointwise, else None (an op without a rule)."""
     hit = RULES.get(_key(target))
+    if hit is None:
+        name = _qualified(target)
+        hit = RULES.get(name) if name is not None else None
     if hit is not None:
         return hit
     if is_pointwise(target):

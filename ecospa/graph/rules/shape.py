@@ -136,7 +136,7 @@ def _nonempty(fs: list[np.ndarray]) -> list[np.ndarray]:
 
 @register(aten.select, facts=("layout",))
 def select(ctx: Ctx, node: torch.fx.Node):
-    x, dim, index = node.args[0], node.args[1], node.args[2]
+    x, dim, index = node.args[0], node.args[1], concrete(node.args[2])
     nd = len(shape_of(x))
     dim %= nd
     out = []
@@ -161,7 +161,9 @@ def _split(ctx: Ctx, node: torch.fx.Node, kind: str):
     shape = shape_of(x)
     nd = len(shape)
     dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % nd
-    sizes = _split_sizes(shape[dim], node.args[1], kind)
+    sizes_arg = node.args[1]
+    sizes_arg = [concrete(a) for a in sizes_arg] if isinstance(sizes_arg, (list, tuple)) else concrete(sizes_arg)
+    sizes = _split_sizes(shape[dim], sizes_arg, kind)
     fs = ctx.factors(x, nd)
     outs, start = [], 0
     for s in sizes:
@@ -261,7 +263,7 @@ def stack(ctx: Ctx, node: torch.fx.Node):
 def repeat_interleave(ctx: Ctx, node: torch.fx.Node):
     """Each position along ``dim`` repeated ``repeats`` times (GQA's ``repeat_kv``)."""
     x = node.args[0]
-    reps = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
+    reps = concrete(node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats"))
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
     if not isinstance(x, torch.fx.Node) or not isinstance(reps, int) or dim is None:
         from ecospa.graph.rules.base import poison_value
@@ -275,7 +277,7 @@ def repeat_interleave(ctx: Ctx, node: torch.fx.Node):
 @register(aten.repeat, aten.tile, facts=("layout",))
 def repeat(ctx: Ctx, node: torch.fx.Node):
     """Tile the tensor: labels repeat along the tiled dims."""
-    x, reps = node.args[0], list(node.args[1])
+    x, reps = node.args[0], [concrete(r) for r in node.args[1]]
     nd = len(shape_of(node))
     reps = [1] * (nd - len(reps)) + reps
     out = []

@@ -1,0 +1,445 @@
+"""Compatibility matrix: ecospa on many architectures, built from small configs with random weights.
+
+    python bench/compat.py                      # every row; writes bench/results/compat.json and
+                                                # docs/compatibility.md
+    python bench/compat.py --only llama,bert    # a few rows (substring match), nothing written
+    .venv-timm/bin/python bench/compat.py --only timm_ --json bench/results/compat_timm.json --no-md
+    python bench/compat.py --merge bench/results/compat_timm.json   # rows this env skips, from there
+
+For each architecture (no downloads: transformers config classes, timm's own configs when timm
+imports): ``auto_couple`` on example inputs, then ``prune`` with a random third of every exact
+coupling's units removed, and the pruned model's outputs compared with the dense model whose
+removed slices are zeroed (relative error, all output tensors, fp32). Uses only the public API.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import random
+import re
+import sys
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import ecospa
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-5
+KINDS = ("qk", "vo", "ffn", "glu", "linear")
+
+# one small shape for every architecture
+D, H, KV, HD, L, FF, V, POS = 64, 4, 2, 16, 2, 96, 128, 64
+
+
+@dataclass
+class Arch:
+    name: str
+    family: str  # decoder, encoder, encoder-decoder, vision
+    build: Callable[[], tuple[torch.nn.Module, dict]]
+    needs: str = "transformers"  # the library the row needs
+
+
+def _tf():
+    import transformers
+
+    return transformers
+
+
+def _make(cfg_name: str, model_name: str, **cfg: Any) -> torch.nn.Module:
+    """A transformers model from a config, sdpa attention where supported, eval mode."""
+    tf = _tf()
+    cfg.setdefault("use_cache", False)
+    for impl in ("sdpa", "eager"):
+        try:
+            config = getattr(tf, cfg_name)(**cfg, attn_implementation=impl)
+            return getattr(tf, model_name)(config).eval()
+        except (ValueError, ImportError) as exc:
+            if impl == "eager" or "attention" not in str(exc).lower():
+                raise
+    raise AssertionError("unreachable")
+
+
+def _ids(b: int = 2, t: int = 8) -> dict:
+    return {"input_ids": torch.randint(3, V, (b, t))}
+
+
+def _pix(size: int = 32) -> dict:
+    return {"pixel_values": torch.randn(2, 3, size, size)}
+
+
+LLAMA_LIKE = dict(vocab_size=V, hidden_size=D, intermediate_size=FF, num_hidden_layers=L,
+                  num_attention_heads=H, num_key_value_heads=KV, head_dim=HD,
+                  max_position_embeddings=POS)
+BERT_LIKE = dict(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=H,
+                 intermediate_size=FF, max_position_embeddings=POS)
+
+
+def _dec(cfg: str, model: str, **kw) -> Callable:
+    return lambda: (_make(cfg, model, **kw), _ids())
+
+
+def _enc(cfg: str, model: str, **kw) -> Callable:
+    return lambda: (_make(cfg, model, **{**BERT_LIKE, **kw}), _ids())
+
+
+def _seq2seq(cfg: str, model: str, **kw) -> Callable:
+    return lambda: (_make(cfg, model, **kw), {**_ids(), "decoder_input_ids": torch.randint(3, V, (2, 5))})
+
+
+def _whisper():
+    m = _make("WhisperConfig", "WhisperModel", vocab_size=V, num_mel_bins=16, d_model=D,
+              encoder_layers=L, decoder_layers=L, encoder_attention_heads=H,
+              decoder_attention_heads=H, encoder_ffn_dim=FF, decoder_ffn_dim=FF,
+              max_source_positions=16, max_target_positions=POS, pad_token_id=0,
+              decoder_start_token_id=1)
+    return m, {"input_features": torch.randn(2, 16, 32), "decoder_input_ids": torch.randint(3, V, (2, 5))}
+
+
+def _clip():
+    tf = _tf()
+    text = dict(vocab_size=V, hidden_size=D, intermediate_size=FF, num_hidden_layers=L,
+                num_attention_heads=H, max_position_embeddings=POS)
+    vision = dict(hidden_size=D, intermediate_size=FF, num_hidden_layers=L, num_attention_heads=H,
+                  image_size=32, patch_size=8)
+    cfg = tf.CLIPConfig(text_config=text, vision_config=vision, projection_dim=32,
+                        attn_implementation="sdpa")
+    return tf.CLIPModel(cfg).eval(), {**_ids(), **_pix()}
+
+
+def _timm(name: str, **kw) -> Callable:
+    def build():
+        import timm
+
+        return timm.create_model(name, pretrained=False, **kw).eval(), {"x": torch.randn(2, 3, 32, 32)}
+
+    return build
+
+
+MOE = dict(num_local_experts=4, num_experts_per_tok=2)
+ARCHS = [
+    # decoders
+    Arch("gpt2", "decoder", _dec("GPT2Config", "GPT2LMHeadModel", vocab_size=V, n_embd=D, n_layer=L,
+                                 n_head=H, n_positions=POS, n_inner=FF, bos_token_id=0,
+                                 eos_token_id=0)),
+    Arch("gpt_neo", "decoder", _dec("GPTNeoConfig", "GPTNeoForCausalLM", vocab_size=V, hidden_size=D,
+                                    num_layers=L, num_heads=H, intermediate_size=FF, window_size=4,
+                                    attention_types=[[["global", "local"], 1]],
+                                    max_position_embeddings=POS)),
+    Arch("gptj", "decoder", _dec("GPTJConfig", "GPTJForCausalLM", vocab_size=V, n_embd=D, n_layer=L,
+                                 n_head=H, n_positions=POS, rotary_dim=8, n_inner=FF)),
+    Arch("gpt_neox", "decoder", _dec("GPTNeoXConfig", "GPTNeoXForCausalLM", vocab_size=V, hidden_size=D,
+                                     num_hidden_layers=L, num_attention_heads=H, intermediate_size=FF,
+                                     max_position_embeddings=POS, partial_rotary_factor=0.5)),
+    Arch("opt", "decoder", _dec("OPTConfig", "OPTForCausalLM", vocab_size=V, hidden_size=D,
+                                num_hidden_layers=L, num_attention_heads=H, ffn_dim=FF,
+                                max_position_embeddings=POS, word_embed_proj_dim=D)),
+    Arch("bloom", "decoder", _dec("BloomConfig", "BloomForCausalLM", vocab_size=V, hidden_size=D,
+                                  n_layer=L, n_head=H)),
+    Arch("falcon", "decoder", _dec("FalconConfig", "FalconForCausalLM", vocab_size=V, hidden_size=D,
+                                   num_hidden_layers=L, num_attention_heads=H, num_kv_heads=KV,
+                                   new_decoder_architecture=True, max_position_embeddings=POS)),
+    Arch("llama", "decoder", _dec("LlamaConfig", "LlamaForCausalLM", **LLAMA_LIKE)),
+    Arch("mistral", "decoder", _dec("MistralConfig", "MistralForCausalLM", **LLAMA_LIKE)),
+    Arch("mixtral", "decoder", _dec("MixtralConfig", "MixtralForCausalLM", **LLAMA_LIKE, **MOE)),
+    Arch("qwen2", "decoder", _dec("Qwen2Config", "Qwen2ForCausalLM", **LLAMA_LIKE)),
+    Arch("qwen2_moe", "decoder", _dec("Qwen2MoeConfig", "Qwen2MoeForCausalLM", **LLAMA_LIKE,
+                                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                      shared_expert_intermediate_size=FF)),
+    Arch("qwen3", "decoder", _dec("Qwen3Config", "Qwen3ForCausalLM", **LLAMA_LIKE)),
+    Arch("qwen3_moe", "decoder", _dec("Qwen3MoeConfig", "Qwen3MoeForCausalLM", **LLAMA_LIKE,
+                                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
+    Arch("gemma", "decoder", _dec("GemmaConfig", "GemmaForCausalLM", **LLAMA_LIKE)),
+    Arch("gemma2", "decoder", _dec("Gemma2Config", "Gemma2ForCausalLM", **LLAMA_LIKE, sliding_window=4)),
+    Arch("phi", "decoder", _dec("PhiConfig", "PhiForCausalLM", vocab_size=V, hidden_size=D,
+                                intermediate_size=FF, num_hidden_layers=L, num_attention_heads=H,
+                                max_position_embeddings=POS, partial_rotary_factor=0.5)),
+    Arch("phi3", "decoder", _dec("Phi3Config", "Phi3ForCausalLM", **LLAMA_LIKE, pad_token_id=0)),
+    Arch("stablelm", "decoder", _dec("StableLmConfig", "StableLmForCausalLM", **LLAMA_LIKE,
+                                     partial_rotary_factor=0.25)),
+    Arch("olmo", "decoder", _dec("OlmoConfig", "OlmoForCausalLM", **LLAMA_LIKE, pad_token_id=0)),
+    Arch("starcoder2", "decoder", _dec("Starcoder2Config", "Starcoder2ForCausalLM", **LLAMA_LIKE)),
+    Arch("gpt_bigcode", "decoder", _dec("GPTBigCodeConfig", "GPTBigCodeForCausalLM", vocab_size=V,
+                                        n_embd=D, n_layer=L, n_head=H, n_positions=POS, n_inner=FF)),
+    # encoders
+    Arch("bert", "encoder", _enc("BertConfig", "BertModel")),
+    Arch("roberta", "encoder", _enc("RobertaConfig", "RobertaModel", pad_token_id=1)),
+    Arch("distilbert", "encoder", _enc("DistilBertConfig", "DistilBertModel", dim=D, n_layers=L, n_heads=H,
+                                       hidden_dim=FF)),
+    Arch("albert", "encoder", _enc("AlbertConfig", "AlbertModel", embedding_size=32)),
+    Arch("deberta_v2", "encoder", _enc("DebertaV2Config", "DebertaV2Model", relative_attention=True,
+                                       position_buckets=8, pos_att_type=["p2c", "c2p"])),
+    Arch("electra", "encoder", _enc("ElectraConfig", "ElectraModel", embedding_size=32)),
+    Arch("xlm_roberta", "encoder", _enc("XLMRobertaConfig", "XLMRobertaModel", pad_token_id=1)),
+    # encoder-decoders
+    Arch("t5", "encoder-decoder", _seq2seq("T5Config", "T5Model", vocab_size=V, d_model=D, d_kv=HD,
+                                           d_ff=FF, num_layers=L, num_heads=H, decoder_start_token_id=0)),
+    Arch("bart", "encoder-decoder", _seq2seq("BartConfig", "BartModel", vocab_size=V, d_model=D,
+                                             encoder_layers=L, decoder_layers=L,
+                                             encoder_attention_heads=H, decoder_attention_heads=H,
+                                             encoder_ffn_dim=FF, decoder_ffn_dim=FF,
+                                             max_position_embeddings=POS)),
+    Arch("whisper", "encoder-decoder", _whisper),
+    # vision
+    Arch("vit", "vision", lambda: (_make("ViTConfig", "ViTModel", **BERT_LIKE, image_size=32, patch_size=8), _pix())),
+    Arch("deit", "vision", lambda: (_make("DeiTConfig", "DeiTModel", **BERT_LIKE, image_size=32, patch_size=8), _pix())),
+    Arch("swin", "vision", lambda: (_make("SwinConfig", "SwinModel", image_size=32, patch_size=4, embed_dim=32,
+                                          depths=[2, 2], num_heads=[2, 4], window_size=4), _pix())),
+    Arch("clip", "vision", _clip),
+    Arch("timm_vit", "vision", _timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), "timm"),
+    Arch("timm_deit", "vision", _timm("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), "timm"),
+    Arch("timm_swin", "vision", _timm("swin_tiny_patch4_window7_224", img_size=32, window_size=4,
+                                      depths=(2, 2), num_heads=(3, 6), embed_dim=48), "timm"),
+]
+
+
+# -- measuring one row --------------------------------------------------------------------------
+
+def _tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def _run(model, inputs: dict):
+    with torch.no_grad():
+        return [t.detach().clone() for t in _tensors(model(**inputs)) if t.is_floating_point()]
+
+
+def _rel_err(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    if len(got) != len(ref) or not ref:
+        return float("inf")
+    worst = 0.0
+    for a, b in zip(got, ref):
+        if a.shape != b.shape or not torch.isfinite(a).all():
+            return float("inf")
+        den = b.double().norm().item()
+        num = (a.double() - b.double()).norm().item()
+        worst = max(worst, num / den if den > 0 else num)
+    return worst
+
+
+def reason_group(reason: str) -> str:
+    """A reason without the node and layer that make it unique: ``rms_norm over channels in
+    model.layers.*.self_attn.q_norm``."""
+    r = re.sub(r" at \S+ \((aten\.[\w.]+)\) in ", r" (\1) in ", reason)
+    r = re.sub(r"(?<=\.)\d+(?=\.)|(?<=_)\d+\b", "*", r)
+    r = re.sub(r"\bhead\d+\b", "head*", r)
+    return r
+
+
+def execution(cg) -> dict[str, int]:
+    """How the exact couplings run after pruning: how many are ``compact`` (channels simply
+    vanish) and how many ``scatter`` (outputs scattered back to the original width)."""
+    return dict(Counter({s.layout for s in c.sites}.pop() if len({s.layout for s in c.sites}) == 1
+                        else "mixed" for c in cg if c.sites))
+
+
+def random_plan(cg, rng: random.Random, frac: float = 1 / 3) -> dict:
+    """A random ``frac`` of every exact coupling's units (at least one, never all)."""
+    plan = {}
+    for c in cg:
+        if c.width >= 2:
+            plan[c] = sorted(rng.sample(range(c.width), min(c.width - 1, max(1, round(c.width * frac)))))
+    return plan
+
+
+def masked_copy(model, plan: dict):
+    ref = copy.deepcopy(model)
+    params = dict(ref.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for c, idx in plan.items():
+            units = c.units()
+            for i in idx:
+                for name, dim, j in units[i]:
+                    params[name].select(dim, j).zero_()
+    return ref
+
+
+def _names(params) -> list[str]:
+    """Parameter names with layer numbers folded: ``encoder.block.*.layer.*.x.weight``, unique."""
+    return sorted({re.sub(r"(?<=\.)\d+(?=\.)", "*", p) for p in params})
+
+
+def check(arch: Arch, seed: int = 0, **prune_kw) -> dict:
+    """Build, discover, prune a third of every exact coupling, compare with the masked model."""
+    row: dict[str, Any] = {"model": arch.name, "family": arch.family, "needs": arch.needs}
+    try:
+        __import__(arch.needs)
+    except Exception as exc:  # noqa: BLE001  (torchvision may fail to import beside this torch)
+        row.update(status="skipped", error=f"{arch.needs} not importable here ({type(exc).__name__})")
+        return row
+    stage = "build"
+    try:
+        torch.manual_seed(seed)
+        model, inputs = arch.build()
+        row["class"] = type(model).__name__
+        row["params"] = sum(p.numel() for p in model.parameters())
+        stage = "auto_couple"
+        t0 = time.perf_counter()
+        cg = ecospa.auto_couple(model, inputs)
+        row["auto_couple_s"] = round(time.perf_counter() - t0, 3)
+        row["couplings"] = {k: n for k in KINDS if (n := sum(c.kind == k for c in cg))}
+        groups: dict[str, Counter] = {}
+        for c in cg.inexact:
+            groups.setdefault(reason_group(c.reason), Counter())[c.kind] += 1
+        row["inexact"] = [{"reason": r, "kinds": dict(k), "count": sum(k.values())} for r, k in groups.items()]
+        row["execution"] = execution(cg)
+        used = {t.param for c in cg.all for t in c.tables}
+        row["uncoupled"] = _names(n for n, _ in model.named_parameters() if n not in used)
+        stage = "prune"
+        plan = random_plan(cg, random.Random(f"{arch.name}-{seed}"))
+        ref = _run(masked_copy(model, plan), inputs)
+        t0 = time.perf_counter()
+        ecospa.prune(model, plan, **prune_kw)
+        row["prune_s"] = round(time.perf_counter() - t0, 3)
+        row["params_after"] = sum(p.numel() for p in model.parameters())
+        stage = "forward"
+        row["max_rel_err"] = _rel_err(_run(model, inputs), ref)
+        ok = row["max_rel_err"] <= TOL and (not plan or row["params_after"] < row["params"])
+        row["status"] = "ok" if ok else "fail"
+        if not ok:
+            row["error"] = f"pruned != masked dense (rel err {row['max_rel_err']:.1e})"
+    except Exception as exc:  # noqa: BLE001  (every failure is a row of the matrix)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        row.update(status="fail", stage=stage, error=f"{type(exc).__name__} in {stage}: {first[:400]}",
+                   traceback=traceback.format_exc(limit=-4))
+    return row
+
+
+def diagnose(arch: Arch, row: dict) -> None:
+    """For a row that failed after discovery: does the scatter executor (``narrow=False``) prune
+    it exactly? Then the failure is the narrow executor's. Says so in ``row["diagnosis"]``."""
+    if row["status"] != "fail" or row.get("stage") not in ("prune", "forward") and "max_rel_err" not in row:
+        return
+    try:
+        again = check(arch, narrow=False)
+    except TypeError:  # an ecospa without the narrow executor
+        return
+    if again["status"] == "ok":
+        row["diagnosis"] = (f"the scatter executor (prune(..., narrow=False)) prunes it exactly "
+                            f"(rel err {again['max_rel_err']:.1e}): the failure is in the narrow executor")
+    else:
+        row["diagnosis"] = f"the scatter executor fails too: {again.get('error', '')}"
+
+
+# -- report -------------------------------------------------------------------------------------
+
+def _fmt_counts(d: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in d.items()) if d else "-"
+
+
+def _fmt_err(row: dict) -> str:
+    e = row.get("max_rel_err")
+    return "-" if e is None else f"{e:.1e}"
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    ok = [r for r in rows if r["status"] == "ok"]
+    attn = [r for r in ok if not any({"qk", "vo"} & set(g["kinds"]) for g in r.get("inexact", []))]
+    merged = sorted({r["env"] for r in rows if r.get("env")})
+    lines = [
+        "# Compatibility matrix",
+        "",
+        f"Produced by `{meta['command']}` ({meta['seconds']:.0f} s) with torch {meta['torch']}, "
+        f"transformers {meta.get('transformers', '-')}, timm {meta.get('timm', 'not importable')}, on "
+        f"{meta['machine']}" + (f"; rows marked * come from a run with {', '.join(merged)} (`--merge`)." if merged else "."),
+        "Every model is built from a small config with random weights (hidden 64, 2 layers, 4 heads, "
+        "2 KV heads where the architecture has GQA, FFN 96); `auto_couple` runs on example inputs, "
+        "`prune` removes a random third of every exact coupling's units, and the pruned outputs are "
+        "compared with the dense model whose removed slices are zeroed (max relative error over "
+        f"all output tensors, fp32; pass: <= {TOL:.0e} and fewer parameters).",
+        "",
+        f"**{len(ok)} of {len(rows)} architectures prune exactly; {len(attn)} of them have no inexact "
+        "qk or vo coupling.** Every model has one inexact coupling per residual stream (LayerNorm or "
+        "RMSNorm over the hidden channels). Inexact couplings are never pruned; the reasons are "
+        "listed below the table.",
+        "",
+        "Columns: *couplings*: the exact couplings by kind; *inexact*: how many are not exact; "
+        "*execution*: how the exact ones run after pruning (`compact`: the channels simply vanish; "
+        "`scatter`: the producer's output is scattered back to its original width with zeros, so "
+        "the attention core runs at the original head width); *auto_couple s*: the whole discovery "
+        "(capture, channel flow, couplings).",
+        "",
+        "| model | family | status | couplings | inexact | execution | max rel err | params kept | auto_couple s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        kept = f"{r['params_after'] / r['params']:.0%}" if r.get("params_after") else "-"
+        inexact = sum(g["count"] for g in r.get("inexact", []))
+        name = r["model"] + (" *" if r.get("env") else "")
+        lines.append(f"| {name} | {r['family']} | {r['status']} | {_fmt_counts(r.get('couplings', {}))} | "
+                     f"{inexact or '-'} | {_fmt_counts(r.get('execution', {}))} | {_fmt_err(r)} | {kept} | "
+                     f"{r.get('auto_couple_s', '-')} |")
+    bad = [r for r in rows if r["status"] != "ok"]
+    lines += ["", "## Failures and skipped rows", ""]
+    lines += [f"- **{r['model']}** ({r['status']}): {r.get('error', '')}."
+              + (f" Diagnosis: {r['diagnosis']}." if r.get("diagnosis") else "") for r in bad] or ["None."]
+    lines += ["", "## Inexact couplings, by reason", "",
+              "Layer numbers, heads and node names are folded (`*`).", ""]
+    for r in rows:
+        for g in r.get("inexact", []):
+            lines.append(f"- **{r['model']}**: {g['count']} ({_fmt_counts(g['kinds'])}): {g['reason']}")
+    lines += ["", "## Parameters in no coupling", "",
+              "Weights whose channels never meet a partner in a product (patch convolutions, position "
+              "bias tables, scalars): ecospa leaves them alone.", ""]
+    lines += [f"- **{r['model']}**: " + ", ".join(f"`{n}`" for n in r["uncoupled"]) for r in rows if r.get("uncoupled")]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="", help="comma-separated substrings of row names")
+    ap.add_argument("--json", default=str(ROOT / "bench/results/compat.json"))
+    ap.add_argument("--md", default=str(ROOT / "docs/compatibility.md"))
+    ap.add_argument("--no-md", action="store_true", help="write no Markdown")
+    ap.add_argument("--merge", action="append", default=[],
+                    help="a JSON written by another run: its rows replace the rows skipped here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    pick = [s for s in args.only.split(",") if s]
+    archs = [a for a in ARCHS if not pick or any(s in a.name for s in pick)]
+    t0 = time.perf_counter()
+    rows = []
+    for a in archs:
+        row = check(a)
+        diagnose(a, row)
+        rows.append(row)
+        print(f"{a.name:14s} {row['status']:8s} {_fmt_counts(row.get('couplings', {})):40s} "
+              f"err {_fmt_err(row):8s} {row.get('error', '')[:150]}", flush=True)
+    meta = {"command": "python bench/compat.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "seconds": time.perf_counter() - t0, "torch": torch.__version__,
+            "machine": f"{platform.machine()} CPU, 1 thread"}
+    for lib in ("transformers", "timm"):
+        try:
+            meta[lib] = __import__(lib).__version__
+        except Exception:  # noqa: BLE001
+            pass
+    for path in args.merge:
+        other = json.loads(Path(path).read_text())
+        theirs = {r["model"]: {**r, "env": f"torch {other['meta']['torch']}"} for r in other["rows"]}
+        rows = [theirs.get(r["model"], r) if r["status"] == "skipped" else r for r in rows]
+    if pick and args.json == str(ROOT / "bench/results/compat.json") and not args.no_md:
+        return 0  # a partial look writes nothing by default
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    if not args.no_md:
+        Path(args.md).write_text(markdown(rows, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -46,3 +46,13 @@ def test_execution_counts_layouts():
 
     assert compat.execution([C("compact", "compact"), C("scatter"), C("scatter", "scatter")]) == {
         "compact": 1, "scatter": 2}
+
+
+@pytest.mark.timm
+@pytest.mark.parametrize("name", ["timm_vit", "timm_deit", "timm_swin"])
+def test_timm_architecture_prunes_exactly(name):
+    """The timm rows (run in the timm environment; skipped where timm does not import)."""
+    pytest.importorskip("timm")
+    row = compat.check(ARCHS[name])
+    assert row["status"] == "ok", row.get("error") or row
+    assert row["max_rel_err"] <= 1e-5 and row["params_after"] < row["params"]

@@ -242,10 +242,21 @@ def reason_group(reason: str) -> str:
 
 
 def execution(cg) -> dict[str, int]:
-    """How the exact couplings run after pruning: how many are ``compact`` (channels simply
-    vanish) and how many ``scatter`` (outputs scattered back to the original width)."""
+    """How the exact couplings can run after pruning: how many are ``compact`` (channels simply
+    vanish) and how many need their attention region rewritten (``scatter`` layout: narrow
+    graph, or the exact scatter fallback)."""
     return dict(Counter({s.layout for s in c.sites}.pop() if len({s.layout for s in c.sites}) == 1
                         else "mixed" for c in cg if c.sites))
+
+
+def regions(model) -> dict:
+    """What the pruned model's attention regions ran (``ecospa.execution_report``), counting the
+    outermost regions (an inner one only runs when its outer one falls back)."""
+    reps = ecospa.execution_report(model)
+    paths = [r.path for r in reps]
+    outer = [r for r in reps if not any(p != r.path and (p == "" or r.path.startswith(p + ".")) for p in paths)]
+    return {"narrow": sum(r.narrow for r in outer), "fallback": sum(not r.narrow for r in outer),
+            "reasons": sorted({x for r in outer for x in r.reasons})[:3]}
 
 
 def random_plan(cg, rng: random.Random, frac: float = 1 / 3) -> dict:
@@ -309,6 +320,7 @@ def check(arch: Arch, seed: int = 0, **prune_kw) -> dict:
         row["params_after"] = sum(p.numel() for p in model.parameters())
         stage = "forward"
         row["max_rel_err"] = _rel_err(_run(model, inputs), ref)
+        row["regions"] = regions(model)
         ok = row["max_rel_err"] <= TOL and (not plan or row["params_after"] < row["params"])
         row["status"] = "ok" if ok else "fail"
         if not ok:
@@ -370,20 +382,27 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "",
         "Columns: *couplings*: the exact couplings by kind; *inexact*: how many are not exact; "
         "*execution*: how the exact ones run after pruning (`compact`: the channels simply vanish; "
-        "`scatter`: the producer's output is scattered back to its original width with zeros, so "
-        "the attention core runs at the original head width); *auto_couple s*: the whole discovery "
-        "(capture, channel flow, couplings).",
+        "`scatter`: their attention region is rewritten); *narrow regions*: of the attention "
+        "regions (`ecospa.execution_report`), how many ran a narrow graph at the kept widths / how "
+        "many ran the exact scatter fallback at the dense head width (reasons below); "
+        "*auto_couple s*: the whole discovery (capture, channel flow, couplings).",
         "",
-        "| model | family | status | couplings | inexact | execution | max rel err | params kept | auto_couple s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | family | status | couplings | inexact | execution | narrow regions | max rel err | params kept | auto_couple s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         kept = f"{r['params_after'] / r['params']:.0%}" if r.get("params_after") else "-"
         inexact = sum(g["count"] for g in r.get("inexact", []))
         name = r["model"] + (" *" if r.get("env") else "")
+        reg = r.get("regions")
+        narrow = f"{reg['narrow']}/{reg['narrow'] + reg['fallback']}" if reg and (reg["narrow"] or reg["fallback"]) else "-"
         lines.append(f"| {name} | {r['family']} | {r['status']} | {_fmt_counts(r.get('couplings', {}))} | "
-                     f"{inexact or '-'} | {_fmt_counts(r.get('execution', {}))} | {_fmt_err(r)} | {kept} | "
-                     f"{r.get('auto_couple_s', '-')} |")
+                     f"{inexact or '-'} | {_fmt_counts(r.get('execution', {}))} | {narrow} | {_fmt_err(r)} | "
+                     f"{kept} | {r.get('auto_couple_s', '-')} |")
+    fell = [r for r in rows if r.get("regions", {}).get("fallback")]
+    lines += ["", "## Regions that ran the exact fallback", ""]
+    lines += [f"- **{r['model']}**: {r['regions']['fallback']} region(s): " + "; ".join(r["regions"]["reasons"])
+              for r in fell] or ["None: every attention region ran narrow."]
     bad = [r for r in rows if r["status"] != "ok"]
     lines += ["", "## Failures and skipped rows", ""]
     lines += [f"- **{r['model']}** ({r['status']}): {r.get('error', '')}."

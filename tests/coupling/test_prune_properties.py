@@ -19,6 +19,29 @@ def _draw_plan(data, cg):
     return plan
 
 
+def _draw_uniform_plan(data, cg):
+    """The same number of units (drawn) from every coupling of each width group: equal heads."""
+    groups: dict[str, list] = {}
+    for c in cg:
+        groups.setdefault(c.group, []).append(c)
+    plan = {}
+    for name, cs in groups.items():
+        k = data.draw(st.integers(0, min(c.width for c in cs) - 1), label=name)
+        for c in cs:
+            if k:
+                plan[c] = sorted(data.draw(st.permutations(range(c.width)), label=c.name)[:k])
+    return plan
+
+
+def _assert_ran_narrow(model):
+    """Every region that is not inside another ran all its calls on a narrow graph."""
+    reps = ecospa.execution_report(model)
+    paths = [r.path for r in reps]
+    for r in reps:
+        if not any(r.path.startswith(p + ".") or (p == "" and r.path) for p in paths if p != r.path):
+            assert r.narrow, f"{r.path} fell back: {r.reasons}"
+
+
 @given(mlp_stacks(), st.data())
 def test_random_mlp_stack_prune(gen, data):
     """Any removal (never a whole coupling) from a random MLP stack is exact."""
@@ -27,12 +50,14 @@ def test_random_mlp_stack_prune(gen, data):
     assert_pruned_equals_masked(gen.model, gen.inputs, _draw_plan(data, cg))
 
 
-@given(attention_blocks(), st.data())
-def test_random_attention_block_prune(gen, data):
-    """Any removal from a random attention block is exact, for another sequence length too."""
+@given(attention_blocks(), st.data(), st.sampled_from(["ragged", "uniform"]))
+def test_random_attention_block_prune(gen, data, heads):
+    """Any removal from a random attention block (ragged heads, or equal widths per head) is
+    exact, for another sequence length too, and runs on the narrow graph."""
     note(repr(gen.spec))
     cg = ecospa.auto_couple(gen.model, gen.inputs)
     x = gen.inputs[0]
     other = (x[:1, : max(1, x.shape[1] - 1)].clone(),)
-    assert_pruned_equals_masked(gen.model, gen.inputs, _draw_plan(data, cg),
-                                check_inputs=[other])
+    plan = _draw_plan(data, cg) if heads == "ragged" else _draw_uniform_plan(data, cg)
+    assert_pruned_equals_masked(gen.model, gen.inputs, plan, check_inputs=[other])
+    _assert_ran_narrow(gen.model)

@@ -228,11 +228,16 @@ class RegionForward(EcospaForward):
                 value = kind[1].to(dev) if dev is not None else kind[1]
                 feeds.append(lambda v=value: v)
         captured = Captured(graph=program.graph, params=params, buffers=consts, shapes=program.shapes)
-        layout = analyse(captured, kept, pad_multiple=self.pad_multiple)
         try:
+            layout = analyse(captured, kept, pad_multiple=self.pad_multiple)
             gm = rewrite(program, layout, kept, consts)
         except NarrowError as e:
             return Entry(program, reason=str(e))
+        except Exception as e:  # a bug in a narrow rule must cost speed, never the forward
+            log.warning("ecospa: building the narrow graph of %s failed (%s: %s); it runs on the exact "
+                        "fallback. Please report this with the model.", self.path or "<root>",
+                        type(e).__name__, e)
+            return Entry(program, reason=f"building the narrow graph failed: {type(e).__name__}: {e}")
         if tensors:
             gm = gm.to(tensors[0].device)
         entry = Entry(program, gm, feeds=feeds)

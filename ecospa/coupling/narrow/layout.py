@@ -80,14 +80,23 @@ def _keep(rows: np.ndarray, comp: np.ndarray, retained: np.ndarray) -> tuple[np.
     return c, (c < 0) | retained[np.maximum(c, 0)]
 
 
-def _even_dim(f: np.ndarray, comp: np.ndarray, retained: np.ndarray) -> int | None:
-    """The last varying dim of ``f`` along which every row retains the same number of positions
-    (the dim to narrow: a head's channels, not the heads), or None."""
-    for n in reversed(varying(f)):
-        counts = _keep(_rows(f, n)[0], comp, retained)[1].sum(1)
-        if counts.min() == counts.max():
+def _channel_dim(f: np.ndarray, comp: np.ndarray) -> int:
+    """The dim of ``f`` to narrow: its last varying dim along which the units change (a head's
+    channels). Dims along which a row stays inside one unit (the two halves of a rotary pair
+    stacked on a new dim) hold parts of a unit, not channels; the heads come before."""
+    vd = varying(f)
+    for n in reversed(vd):
+        rows = _rows(f, n)[0]
+        c = np.where(rows >= 0, comp[np.maximum(rows, 0)], -1)
+        if (c[:, 1:] != c[:, :-1]).any():
             return n
-    return None
+    return vd[-1]
+
+
+def _even(f: np.ndarray, n: int, comp: np.ndarray, retained: np.ndarray) -> bool:
+    """True when every row of ``f`` along ``n`` retains the same number of positions."""
+    counts = _keep(_rows(f, n)[0], comp, retained)[1].sum(1)
+    return bool(counts.min() == counts.max())
 
 
 def _blocked(flow: FlowResult) -> list[np.ndarray]:
@@ -106,9 +115,10 @@ def _pad(blocked: list[np.ndarray], comp: np.ndarray, retained: np.ndarray, mult
     while changed:
         changed = False
         for f in blocked:
-            if _even_dim(f, comp, retained) is not None:
+            n = _channel_dim(f, comp)
+            if _even(f, n, comp, retained):
                 continue
-            rows, _ = _rows(f, varying(f)[-1])  # ragged: pad a head's channels (its last dim)
+            rows, _ = _rows(f, n)  # ragged heads: pad each head's channels to the same width
             c, mask = _keep(rows, comp, retained)
             counts = mask.sum(1)
             width = min(rows.shape[1], -(-int(counts.max()) // multiple) * multiple)
@@ -124,8 +134,8 @@ def _pad(blocked: list[np.ndarray], comp: np.ndarray, retained: np.ndarray, mult
 def _narrowing(f: np.ndarray, comp: np.ndarray, retained: np.ndarray) -> Narrowing | str:
     """The narrowing of one factor that loses positions."""
     vd = varying(f)
-    n = _even_dim(f, comp, retained)
-    if n is None:
+    n = _channel_dim(f, comp)
+    if not _even(f, n, comp, retained):
         return "blocks of unequal widths"
     rows, sel = _rows(f, n)
     m = _keep(rows, comp, retained)[1]

@@ -23,6 +23,7 @@ import torch
 
 from ecospa.coupling.narrow.layout import Narrowing
 from ecospa.coupling.narrow.ops import pin_scale
+from ecospa.graph.rules.base import concrete
 from ecospa.graph.rules.registry import has, is_pointwise, op_name
 
 __all__ = ["NARROW_RULES", "narrow_rule", "rule_for", "NarrowError"]
@@ -243,7 +244,7 @@ def slice_(b, node):
     start = node.args[2] if len(node.args) > 2 else None
     end = node.args[3] if len(node.args) > 3 else None
     step = node.args[4] if len(node.args) > 4 else 1
-    start, end, step = slice(start, end, step).indices(size)
+    start, end, step = slice(concrete(start), concrete(end), concrete(step)).indices(size)
     nout = b.layout(node).get(dim)
     out_pos = nout.index if nout is not None else np.arange(len(range(start, end, step)))
     b.zero[node] = b.zero.get(x, True)
@@ -252,7 +253,7 @@ def slice_(b, node):
 
 @narrow_rule(aten.select)
 def select(b, node):
-    x, dim, index = node.args[:3]
+    x, dim, index = node.args[0], node.args[1], concrete(node.args[2])
     nd = len(b.shape(x))
     dim %= nd
     nin = b.layout(x).get(dim)
@@ -292,6 +293,16 @@ def split(b, node):
         lo += s
     b.zero[node] = b.zero.get(x, True)
     return b.call(aten.split_with_sizes.default, (b.arg(x), new, dim))
+
+
+@narrow_rule(aten.unbind)
+def unbind(b, node):
+    """Unbinding a dim that is not narrowed (q, k, v of a stacked qkv) is a copy."""
+    x = node.args[0]
+    dim = (node.args[1] if len(node.args) > 1 else 0) % len(b.shape(x))
+    if dim in b.layout(x):
+        raise NarrowError("unbind along narrowed channels")
+    return same(b, node)
 
 
 @narrow_rule(aten.index_select)

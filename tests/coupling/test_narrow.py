@@ -1,0 +1,214 @@
+"""Narrow execution: pruned attention runs a rewritten graph at its kept widths, exactly, and
+falls back to the exact scatter path, with a reason, where it cannot."""
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ecospa
+from ecospa.coupling.narrow import ops
+from tests.helpers import (assert_close_outputs, assert_pruned_equals_masked, call, masked_copy,
+                           plan_units, random_plan)
+from tests.models import CASES, build
+
+ATTENTION = ["nanogpt_block", "nanogpt", "llama_rope_half", "llama_rope_interleaved", "llama_mqa_no_rope",
+             "alibi", "cross_attention", "per_head_modulelist", "nn_multihead_attention", "qk_norm",
+             "fused_glu"]
+
+
+def _outer(model):
+    """Reports of the regions that are not inside another region (those run the calls)."""
+    reps = ecospa.execution_report(model)
+    paths = [r.path for r in reps]
+    return [r for r in reps if not any(r.path.startswith(p + ".") or (p == "" and r.path)
+                                       for p in paths if p != r.path)]
+
+
+def _uniform_plan(cg, rng, frac=0.5):
+    """The same number of units removed from every coupling of a width group (uniform heads)."""
+    plan, groups = {}, {}
+    for c in cg:
+        groups.setdefault(c.group, []).append(c)
+    for cs in groups.values():
+        k = max(1, int(min(c.width for c in cs) * frac))
+        for c in cs:
+            if c.width > k:
+                plan[c] = sorted(rng.sample(range(c.width), k))
+    return plan
+
+
+def _graph_ops(model):
+    """Targets of every node of every narrow graph built so far."""
+    from ecospa.coupling.narrow import RegionForward
+    from ecospa.coupling.record import installed_forward
+
+    out = []
+    for m in model.modules():
+        fwd = installed_forward(m)
+        if isinstance(fwd, RegionForward):
+            for es in fwd.entries.values():
+                out += [n.target for e in es if e.gm is not None for n in e.gm.graph.nodes]
+    return out
+
+
+@pytest.mark.parametrize("name", ATTENTION)
+def test_attention_runs_narrow_and_exact(name):
+    """A random third of every coupling removed: exact on the example and other sizes, and every
+    call of every outer region served by a narrow graph."""
+    model, inputs = build(name)
+    plan = random_plan(ecospa.auto_couple(model, inputs), random.Random(0))
+    others = [CASES[name].inputs(3, 5), CASES[name].inputs(1, 2)]
+    assert_pruned_equals_masked(model, inputs, plan, check_inputs=others)
+    reports = _outer(model)
+    assert reports, "no narrow region installed"
+    for r in reports:
+        assert r.narrow, f"{r.path}: {r.fallback_calls} calls fell back: {r.reasons}"
+
+
+@pytest.mark.parametrize("name", ["nanogpt_block", "llama_rope_half", "llama_rope_interleaved"])
+def test_uniform_heads_need_no_padding_ragged_heads_are_padded(name):
+    """Equal widths per head: the live weights are used as they are. Ragged heads: padding units
+    are laid out from zero slices (``expand_param``); both exact."""
+    model, inputs = build(name)
+    cg = ecospa.auto_couple(model, inputs)
+    uniform = copy.deepcopy(model)
+    assert_pruned_equals_masked(uniform, inputs, _uniform_plan(cg, random.Random(1)))
+    assert ops.expand_param not in _graph_ops(uniform)
+    ragged = {c: [0] for c in cg if c.kind in ("qk", "vo") and c.name.endswith("0") and c.width > 1}
+    assert ragged
+    assert_pruned_equals_masked(model, inputs, ragged)
+    assert ops.expand_param in _graph_ops(model)
+    assert all(r.narrow for r in _outer(model))
+
+
+@pytest.mark.parametrize("name", ["llama_rope_half", "fused_glu", "cross_attention"])
+def test_gradients_through_the_narrow_graph_equal_masked_gradients(name):
+    model, inputs = build(name)
+    plan = random_plan(ecospa.auto_couple(model, inputs), random.Random(2))
+    units = plan_units(plan)
+    ref = masked_copy(model, units)
+    ecospa.prune(model, plan)
+    model.train(), ref.train()
+    for m in (model, ref):
+        call(m, inputs).pow(2).mean().backward()
+    assert all(r.narrow for r in _outer(model))
+    removed = {}
+    for u in units:
+        for p, d, i in u:
+            removed.setdefault(p, {}).setdefault(d, set()).add(i)
+    ref_grads = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        want = ref_grads[n].grad
+        for d, idx in removed.get(n, {}).items():
+            keep = [i for i in range(want.shape[d]) if i not in idx]
+            want = want.index_select(d, torch.tensor(keep))
+        assert torch.allclose(p.grad, want, rtol=1e-4, atol=1e-6), n
+
+
+def test_dropout_in_training_runs_narrow_checked_through_its_eval_twin():
+    """nanoGPT with dropout 0.1: train() runs a narrow graph with dropout (outputs vary), checked
+    once through the eval-mode graph; eval() is exact."""
+    model, inputs = build("nanogpt")
+    plan = random_plan(ecospa.auto_couple(model, inputs), random.Random(3))
+    ref = masked_copy(model, plan_units(plan)).eval()
+    ecospa.prune(model, plan)
+    model.train()
+    with torch.no_grad():
+        a, b = model(*inputs), model(*inputs)
+    assert not torch.allclose(a, b)
+    assert all(r.narrow for r in _outer(model))
+    model.eval()
+    with torch.no_grad():
+        assert_close_outputs(model(*inputs), ref(*inputs))
+
+
+class Memo:
+    """A Python object argument (like a KV cache): a graph cannot update it."""
+
+    def __init__(self):
+        self.seen = 0
+
+
+class AttnWithMemo(nn.Module):
+    def __init__(self, d=16, h=4):
+        super().__init__()
+        self.h = h
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x, memo=None):
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.h, c // self.h).transpose(1, 2) for z in self.qkv(x).split(c, -1))
+        if memo is not None:
+            memo.seen += 1
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, c)
+        return self.o(y)
+
+
+def test_a_call_with_python_state_falls_back_with_the_reason():
+    model = AttnWithMemo().eval()
+    x = torch.randn(2, 5, 16)
+    plan = random_plan(ecospa.auto_couple(model, (x,)), random.Random(4))
+    ref = masked_copy(model, plan_units(plan)).eval()
+    ecospa.prune(model, plan)
+    memo = Memo()
+    with torch.no_grad():
+        assert_close_outputs(model(x, memo), ref(x))
+        assert_close_outputs(model(x), ref(x))
+    assert memo.seen == 1  # the fallback ran the model's own code, side effects included
+    (rep,) = ecospa.execution_report(model)
+    assert rep.narrow_calls == 1 and rep.fallback_calls == 1
+    assert "Memo" in rep.reasons[0] and "state" in rep.reasons[0]
+
+
+def test_a_wrong_narrow_graph_is_caught_and_the_call_falls_back(monkeypatch):
+    """A narrow rule that computes something else (here: a wrong attention scale) is caught by
+    the first-call check; that signature runs on the exact fallback, with the reason."""
+    from ecospa.coupling.narrow import rules
+
+    def bad_sdpa(b, node):
+        kwargs = dict(node.kwargs, scale=1.0)
+        b.zero[node] = True
+        return b.copy(node, kwargs=kwargs)
+
+    monkeypatch.setitem(rules.NARROW_RULES, torch.ops.aten.scaled_dot_product_attention, bad_sdpa)
+    model, inputs = build("nanogpt_block")
+    plan = random_plan(ecospa.auto_couple(model, inputs), random.Random(5))
+    assert_pruned_equals_masked(model, inputs, plan)
+    (rep,) = ecospa.execution_report(model)
+    assert rep.narrow_calls == 0 and "exact path" in rep.reasons[0]
+
+
+def test_pruning_again_rebuilds_the_narrow_graphs():
+    model, inputs = build("llama_rope_half")
+    cg = ecospa.auto_couple(model, inputs)
+    plan = random_plan(cg, random.Random(6), frac=0.25)
+    assert_pruned_equals_masked(model, inputs, plan, cg=cg)
+    cg2 = ecospa.remaining(cg, plan)
+    assert_pruned_equals_masked(model, inputs, random_plan(cg2, random.Random(7), frac=0.25), cg=cg2)
+    assert all(r.narrow for r in _outer(model))
+
+
+def test_narrow_false_keeps_the_scatter_path_only():
+    model, inputs = build("nanogpt_block")
+    plan = random_plan(ecospa.auto_couple(model, inputs), random.Random(8))
+    ref = masked_copy(model, plan_units(plan)).eval()
+    ecospa.prune(model, plan, narrow=False)
+    with torch.no_grad():
+        assert_close_outputs(model(*inputs), ref(*inputs))
+    assert ecospa.execution_report(model) == []
+
+
+def test_copies_of_a_pruned_model_rebuild_their_own_graphs():
+    model, inputs = build("nanogpt_block")
+    plan = random_plan(ecospa.auto_couple(model, inputs), random.Random(9))
+    ecospa.prune(model, plan)
+    with torch.no_grad():
+        out = model(*inputs)
+        twin = copy.deepcopy(model)
+        assert torch.allclose(twin(*inputs), out, atol=1e-6)
+    assert _outer(twin)[0].narrow

@@ -19,6 +19,14 @@ One round (``plan_round``), when the model has more parameters than the target:
    schedule stops when the size is ``<= target``; a round that cannot reach the target takes
    everything it selected.
 
+**Head widths.** With ``head_widths="ragged"`` (the paper's reading) each coupling is ranked and
+cut on its own, so the heads of one attention end with different widths; they run padded to the
+widest (``ecospa.coupling.narrow``). With ``"uniform"`` the couplings of one width group (the
+heads batched in one tensor: ``Coupling.group``) are ranked by their mean Eq. 6 score and cut
+together: every head loses the same number of units, the ones its own Eq. 9 scores rank lowest
+(the number is the mean over the heads of what theta would remove from each). Equal widths need
+no padding: the fastest layout.
+
 **Minimum width.** Each coupling keeps at least ``min_units`` units (default 1), rounded up to a
 multiple of ``width_multiple``: whole heads and whole FFNs do not empty out by default. With
 ``min_units=0`` a coupling may be removed entirely.
@@ -73,6 +81,11 @@ class PlanConfig:
                                 "'taylor', 'random'", "fisher")
     unit_score: str = _help("how units are ranked: 'eq9', 'magnitude', 'taylor', 'random'", "eq9")
     seed: int = _help("seed of the random scores", 0)
+    head_widths: str = _help(
+        "'ragged': every head's couplings lose units on their own (Eq. 9 per coupling; heads end "
+        "up with different widths, run padded); 'uniform': the couplings of one width group (the "
+        "heads of one attention) lose the same number of units each, chosen per head by the unit "
+        "scores: equal head widths, the fastest layout", "ragged")
 
     def __post_init__(self) -> None:
         t = self.target
@@ -100,6 +113,8 @@ class PlanConfig:
         if self.coupling_score not in COUPLING_SCORES:
             raise ConfigError(f"coupling_score should be one of {sorted(COUPLING_SCORES)}, "
                               f"got {self.coupling_score!r}")
+        if self.head_widths not in ("ragged", "uniform"):
+            raise ConfigError(f"head_widths should be 'ragged' or 'uniform', got {self.head_widths!r}")
         if self.unit_score not in UNIT_SCORES:
             raise ConfigError(f"unit_score should be one of {sorted(UNIT_SCORES)}, got {self.unit_score!r}")
 
@@ -211,49 +226,79 @@ def plan_round(couplings: Sequence[Coupling], shapes: Mapping[str, Sequence[int]
     if counter.total <= target_params:
         return {}
     m, min_keep = config.width_multiple, config.min_keep
-    eligible = [(i, c) for i, c in enumerate(couplings) if c.exact and c.width > min_keep]
+    blocks = _blocks(couplings, config.head_widths)
+    eligible = [(i, b) for i, b in enumerate(blocks) if min(c.width for c in b) > min_keep]
     if not eligible:
         return {}
-    missing = [c.name for _, c in eligible if c.name not in coupling_scores]
+    missing = [c.name for _, b in eligible for c in b if c.name not in coupling_scores]
     if missing:
         raise PlanError(f"no coupling score for {missing[:3]} ({len(missing)} missing)")
-    eligible.sort(key=lambda ic: (coupling_scores[ic[1].name], ic[0]))
+    eligible.sort(key=lambda ib: (float(np.mean([coupling_scores[c.name] for c in ib[1]])), ib[0]))
     k = max(1, int(math.ceil(config.top_k * len(eligible))))
-    candidates: list[tuple[Coupling, np.ndarray, list[int]]] = []
-    for _, c in eligible[:k]:
-        v = np.asarray(torch.as_tensor(unit_scores(c)).double().cpu(), dtype=np.float64)
-        if v.shape != (c.width,):
-            raise PlanError(f"unit scores of {c.name!r} have shape {v.shape}, expected ({c.width},)")
-        order = np.lexsort((np.arange(c.width), v))
-        r = min(_theta_count(v[order], config.theta), c.width - min_keep)
-        kept = max(min_keep, ((c.width - r) // m) * m)
-        r = c.width - kept
+    candidates: list[tuple[list[Coupling], list[np.ndarray], list[int]]] = []
+    for _, block in eligible[:k]:
+        orders, counts = [], []
+        for c in block:
+            v = np.asarray(torch.as_tensor(unit_scores(c)).double().cpu(), dtype=np.float64)
+            if v.shape != (c.width,):
+                raise PlanError(f"unit scores of {c.name!r} have shape {v.shape}, expected ({c.width},)")
+            order = np.lexsort((np.arange(c.width), v))
+            orders.append(order)
+            counts.append(_theta_count(v[order], config.theta))
+        width = min(c.width for c in block)
+        r = min(int(round(float(np.mean(counts)))) or 1, width - min_keep)
+        kept = max(min_keep, ((width - r) // m) * m)
+        r = width - kept
         if r <= 0:
             continue
-        cuts = [s for s in range(1, r + 1) if (c.width - s) % m == 0]
-        candidates.append((c, order, cuts))
+        cuts = [s for s in range(1, r + 1) if (width - s) % m == 0]
+        candidates.append((block, orders, cuts))
+
+    def take(block, orders, s) -> dict[str, list[int]]:
+        return {c.name: sorted(o[:s].tolist()) for c, o in zip(block, orders)}
+
+    def remove(counter_, block, orders, s) -> int:
+        total = counter_.total
+        for c, o in zip(block, orders):
+            total = counter_.remove(c, o[:s])
+        return total
+
     full = counter.copy()
-    for c, order, cuts in candidates:
-        full.remove(c, order[:cuts[-1]])
-    if full.total > target_params:  # not the last round: take everything selected
-        return {c.name: sorted(order[:cuts[-1]].tolist()) for c, order, cuts in candidates}
+    for block, orders, cuts in candidates:
+        remove(full, block, orders, cuts[-1])
     out: dict[str, list[int]] = {}
-    for c, order, cuts in candidates:
+    if full.total > target_params:  # not the last round: take everything selected
+        for block, orders, cuts in candidates:
+            out.update(take(block, orders, cuts[-1]))
+        return out
+    for block, orders, cuts in candidates:
         trial = counter.copy()
-        if trial.remove(c, order[:cuts[-1]]) > target_params:
+        if remove(trial, block, orders, cuts[-1]) > target_params:
             counter = trial
-            out[c.name] = sorted(order[:cuts[-1]].tolist())
+            out.update(take(block, orders, cuts[-1]))
             continue
         lo, hi = 0, len(cuts) - 1  # smallest cut that reaches the target
         while lo < hi:
             mid = (lo + hi) // 2
-            if counter.copy().remove(c, order[:cuts[mid]]) <= target_params:
+            if remove(counter.copy(), block, orders, cuts[mid]) <= target_params:
                 hi = mid
             else:
                 lo = mid + 1
-        out[c.name] = sorted(order[:cuts[lo]].tolist())
+        out.update(take(block, orders, cuts[lo]))
         break
     return out
+
+
+def _blocks(couplings: Sequence[Coupling], head_widths: str) -> list[list[Coupling]]:
+    """What is removed together: each exact coupling alone (``"ragged"``), or every coupling of
+    a width group, the same number of units from each (``"uniform"``), in graph order."""
+    exact = [c for c in couplings if c.exact]
+    if head_widths == "ragged":
+        return [[c] for c in exact]
+    groups: dict[str, list[Coupling]] = {}
+    for c in exact:
+        groups.setdefault(c.group or c.name, []).append(c)
+    return list(groups.values())
 
 
 @dataclass(frozen=True)

@@ -245,3 +245,30 @@ def test_plan_replays_on_a_fresh_copy():
     assert {n: p.shape for n, p in fresh.named_parameters()} == {n: p.shape for n, p in model.named_parameters()}
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_uniform_head_widths_keep_equal_widths_per_group():
+    """head_widths="uniform": after every round, the couplings of each width group have equal
+    widths, units are still chosen per coupling by Eq. 9, and the target is reached."""
+    import collections
+
+    import ecospa
+    from tests.models import build
+
+    model, inputs = build("nanogpt")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sp = ecospa.EcoSpa(model, opt, target=0.6, example_inputs=inputs, every=1, top_k=0.5,
+                       head_widths="uniform")
+    for _ in range(40):
+        model(*inputs).sum().backward()
+        sp.step()
+        opt.zero_grad()
+        widths = collections.defaultdict(set)
+        for c in sp.couplings:
+            widths[c.group].add(c.width)
+        assert all(len(w) == 1 for w in widths.values()), dict(widths)
+        if sp.done:
+            break
+    assert sp.done and len(sp.events) >= 2
+    with pytest.raises(ecospa.ConfigError, match="head_widths"):
+        ecospa.PlanConfig(head_widths="equal")

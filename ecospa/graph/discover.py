@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from ecospa.errors import CaptureError
+from ecospa.graph.blocks import consistent, find_stacks, replicate, thinned
 from ecospa.graph.capture import capture
 from ecospa.graph.flow import propagate
 from ecospa.graph.ir import Coupling, CouplingGraph
@@ -70,7 +72,8 @@ def _group_names(raws, scopes: list[str], groups: list[int]) -> list[str]:
     return [name[g] for g in groups]
 
 
-def discover(model: nn.Module, example_inputs=None, *, include_inexact: bool = False) -> CouplingGraph:
+def discover(model: nn.Module, example_inputs=None, *, include_inexact: bool = False,
+             reuse_blocks: bool = True) -> CouplingGraph:
     """Find every coupling of ``model`` as it is (its graph is captured as it runs now).
 
     Args:
@@ -80,6 +83,9 @@ def discover(model: nn.Module, example_inputs=None, *, include_inexact: bool = F
             run the forward. Optional for Hugging Face models (their ``dummy_inputs`` are used).
         include_inexact: also offer inexact couplings when iterating (they are always listed in
             ``cg.inexact`` with the reason).
+        reuse_blocks: analyse a stack of identical blocks through three of them and copy the
+            result to the others (``ecospa.graph.blocks``); the full model is analysed when the
+            thinned one cannot be captured or its first two blocks disagree.
 
     Returns:
         A :class:`CouplingGraph`; iterate it for the exact couplings, in graph order.
@@ -87,6 +93,23 @@ def discover(model: nn.Module, example_inputs=None, *, include_inexact: bool = F
     Raises:
         CaptureError: the forward could not be captured (the message names the module at fault).
     """
+    stacks = find_stacks(model) if reuse_blocks else []
+    if stacks:
+        try:
+            with thinned(model, stacks):
+                couplings, cap = _analyse(model, example_inputs)
+        except CaptureError:
+            couplings = None  # the thinned model does not run: analyse the full one
+        if couplings is not None and consistent(couplings, stacks):
+            shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+            return CouplingGraph(replicate(couplings, stacks), shapes=shapes,
+                                 include_inexact=include_inexact, inputs=cap.inputs)
+    couplings, cap = _analyse(model, example_inputs)
+    return CouplingGraph(couplings, shapes=cap.shapes, include_inexact=include_inexact, inputs=cap.inputs)
+
+
+def _analyse(model: nn.Module, example_inputs) -> tuple[list[Coupling], object]:
+    """Capture, channel flow, units, sites, names: the couplings of ``model`` as it is."""
     cap = capture(model, example_inputs)
     flow = propagate(cap)
     raws, comp, gid_of = group_units(flow)
@@ -101,4 +124,4 @@ def discover(model: nn.Module, example_inputs=None, *, include_inexact: bool = F
         couplings.append(Coupling(name=name, kind=raw.kind, exact=reason is None, reason=reason,
                                   width=raw.width, tables=raw.tables, sites=sites, scope=scopes[i],
                                   group=group_names[i]))
-    return CouplingGraph(couplings, shapes=cap.shapes, include_inexact=include_inexact, inputs=cap.inputs)
+    return couplings, cap

@@ -74,6 +74,10 @@ class Transaction:
         """A plain attribute of ``module`` (``in_features``, a flag), logged."""
         self.set_item(module.__dict__, name, value)
 
+    def set_attr_of(self, obj, name: str, value) -> None:
+        """A plain attribute of any object (an installed forward's bookkeeping), logged."""
+        self.set_item(obj.__dict__, name, value)
+
     def set_forward(self, module: nn.Module, forward) -> None:
         """Install ``forward`` on ``module`` (None removes ecospa's), logged."""
         self.set_item(module.__dict__, "forward", _MISSING if forward is None else forward)
@@ -253,7 +257,10 @@ def update_forwards(model: nn.Module, resolved: Mapping[Coupling, np.ndarray], t
 def _update_regions(model: nn.Module, modules, resolved, tx: Transaction) -> None:
     from ecospa.coupling.narrow import ProgramCache, RegionForward
 
-    scopes = {c.scope for c in resolved if any(s.layout == "scatter" for s in c.sites)}
+    scopes: dict[str, set[str]] = {}
+    for c in resolved:
+        if any(s.layout == "scatter" for s in c.sites):
+            scopes.setdefault(c.scope, set()).add(c.name)
     cache = next((f.cache for m in model.modules() if isinstance(f := installed_forward(m), RegionForward)),
                  None) or ProgramCache()
     for path in sorted(scopes):
@@ -261,10 +268,10 @@ def _update_regions(model: nn.Module, modules, resolved, tx: Transaction) -> Non
         if mod is None:
             continue
         fwd = installed_forward(mod)
-        if isinstance(fwd, RegionForward):
-            fwd.invalidate()
-            continue
-        tx.set_forward(mod, RegionForward(mod, path, cache, fallback=fwd))
+        if not isinstance(fwd, RegionForward):
+            fwd = RegionForward(mod, path, cache, fallback=fwd)
+            tx.set_forward(mod, fwd)
+        tx.set_attr_of(fwd, "couplings", frozenset(fwd.couplings | scopes[path]))
     for m in model.modules():  # a region containing the changed ones must rebuild too
         fwd = installed_forward(m)
         if isinstance(fwd, RegionForward):

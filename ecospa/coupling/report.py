@@ -20,6 +20,8 @@ class RegionReport:
             (the model's own code over scatter adapters, at the dense head width).
         reasons: why calls fell back, most frequent first (empty when none did).
         signatures: how many distinct call signatures (argument structure, shapes, modes) it saw.
+        couplings: names of the pruned couplings whose channels this module's calls carry (the
+            other pruned couplings are compact: they always run at their kept widths).
     """
 
     path: str
@@ -27,6 +29,7 @@ class RegionReport:
     fallback_calls: int
     reasons: tuple[str, ...]
     signatures: int
+    couplings: tuple[str, ...] = ()
 
     @property
     def narrow(self) -> bool:
@@ -53,7 +56,8 @@ def execution_report(model: nn.Module) -> list[RegionReport]:
             if r["calls"]:
                 reasons[r["reason"]] = reasons.get(r["reason"], 0) + r["calls"]
         out.append(RegionReport(path, narrow, sum(r["calls"] for r in fallback),
-                                tuple(sorted(reasons, key=reasons.get, reverse=True)), len(fwd.entries)))
+                                tuple(sorted(reasons, key=reasons.get, reverse=True)), len(fwd.entries),
+                                tuple(sorted(getattr(fwd, "couplings", ())))))
     return out
 
 
@@ -61,8 +65,9 @@ def format_report(reports: list[RegionReport]) -> str:
     """A plain-text table of :func:`execution_report`."""
     if not reports:
         return "no narrow regions (dense model, compact couplings only, or pruned with narrow=False)"
-    lines = [f"{'module':40s} {'narrow':>7s} {'fallback':>8s}  why it fell back"]
+    lines = [f"{'module':40s} {'couplings':>9s} {'narrow':>7s} {'fallback':>8s}  why it fell back"]
     for r in reports:
         why = "; ".join(r.reasons) if r.reasons else "-"
-        lines.append(f"{r.path or '<root>':40s} {r.narrow_calls:7d} {r.fallback_calls:8d}  {why}")
+        lines.append(f"{r.path or '<root>':40s} {len(r.couplings):9d} {r.narrow_calls:7d} "
+                     f"{r.fallback_calls:8d}  {why}")
     return "\n".join(lines)

@@ -118,6 +118,7 @@ class RegionForward(EcospaForward):
         self.fallback = fallback
         self.entries: dict[Signature, list[Entry]] = {}
         self.refused: Counter = Counter()  # calls that could not be served, by reason
+        self.couplings: frozenset[str] = frozenset()  # names of the pruned couplings it runs
         self._subtree: list[nn.Module] | None = None
 
     @property

@@ -39,6 +39,7 @@ product and reduction per parameter. ``bench/bench_importance_overhead.py`` meas
 """
 from __future__ import annotations
 
+import logging
 import math
 import zlib
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ from ecospa.errors import ConfigError, EcospaError
 from ecospa.graph.ir import Coupling
 
 __all__ = ["Importance", "normalise"]
+
+log = logging.getLogger("ecospa")
 
 _READER, _PRODUCER = 1, 0
 
@@ -233,6 +236,7 @@ class Importance:
     def reset(self) -> None:
         """Forget the accumulated statistics (``num_batches`` back to 0)."""
         self.num_batches = 0
+        self.skipped = getattr(self, "skipped", 0)  # steps with non-finite gradients, never reset
         self._acc: dict[str, dict[tuple[str, int], torch.Tensor]] = {
             s: {(n, d): torch.zeros(p.shape[d], dtype=_acc_dtype(p.dtype), device=p.device)
                 for n, p, ds in self._tracked for d in ds}
@@ -244,6 +248,14 @@ class Importance:
         """Add the current ``.grad`` of every tracked parameter; call once per optimizer step.
 
         Parameters without a gradient are skipped; ``num_batches`` (Eq. 6's ``|D|``) still counts.
+
+        **Non-finite gradients** (NaN or Inf in any tracked gradient, or a square that overflows):
+        the whole step is skipped, nothing is added and ``num_batches`` does not count it, so one
+        bad batch (an fp16 overflow, a loss spike) never poisons the scores. Each skip is logged
+        at WARNING on the ``"ecospa"`` logger (where EcoSpa reports its rounds; a ``warnings``
+        warning would be shown once per call site, hiding repeated skips) naming the parameters,
+        and counted in ``skipped``. Returns False for a skipped step, else True.
+
         On CPU the reductions run on one thread: they are memory-bound, and with several threads
         each op pays a thread barrier, which costs milliseconds per op when other processes
         share the cores (measured on GPT-2 small, 2 cores shared: 940 ms -> 32 ms per call).
@@ -253,30 +265,85 @@ class Importance:
         if single:
             torch.set_num_threads(1)
         try:
-            self._accumulate()
+            added = self._accumulate()
         finally:
             if single:
                 torch.set_num_threads(threads)
+        if not added:
+            self.skipped = getattr(self, "skipped", 0) + 1
+            bad = [n for n, p, _ in self._tracked if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+            log.warning("ecospa: non-finite gradients (NaN or Inf) in %s; skipped this step's Eq. 6 "
+                        "statistics (%d step(s) skipped so far, %d counted since the last round)",
+                        bad[:4] + (["..."] if len(bad) > 4 else []) if bad else "a squared gradient (overflow)",
+                        self.skipped, self.num_batches)
+            return False
         self.num_batches += 1
+        return True
 
-    def _accumulate(self) -> None:
+    def _accumulate(self) -> bool:
+        """Reduce every gradient, then add the reductions only if all of them are finite."""
         sq, wg = self._acc.get("sq"), self._acc.get("wg")
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         for name, p, dims in self._tracked:
             g = p.grad
             if g is None:
                 continue
             if sq is not None:
                 if len(dims) == 1:
-                    sq[(name, dims[0])].add_(_channel_reduce(g, dims[0]))
+                    pending.append((sq[(name, dims[0])], _channel_reduce(g, dims[0])))
                 else:
                     g2 = g.to(_acc_dtype(g.dtype)).square()
                     for d in dims:
-                        sq[(name, d)].add_(g2.sum([o for o in range(g.dim()) if o != d]))
+                        pending.append((sq[(name, d)], g2.sum([o for o in range(g.dim()) if o != d])))
             if wg is not None:
                 a = (p.detach() * g).abs_().to(_acc_dtype(g.dtype))
                 for d in dims:
                     other = [o for o in range(g.dim()) if o != d]
-                    wg[(name, d)].add_(a.sum(other) if other else a)
+                    pending.append((wg[(name, d)], a.sum(other) if other else a))
+        flags: dict[torch.device, list[torch.Tensor]] = {}
+        for _, v in pending:  # NaN/Inf in a gradient reaches its reductions: one check per device
+            flags.setdefault(v.device, []).append(torch.isfinite(v).all())
+        if not all(bool(torch.stack(f).all()) for f in flags.values()):
+            return False
+        for acc, v in pending:
+            acc.add_(v)
+        return True
+
+    @torch.no_grad()
+    def all_reduce(self, group=None) -> None:
+        """Average the accumulated statistics over the ranks of a ``torch.distributed`` group
+        (None: the default group), in place; ``num_batches`` becomes the largest over the ranks.
+
+        A collective: every rank of the group must call it at the same point. Under DDP the
+        ranks' gradients are already the average over the global batch, so this leaves Eq. 6
+        what a single process on the combined batches computes, and makes it identical on every
+        rank (bit for bit), so every rank plans the same removal. With ranks that see only
+        their own gradients (no gradient all-reduce), it averages their squared gradients.
+        """
+        import torch.distributed as dist
+
+        world = dist.get_world_size(group)
+        if world <= 1:
+            return
+        nccl = "nccl" in str(dist.get_backend(group)).lower() and torch.cuda.is_available()
+        comm = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        buckets: dict[torch.dtype, list[torch.Tensor]] = {}
+        for s in self.stats:  # fixed order: the same collectives on every rank
+            for key in sorted(self._acc[s]):
+                v = self._acc[s][key]
+                buckets.setdefault(v.dtype, []).append(v)
+        for dtype in sorted(buckets, key=str):
+            ts = buckets[dtype]
+            flat = torch.cat([t.reshape(-1).to(comm) for t in ts])
+            dist.all_reduce(flat, group=group)
+            flat.div_(world)
+            offset = 0
+            for t in ts:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+        n = torch.tensor([self.num_batches], dtype=torch.long, device=comm)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=group)
+        self.num_batches = int(n.item())
 
     def state_dict(self) -> dict:
         """Accumulators (CPU copies) and ``num_batches``."""

@@ -1,0 +1,112 @@
+"""EcoSpaCallback in transformers.Trainer: tiny GPT-2 and Llama configs, CPU, a few steps, no
+downloads; pruning with the Trainer's (accelerate-wrapped) optimizer, a rebuilt optimizer, and a
+checkpoint save + resume in the middle of pruning."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+
+from ecospa.integrations._state import STATE_JSON, STATE_TENSORS  # noqa: E402
+from ecospa.integrations.hf import EcoSpaCallback  # noqa: E402
+
+SEQ, VOCAB = 12, 50
+
+
+def gpt2():
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=VOCAB, n_positions=SEQ,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def llama():
+    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, vocab_size=VOCAB,
+                                   max_position_embeddings=SEQ)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def dataset(n=32):
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+    return [{"input_ids": r, "labels": r} for r in rows]
+
+
+def trainer(model, out, cb, max_steps=8, **kw):
+    settings = dict(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=2, learning_rate=3e-3,
+                    save_strategy="steps", save_steps=4, logging_strategy="no", report_to=[], use_cpu=True,
+                    disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    args = transformers.TrainingArguments(**{**settings, **kw})
+    return transformers.Trainer(model=model, args=args, train_dataset=dataset(), callbacks=[cb])
+
+
+def params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_optimizer_follows(model, opt):
+    inner = getattr(opt, "optimizer", opt)
+    held = {id(p) for g in inner.param_groups for p in g["params"]}
+    assert all(id(p) in held for p in model.parameters())
+    for p in model.parameters():
+        for v in inner.state.get(p, {}).values():
+            assert not torch.is_tensor(v) or v.dim() == 0 or v.shape == p.shape
+
+
+@pytest.mark.parametrize("build", [gpt2, llama], ids=["gpt2", "llama"])
+def test_trainer_prunes_with_its_own_optimizer(build, tmp_path):
+    model = build()
+    dense = sum(p.numel() for p in model.parameters())
+    cb = EcoSpaCallback(target=0.6, every=2, top_k=0.5, theta=0.8)
+    t = trainer(model, tmp_path, cb)
+    t.train()
+    assert len(cb.sp.events) >= 2 and cb.sp.num_params < dense
+    assert type(t.optimizer).__name__ == "AcceleratedOptimizer"  # what the callback unwrapped
+    assert_optimizer_follows(model, t.optimizer)
+    ckpt = tmp_path / "checkpoint-4"
+    assert (ckpt / STATE_JSON).is_file() and (ckpt / STATE_TENSORS).is_file()
+    saved = json.loads((ckpt / STATE_JSON).read_text())
+    assert saved["extra"]["global_step"] == 4 and saved["plan"]["steps"]
+    out = model(input_ids=dataset(1)[0]["input_ids"][None])
+    assert torch.isfinite(out.logits).all()
+
+
+def test_rebuilt_optimizer_is_followed(tmp_path):
+    model = gpt2()
+    cb = EcoSpaCallback(target=0.5, every=2, top_k=0.5, theta=0.8)
+    t = trainer(model, tmp_path, cb, max_steps=4, save_strategy="no")
+    t.train()
+    first_opt, rounds = cb.sp.optimizer, len(cb.sp.events)
+    assert rounds >= 1
+    t.optimizer, t.lr_scheduler = None, None  # the Trainer builds new ones on the pruned model
+    t.train()
+    assert cb.sp.optimizer is not first_opt and len(cb.sp.events) > rounds
+    assert_optimizer_follows(model, t.optimizer)
+
+
+def test_resume_mid_pruning_replays_the_plan_and_matches(tmp_path):
+    kw = dict(target=0.5, every=2, top_k=0.5, theta=0.8)
+    model = gpt2()
+    cb = EcoSpaCallback(**kw)
+    trainer(model, tmp_path / "a", cb).train()
+    at4 = json.loads((tmp_path / "a" / "checkpoint-4" / STATE_JSON).read_text())
+    assert at4["plan"]["steps"] and len(at4["plan"]["steps"]) < len(cb.sp.plan.steps), \
+        "the checkpoint should be taken in the middle of pruning"
+    ckpt = tmp_path / "a" / "checkpoint-4"
+    fresh = gpt2()  # dense: the callback's load hook replays checkpoint-4's plan before its weights
+    cb2 = EcoSpaCallback(**kw)
+    t2 = trainer(fresh, tmp_path / "a", cb2)
+    t2.train(resume_from_checkpoint=str(ckpt))
+    assert cb2.sp.plan == cb.sp.plan
+    assert cb2.sp.steps == cb.sp.steps
+    want, got = params(model), params(fresh)
+    assert {n: p.shape for n, p in want.items()} == {n: p.shape for n, p in got.items()}
+    diff = max(float((want[n] - got[n]).abs().max()) for n in want)
+    print(f"max abs diff resumed vs uninterrupted: {diff:.3e}")
+    assert diff < 1e-5, diff

@@ -388,15 +388,15 @@ class EcoSpa:
         """Run one round of Algorithm 1 now, on the statistics accumulated since the last round."""
         if self.done:
             return None
+        t0 = time.perf_counter()
+        group = dist_group(self.process_group)
+        if group is not None:  # every rank plans on the same statistics (and agrees on num_batches)
+            self.importance.all_reduce(group)
         if self.importance.num_batches == 0 and "sq" in self.importance.stats:
             log.warning("ecospa: no gradients accumulated since the last round; not pruning at step %d",
                         self.steps)
             return None
-        t0 = time.perf_counter()
         salt = self.rounds
-        group = dist_group(self.process_group)
-        if group is not None:  # every rank plans on the same statistics
-            self.importance.all_reduce(group)
         scores = self.importance.coupling_scores(self.config.coupling_score, salt=salt)
         removals = plan_round(
             list(self.couplings), self._shapes(), coupling_scores=scores,

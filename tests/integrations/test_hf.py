@@ -32,6 +32,27 @@ def llama():
     return transformers.LlamaForCausalLM(cfg)
 
 
+class PlainLM(torch.nn.Module):
+    """A model without dummy inputs: EcoSpa captures it from its first forward, and the saved
+    state carries those inputs so that a resumed run can replay the plan before any forward."""
+
+    def __init__(self):
+        super().__init__()
+        from ecospa.recipes.nanogpt import GPT, GPTConfig
+
+        torch.manual_seed(0)
+        self.gpt = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=SEQ, vocab_size=VOCAB))
+        # untied: the Trainer saves plain modules with safetensors, which refuses shared tensors
+        self.gpt.lm_head.weight = torch.nn.Parameter(self.gpt.lm_head.weight.detach().clone())
+
+    def forward(self, input_ids, labels=None):
+        logits = self.gpt(input_ids)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
+        return out
+
+
 def dataset(n=32):
     g = torch.Generator().manual_seed(3)
     rows = torch.randint(0, VOCAB, (n, SEQ), generator=g)
@@ -90,16 +111,17 @@ def test_rebuilt_optimizer_is_followed(tmp_path):
     assert_optimizer_follows(model, t.optimizer)
 
 
-def test_resume_mid_pruning_replays_the_plan_and_matches(tmp_path):
+@pytest.mark.parametrize("build", [gpt2, PlainLM], ids=["gpt2", "plain_module"])
+def test_resume_mid_pruning_replays_the_plan_and_matches(build, tmp_path):
     kw = dict(target=0.5, every=2, top_k=0.5, theta=0.8)
-    model = gpt2()
+    model = build()
     cb = EcoSpaCallback(**kw)
     trainer(model, tmp_path / "a", cb).train()
     at4 = json.loads((tmp_path / "a" / "checkpoint-4" / STATE_JSON).read_text())
     assert at4["plan"]["steps"] and len(at4["plan"]["steps"]) < len(cb.sp.plan.steps), \
         "the checkpoint should be taken in the middle of pruning"
     ckpt = tmp_path / "a" / "checkpoint-4"
-    fresh = gpt2()  # dense: the callback's load hook replays checkpoint-4's plan before its weights
+    fresh = build()  # dense: the callback's load hook replays checkpoint-4's plan before its weights
     cb2 = EcoSpaCallback(**kw)
     t2 = trainer(fresh, tmp_path / "a", cb2)
     t2.train(resume_from_checkpoint=str(ckpt))

@@ -6,7 +6,7 @@
 
 See README.md and docs/ for the method and the design.
 """
-from ecospa.errors import CaptureError, ConfigError, EcospaError, PlanError, PruneError
+from ecospa.errors import CaptureError, CheckpointError, ConfigError, EcospaError, PlanError, PruneError
 from ecospa.graph.ir import Coupling, CouplingGraph, Site, Slice, SliceTable, Stamp
 from ecospa.coupling.discovery import auto_couple
 from ecospa.coupling.executor import PruneResult, Removal, prune, prune_pass, remaining
@@ -16,12 +16,15 @@ from ecospa.coupling.record import ParamRecord, param_records
 from ecospa.coupling.report import RegionReport, execution_report
 from ecospa.coupling.scores import register_coupling_score, register_unit_score
 from ecospa.coupling.training import EcoSpa, PruneEvent
+from ecospa.checkpoint import load, save
 
 __version__ = "0.1.0"
 
 __all__ = [
     "auto_couple",
     "prune",
+    "save",
+    "load",
     "prune_pass",
     "remaining",
     "param_records",
@@ -49,5 +52,6 @@ __all__ = [
     "ConfigError",
     "PlanError",
     "PruneError",
+    "CheckpointError",
     "__version__",
 ]

@@ -11,6 +11,7 @@ __all__ = [
     "PlanError",
     "PruneError",
     "ConfigError",
+    "CheckpointError",
 ]
 
 
@@ -35,3 +36,9 @@ class PruneError(EcospaError):
 
 class ConfigError(EcospaError, ValueError):
     """A configuration value is out of its valid range."""
+
+
+class CheckpointError(EcospaError):
+    """A checkpoint directory cannot be written, or does not match the model it is loaded into:
+    a missing or damaged file, a schema or format-version mismatch, a parameter missing or of
+    another shape. Raised by ``ecospa.load`` before the model, the optimizer or EcoSpa change."""

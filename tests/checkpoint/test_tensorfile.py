@@ -1,4 +1,4 @@
-"""The safetensors reader/writer: interoperable with the safetensors package, strict on input."""
+"""Tensors through safetensors files: round trips of every dtype, and untrusted files refused."""
 from __future__ import annotations
 
 import io
@@ -8,7 +8,7 @@ import struct
 import pytest
 import torch
 
-from ecospa.checkpoint.tensorfile import DTYPES, read_tensors, write_tensors
+from ecospa.checkpoint.tensorfile import read_tensors, write_tensors
 from ecospa.errors import CheckpointError
 
 st = pytest.importorskip("safetensors.torch")
@@ -16,6 +16,11 @@ st = pytest.importorskip("safetensors.torch")
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -71,7 +76,6 @@ BAD = {
     "overlap": _with_header({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
                              "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(4)),
     "trailing bytes": _with_header({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(8)),
-    "extra field": _with_header({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "x": 1}}, bytes(4)),
     "bool as int": _with_header({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, bytes(4)),
     "duplicate key": struct.pack("<Q", 80) + b'{"a":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},'
                                               b'"a":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}'.ljust(80),

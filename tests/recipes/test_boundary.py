@@ -52,9 +52,12 @@ def test_clients_use_only_the_public_api(path: Path):
 
 
 def test_import_ecospa_loads_no_recipes_and_no_extras():
+    """``import ecospa`` adds ecospa itself and standard-library modules to what torch and numpy
+    load, nothing else (no recipes, no transformers, tqdm, matplotlib, scipy, safetensors)."""
     # torch itself imports tqdm when it is installed (torch.hub), so compare with torch loaded
-    code = ("import sys, torch; before = set(sys.modules); import ecospa; "
-            "print(sorted({m.split('.')[0] for m in set(sys.modules) - before} | "
+    code = ("import sys, torch, numpy; before = set(sys.modules); import ecospa; "
+            "print(sorted({m.split('.')[0] for m in set(sys.modules) - before "
+            "if m.split('.')[0] not in sys.stdlib_module_names} | "
             "{m for m in sys.modules if m.startswith('ecospa.recipes')}))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

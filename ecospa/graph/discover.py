@@ -15,23 +15,10 @@ from ecospa.graph.capture import capture
 from ecospa.graph.flow import propagate
 from ecospa.graph.ir import Coupling, CouplingGraph
 from ecospa.graph.layout import assign_sites
-from ecospa.graph.scope import scopes_and_groups
+from ecospa.graph.scope import common_prefix, scopes_and_groups
 from ecospa.graph.units import group_units
 
 __all__ = ["discover", "name_couplings"]
-
-
-def _common_prefix(paths) -> str:
-    parts = [p.split(".") if p else [] for p in paths]
-    if not parts:
-        return ""
-    out = []
-    for level in zip(*parts):
-        if all(x == level[0] for x in level):
-            out.append(level[0])
-        else:
-            break
-    return ".".join(out)
 
 
 def name_couplings(raws) -> list[str]:
@@ -39,7 +26,7 @@ def name_couplings(raws) -> list[str]:
     bases = []
     for raw in raws:
         owners = [t.param.rsplit(".", 1)[0] if "." in t.param else "" for t in raw.tables]
-        prefix = _common_prefix(owners + list(raw.site_modules))
+        prefix = common_prefix(owners + list(raw.site_modules))
         bases.append(f"{prefix}.{raw.kind}" if prefix else raw.kind)
     counts: dict[str, int] = {}
     for b in bases:

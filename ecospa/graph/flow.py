@@ -17,7 +17,7 @@ from ecospa.graph.labels import LabelSpace
 from ecospa.graph.rules import lookup
 from ecospa.graph.rules.base import Ctx, flat_factors, poison_value
 
-__all__ = ["FlowResult", "propagate"]
+__all__ = ["FlowResult", "propagate", "coupled_factors"]
 
 
 @dataclass
@@ -102,3 +102,24 @@ def _leaves(ctx: Ctx, args) -> list:
 
     visit(args)
     return out
+
+
+def coupled_factors(flow: FlowResult, coupling_of_label: np.ndarray):
+    """Per op node whose value carries labels of couplings: ``(node, [(factor, coupling ids)])``.
+
+    ``coupling_of_label`` gives the coupling index of every label (-1: none); a factor is listed
+    with the sorted unique couplings of its labels (factors of no coupling are left out).
+    """
+    for node in flow.nodes:
+        if node.op != "call_function":
+            continue
+        items = []
+        for f in flat_factors(flow.values.get(node)):
+            labs = f[f >= 0]
+            if labs.size:
+                gs = np.unique(coupling_of_label[labs])
+                gs = gs[gs >= 0]
+                if gs.size:
+                    items.append((f, gs))
+        if items:
+            yield node, items

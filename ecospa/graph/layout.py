@@ -25,11 +25,11 @@ import torch
 import torch.nn as nn
 
 from ecospa.graph.capture import module_of
-from ecospa.graph.flow import FlowResult
+from ecospa.graph.flow import FlowResult, coupled_factors
 from ecospa.graph.ir import Site
 from ecospa.graph.labels import varying
 from ecospa.graph.rules import has, is_pointwise, op_name
-from ecospa.graph.rules.base import flat_factors, param_behind
+from ecospa.graph.rules.base import param_behind
 
 __all__ = ["LinearLike", "linear_like_modules", "assign_sites"]
 
@@ -150,18 +150,9 @@ def assign_sites(flow: FlowResult, model: nn.Module, raws, comp: np.ndarray, gid
     mods = dict(model.named_modules())
     # region: nodes whose value carries labels of each coupling
     region: dict[int, list[torch.fx.Node]] = {}
-    for node in flow.nodes:
-        if node.op != "call_function":
-            continue
-        fs = flat_factors(flow.values.get(node))
-        if not fs:
-            continue
-        labs = np.concatenate([f[f >= 0].ravel() for f in fs]) if fs else np.zeros(0, np.int64)
-        if labs.size == 0:
-            continue
-        for g in np.unique(gid_of[comp[np.unique(labs)]]).tolist():
-            if g >= 0:
-                region.setdefault(g, []).append(node)
+    for node, items in coupled_factors(flow, np.where(comp >= 0, gid_of[comp], -1)):
+        for g in np.unique(np.concatenate([gs for _, gs in items])).tolist():
+            region.setdefault(g, []).append(node)
 
     lab_group = gid_of[comp]
     by_group = np.argsort(lab_group, kind="stable")

@@ -14,14 +14,14 @@ from __future__ import annotations
 import numpy as np
 
 from ecospa.graph.capture import module_of
-from ecospa.graph.flow import FlowResult
+from ecospa.graph.flow import FlowResult, coupled_factors
 from ecospa.graph.labels import connected_components, varying
-from ecospa.graph.rules.base import flat_factors
 
-__all__ = ["scopes_and_groups"]
+__all__ = ["scopes_and_groups", "common_prefix"]
 
 
-def _common_prefix(paths: set[str]) -> str:
+def common_prefix(paths) -> str:
+    """The longest dotted module path that starts every path of ``paths`` ("" for none)."""
     parts = [p.split(".") if p else [] for p in paths]
     if not parts:
         return ""
@@ -42,29 +42,18 @@ def scopes_and_groups(flow: FlowResult, n_couplings: int, comp: np.ndarray, gid_
         flow: the labelled graph; comp: component id per label; gid_of: coupling index per
             component (-1: none); site_modules: per coupling, the modules owning its parameters.
     """
-    lab_group = np.where(comp >= 0, gid_of[comp], -1)
     paths: list[set[str]] = [set(m) for m in site_modules]
     a_edges: list[int] = []
     b_edges: list[int] = []
-    for node in flow.nodes:
-        if node.op != "call_function":
-            continue
-        fs = flat_factors(flow.values.get(node))
-        if not fs:
-            continue
+    for node, items in coupled_factors(flow, np.where(comp >= 0, gid_of[comp], -1)):
         mod = module_of(node)
-        for f in fs:
-            labs = f[f >= 0]
-            if labs.size == 0:
-                continue
-            gs = np.unique(lab_group[labs])
-            gs = gs[gs >= 0]
+        for f, gs in items:
             for g in gs.tolist():
                 paths[g].add(mod)
             if gs.size > 1 and len(varying(f)) >= 2:  # several couplings batched in one tensor
                 a_edges += [int(gs[0])] * (gs.size - 1)
                 b_edges += gs[1:].tolist()
-    scopes = [_common_prefix(p) for p in paths]
+    scopes = [common_prefix(p) for p in paths]
     _, group = connected_components(n_couplings, np.asarray(a_edges, np.int64), np.asarray(b_edges, np.int64))
     return scopes, group.tolist()
 

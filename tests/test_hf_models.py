@@ -59,12 +59,16 @@ def _gpt2_expected():
     return out
 
 
+def _gqa_decoder(config_cls, model_cls):
+    """A tiny GQA decoder of the Llama family (Llama, Qwen3): D_MODEL wide, H/KV heads of HD."""
+    cfg = config_cls(vocab_size=100, hidden_size=D_MODEL, intermediate_size=FF, num_hidden_layers=L,
+                     num_attention_heads=H, num_key_value_heads=KV, head_dim=HD,
+                     max_position_embeddings=64, use_cache=False, attn_implementation="sdpa")
+    return model_cls(cfg).eval()
+
+
 def _llama():
-    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=D_MODEL, intermediate_size=FF,
-                                   num_hidden_layers=L, num_attention_heads=H,
-                                   num_key_value_heads=KV, head_dim=HD, max_position_embeddings=64,
-                                   use_cache=False, attn_implementation="sdpa")
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return _gqa_decoder(transformers.LlamaConfig, transformers.LlamaForCausalLM)
 
 
 def _llama_expected():
@@ -254,11 +258,7 @@ def test_albert_shared_layer_one_coupling_per_head():
 
 
 def _qwen3():
-    cfg = transformers.Qwen3Config(vocab_size=100, hidden_size=D_MODEL, intermediate_size=FF,
-                                   num_hidden_layers=L, num_attention_heads=H,
-                                   num_key_value_heads=KV, head_dim=HD, max_position_embeddings=64,
-                                   use_cache=False, attn_implementation="sdpa")
-    return transformers.Qwen3ForCausalLM(cfg).eval()
+    return _gqa_decoder(transformers.Qwen3Config, transformers.Qwen3ForCausalLM)
 
 
 def test_qwen3_qk_norm_makes_qk_inexact_but_vo_and_glu_prune():

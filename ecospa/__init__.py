@@ -16,6 +16,7 @@ from ecospa.coupling.record import ParamRecord, param_records
 from ecospa.coupling.report import RegionReport, execution_report
 from ecospa.coupling.scores import register_coupling_score, register_unit_score
 from ecospa.coupling.training import EcoSpa, PruneEvent
+from ecospa.coupling.compress import CompressReport, compress
 from ecospa.checkpoint import load, save
 
 __version__ = "0.1.0"
@@ -23,6 +24,8 @@ __version__ = "0.1.0"
 __all__ = [
     "auto_couple",
     "prune",
+    "compress",
+    "CompressReport",
     "save",
     "load",
     "prune_pass",

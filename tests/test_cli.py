@@ -1,9 +1,10 @@
-"""The ``ecospa`` command line: help texts, argument errors, and the quick demo end to end."""
+"""The ``ecospa`` command line: the installed script, the demo's help and errors, and the quick demo
+end to end. The other commands are tested in tests/cli/. Everything runs in this process except the
+test of the installed script."""
 from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,33 +16,26 @@ from ecospa import ConfigError
 from ecospa.recipes.demo import DemoConfig
 
 
-def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """``python -m ecospa.cli ARGS`` in a subprocess (what the ``ecospa`` script runs)."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "ecospa.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
-def test_help_lists_the_demo():
-    r = _run("--help")
-    assert r.returncode == 0, r.stderr
-    assert "usage: ecospa" in r.stdout and "demo" in r.stdout
-
-
-def test_installed_script_runs():
+def test_installed_script_lists_the_commands():
+    """The ``ecospa`` console script of ``pip install`` (``python -m ecospa.cli`` is run by
+    tests/cli/test_errors.py::test_a_missing_package_in_a_fresh_process)."""
     script = Path(sys.executable).with_name("ecospa")
     if not script.exists():
         pytest.skip("the ecospa console script is not installed next to this interpreter")
     r = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "demo" in r.stdout
+    assert "usage: ecospa" in r.stdout
+    for command in ("inspect", "compress", "train", "plot", "demo"):
+        assert command in r.stdout
 
 
-def test_demo_help_describes_the_options():
-    r = _run("demo", "--help")
-    assert r.returncode == 0, r.stderr
+def test_demo_help_describes_the_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
     for opt in ("--steps", "--seed", "--target", "--out", "--quick"):
-        assert opt in r.stdout
+        assert opt in out
 
 
 def test_no_command_prints_help(capsys):
@@ -57,14 +51,12 @@ def test_bad_arguments_are_rejected_with_the_value(args, capsys):
     assert repr(args[-1]) in capsys.readouterr().err
 
 
-def test_demo_without_its_extra_says_how_to_install_it(tmp_path: Path):
+def test_demo_without_its_extra_says_how_to_install_it(tmp_path: Path, capsys, monkeypatch):
     # matplotlib made unimportable: the demo stops before training, with one line and exit 2
-    code = ("import sys; sys.modules['matplotlib'] = None; from ecospa.cli import main; "
-            f"sys.exit(main(['demo', '--quick', '--no-progress', '--out', {str(tmp_path)!r}]))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2, r.stdout + r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "matplotlib" in lines[0] and "pip install 'ecospa[demo]'" in lines[0], r.stderr
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "matplotlib" in lines[0] and "pip install 'ecospa[demo]'" in lines[0], lines
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written
 
 
@@ -75,11 +67,10 @@ def test_demo_config_errors_name_the_value():
         DemoConfig(steps=-3)
 
 
-def test_quick_demo_writes_sane_json_and_png(tmp_path: Path):
+def test_quick_demo_writes_sane_json_and_png(tmp_path: Path, capsys):
     out = tmp_path / "demo"
-    r = _run("demo", "--quick", "--no-progress", "--out", str(out))
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "ecospa/dense" in r.stdout  # the printed table
+    assert main(["demo", "--quick", "--no-progress", "--out", str(out)]) == 0
+    assert "ecospa/dense" in capsys.readouterr().out  # the printed table
     png = out / "demo.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((out / "demo.json").read_text())

@@ -60,6 +60,7 @@ class DemoConfig:
     generate_tokens: int = 48
     progress: bool = True
     quick: bool = False
+    text: str | None = None  # a UTF-8 text file to train on instead of tiny-shakespeare (``ecospa train``)
 
     @classmethod
     def preset(cls, quick: bool = False, **overrides: Any) -> "DemoConfig":
@@ -148,7 +149,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    corpus = CharCorpus.tinyshakespeare()
+    if cfg.text is None:
+        corpus, corpus_name = CharCorpus.tinyshakespeare(), "tinyshakespeare (embedded)"
+    else:
+        try:
+            text = Path(cfg.text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read the text file {cfg.text!r}: {e}") from None
+        corpus, corpus_name = CharCorpus.from_text(text), str(cfg.text)
     gcfg = GPTConfig(block_size=cfg.block_size, vocab_size=corpus.vocab_size, n_layer=cfg.n_layer,
                      n_head=cfg.n_head, n_embd=cfg.n_embd)
     tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, block_size=cfg.block_size, lr=cfg.lr,
@@ -181,7 +189,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "config": asdict(cfg),
         "model": asdict(gcfg),
         "train": asdict(tcfg),
-        "data": {"corpus": "tinyshakespeare (embedded)", "train_chars": len(corpus.train),
+        "data": {"corpus": corpus_name, "train_chars": len(corpus.train),
                  "val_chars": len(corpus.val), "split": "first 90% train, last 10% validation"},
         "measures": {
             "val_loss": "mean next-char cross-entropy (nats) over non-overlapping windows of the "
@@ -200,7 +208,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     result["table"] = format_table(result)
     result["total_seconds"] = time.perf_counter() - t_start
     plot_curves([{**s, "label": s["name"]} for s in summaries], out / "demo.png",
-                title=f"tinyshakespeare char GPT, {cfg.steps} steps, seed {cfg.seed}")
+                title=f"{'tinyshakespeare' if cfg.text is None else Path(cfg.text).name} char GPT, "
+                      f"{cfg.steps} steps, seed {cfg.seed}")
     (out / "demo.json").write_text(json.dumps(result, indent=1, default=_json_default))
     return result
 

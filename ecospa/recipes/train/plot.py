@@ -7,7 +7,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
-__all__ = ["plot_curves"]
+__all__ = ["plot_curves", "pyplot", "save_figure"]
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (ImportError without matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path, *, dpi: int = 110) -> Path:
+    """Save ``fig`` to ``path`` (parent folders made), close it, return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
 
 
 def plot_curves(series: Sequence[Mapping], path: str | Path, *, title: str = "") -> Path:
@@ -21,12 +40,7 @@ def plot_curves(series: Sequence[Mapping], path: str | Path, *, title: str = "")
     Raises:
         ImportError: matplotlib is not installed.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    fig, axes = pyplot().subplots(1, 3, figsize=(16, 4.6))
     ax_step, ax_wall, ax_params = axes
     for s in series:
         h = s["history"]
@@ -62,8 +76,4 @@ def plot_curves(series: Sequence[Mapping], path: str | Path, *, title: str = "")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -6,7 +6,8 @@
 
 See README.md and docs/ for the method and the design.
 """
-from ecospa.errors import CaptureError, CheckpointError, ConfigError, EcospaError, PlanError, PruneError
+from ecospa.errors import (CaptureError, CheckpointError, ConfigError, EcospaError, EcospaWarning,
+                           NonFiniteGradientWarning, PlanError, PruneError)
 from ecospa.graph.ir import Coupling, CouplingGraph, Site, Slice, SliceTable, Stamp
 from ecospa.coupling.discovery import auto_couple
 from ecospa.coupling.executor import PruneResult, Removal, prune, prune_pass, remaining
@@ -56,5 +57,7 @@ __all__ = [
     "PlanError",
     "PruneError",
     "CheckpointError",
+    "EcospaWarning",
+    "NonFiniteGradientWarning",
     "__version__",
 ]

@@ -1,7 +1,8 @@
 """The ecospa error hierarchy.
 
 Every error a user can trigger through the public API is an :class:`EcospaError`. Messages name
-the thing at fault (module, node, coupling, index) and the way out.
+the thing at fault (module, node, coupling, index) and the way out. Warnings (something skipped,
+the result still correct) are :class:`EcospaWarning` s, issued with ``warnings.warn``.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ __all__ = [
     "PruneError",
     "ConfigError",
     "CheckpointError",
+    "EcospaWarning",
+    "NonFiniteGradientWarning",
 ]
 
 
@@ -42,3 +45,13 @@ class CheckpointError(EcospaError):
     """A checkpoint directory cannot be written, or does not match the model it is loaded into:
     a missing or damaged file, a schema or format-version mismatch, a parameter missing or of
     another shape. Raised by ``ecospa.load`` before the model, the optimizer or EcoSpa change."""
+
+
+class EcospaWarning(RuntimeWarning):
+    """Base class of the warnings ecospa issues (``warnings.warn``): something was skipped or
+    fell back, and the result is still correct."""
+
+
+class NonFiniteGradientWarning(EcospaWarning):
+    """A step's gradients held NaN or Inf: its Eq. 6 statistics were skipped (not accumulated,
+    not counted), so the scores are those of the finite steps. The message names the parameters."""

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from ecospa.checkpoint.removals import same_records
 from ecospa.checkpoint.tree import decode, encode, is_int
-from ecospa.coupling.planner import Plan
+from ecospa.coupling.plan import Plan
 from ecospa.coupling.record import ParamRecord, param_records
 from ecospa.errors import CheckpointError, EcospaError
 

@@ -24,13 +24,7 @@ The baselines (``magnitude``, ``taylor``, ``random``) and the registries that ho
 are in :mod:`ecospa.coupling.scores`; checked against numpy in ``tests/coupling/test_importance.py``
 (and against the zoo's ground-truth sides).
 
-**Which side is which.** From ``SliceTable.side`` when discovery provides it (0 producer,
-1 reader). Otherwise: sites with role ``"in"`` (and dim 1 of an ``"mha"`` weight) are
-readers; ``"out"``, ``"bias"``, ``"direct"`` are producers. A coupling with no reader (``qk``:
-both operands are output rows) is split by module (first module one side, the others the other)
-or, when one fused module holds both operands, by position inside each unit: a unit's slice with
-the highest index (the k row, after the q rows in fused layouts) is one side, the rest the other.
-Without sites, a 1-D parameter is a bias, dim 0 of a 2-D one an output, dim 1 an input.
+**Which side is which**: :mod:`ecospa.coupling.sides`.
 
 **Cost.** Per step and per tracked ``(param, dim)``: one reduction of ``grad**2`` to a
 per-channel vector added to an accumulator (float32; float64 for float64 parameters), no
@@ -39,47 +33,20 @@ product and reduction per parameter. ``bench/bench_importance_overhead.py`` meas
 """
 from __future__ import annotations
 
-import logging
 import math
+import warnings
 import zlib
-from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from ecospa.coupling.scores import COUPLING_SCORES, UNIT_SCORES, lookup
-from ecospa.errors import ConfigError, EcospaError
+from ecospa.coupling.sides import build_index
+from ecospa.errors import ConfigError, EcospaError, NonFiniteGradientWarning
 from ecospa.graph.ir import Coupling
 
 __all__ = ["Importance", "normalise"]
-
-log = logging.getLogger("ecospa")
-
-_READER, _PRODUCER = 1, 0
-
-
-@dataclass(frozen=True)
-class _Part:
-    """Slices of one ``(param, dim)`` on one side of a coupling; ``(m,)`` long tensors."""
-
-    param: str
-    dim: int
-    side: int
-    matrix: int  # Eq. 6's k: position of this part's side in ``_Index.matrix_numel``
-    channels: torch.Tensor  # (m,) index along ``dim``
-    units: torch.Tensor  # (m,) unit id in [0, width)
-    slice_numel: int  # entries per slice: numel / shape[dim]
-
-
-@dataclass(frozen=True)
-class _Index:
-    """Precomputed gather indices of one coupling."""
-
-    coupling: Coupling
-    parts: tuple[_Part, ...]
-    matrix_numel: tuple[int, ...]  # entries of each side inside the coupling
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
@@ -89,77 +56,6 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     if not math.isfinite(s) or s <= 0.0:
         return torch.full_like(x, 1.0 / max(1, x.numel()))
     return x / s
-
-
-def _role(c: Coupling, param: str, dim: int, ndim: int) -> str:
-    for s in c.sites:
-        if s.param == param and s.dim == dim:
-            if s.role == "mha":
-                return "in" if (ndim == 2 and dim == 1) else "out"
-            return s.role
-    if ndim == 1:
-        return "bias"
-    return "out" if dim == 0 else "in"
-
-
-def _module(c: Coupling, param: str, dim: int) -> str:
-    for s in c.sites:
-        if s.param == param and s.dim == dim:
-            return s.module
-    return param.rsplit(".", 1)[0] if "." in param else ""
-
-
-def _rank_sides(unit: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """Side per slice when one module holds both operands: the highest index of a unit is 1."""
-    order = np.lexsort((index, unit))
-    u = unit[order]
-    last = np.ones(u.size, dtype=bool)
-    last[:-1] = u[1:] != u[:-1]
-    first = np.ones(u.size, dtype=bool)
-    first[1:] = u[1:] != u[:-1]
-    side = np.zeros(u.size, dtype=np.int64)
-    side[last & ~first] = 1  # units with a single slice here stay on side 0
-    out = np.empty_like(side)
-    out[order] = side
-    return out
-
-
-def _build_index(c: Coupling, shapes: Mapping[str, tuple[int, ...]], device_of: Mapping[str, torch.device]) -> _Index:
-    roles = [_role(c, t.param, t.dim, len(shapes[t.param])) for t in c.tables]
-    modules = [_module(c, t.param, t.dim) for t in c.tables]
-    has_reader = any(r == "in" for r in roles)
-    distinct = list(dict.fromkeys(modules))
-    parts: list[_Part] = []
-    matrix_ids: dict[int, int] = {}
-    matrix_numel: list[int] = []
-    for t, role, mod in zip(c.tables, roles, modules):
-        shape = shapes[t.param]
-        slice_numel = int(np.prod([k for d, k in enumerate(shape) if d != t.dim], dtype=np.int64))
-        if t.side is not None:  # discovery says which side each slice is on
-            sides = np.asarray(t.side, dtype=np.int64)
-        elif has_reader:
-            sides = np.full(t.unit.size, _READER if role == "in" else _PRODUCER, dtype=np.int64)
-        elif len(distinct) > 1:
-            sides = np.full(t.unit.size, 0 if mod == distinct[0] else 1, dtype=np.int64)
-        else:
-            sides = _rank_sides(np.asarray(t.unit), np.asarray(t.index))
-        dev = device_of.get(t.param, torch.device("cpu"))
-        for side in (0, 1):
-            mask = sides == side
-            if not mask.any():
-                continue
-            if side not in matrix_ids:
-                matrix_ids[side] = len(matrix_numel)
-                matrix_numel.append(0)
-            m = matrix_ids[side]
-            matrix_numel[m] += int(mask.sum()) * slice_numel
-            parts.append(_Part(
-                t.param, t.dim, side, m,
-                torch.as_tensor(np.asarray(t.index)[mask], dtype=torch.long, device=dev),
-                torch.as_tensor(np.asarray(t.unit)[mask], dtype=torch.long, device=dev),
-                slice_numel,
-            ))
-    return _Index(c, tuple(parts), tuple(matrix_numel))
 
 
 _CHUNK = 1 << 20  # entries per block in column reductions (4 MiB of float32)
@@ -218,7 +114,7 @@ class Importance:
             if missing:
                 raise EcospaError(f"coupling {c.name!r} names parameters {missing} that the model does "
                                   "not have; pass the couplings found on this model")
-        self._index = {c.name: _build_index(c, shapes, devices) for c in self.couplings}
+        self._index = {c.name: build_index(c, shapes, devices) for c in self.couplings}
         dims: dict[str, set[int]] = {}
         for ix in self._index.values():
             for part in ix.parts:
@@ -251,10 +147,9 @@ class Importance:
 
         **Non-finite gradients** (NaN or Inf in any tracked gradient, or a square that overflows):
         the whole step is skipped, nothing is added and ``num_batches`` does not count it, so one
-        bad batch (an fp16 overflow, a loss spike) never poisons the scores. Each skip is logged
-        at WARNING on the ``"ecospa"`` logger (where EcoSpa reports its rounds; a ``warnings``
-        warning would be shown once per call site, hiding repeated skips) naming the parameters,
-        and counted in ``skipped``. Returns False for a skipped step, else True.
+        bad batch (an fp16 overflow, a loss spike) never poisons the scores. Each skip issues a
+        :class:`~ecospa.errors.NonFiniteGradientWarning` (``warnings.warn``) naming the
+        parameters, and is counted in ``skipped``. Returns False for a skipped step, else True.
 
         On CPU the reductions run on one thread: they are memory-bound, and with several threads
         each op pays a thread barrier, which costs milliseconds per op when other processes
@@ -272,10 +167,13 @@ class Importance:
         if not added:
             self.skipped = getattr(self, "skipped", 0) + 1
             bad = [n for n, p, _ in self._tracked if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-            log.warning("ecospa: non-finite gradients (NaN or Inf) in %s; skipped this step's Eq. 6 "
-                        "statistics (%d step(s) skipped so far, %d counted since the last round)",
-                        bad[:4] + (["..."] if len(bad) > 4 else []) if bad else "a squared gradient (overflow)",
-                        self.skipped, self.num_batches)
+            where = (", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+                     if bad else "a squared gradient (float overflow)")
+            warnings.warn(
+                f"ecospa: non-finite gradients (NaN or Inf) in {where}; skipped this step's Eq. 6 "
+                f"statistics ({self.skipped} step(s) skipped so far, {self.num_batches} counted since the "
+                "last round). If this repeats, lower the learning rate or use a loss scaler / gradient "
+                "clipping before EcoSpa.step()", NonFiniteGradientWarning, stacklevel=2)
             return False
         self.num_batches += 1
         return True

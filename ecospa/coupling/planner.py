@@ -29,105 +29,35 @@ no padding: the fastest layout.
 
 **Minimum width.** Each coupling keeps at least ``min_units`` units (default 1), rounded up to a
 multiple of ``width_multiple``: whole heads and whole FFNs do not empty out by default. With
-``min_units=0`` a coupling may be removed entirely.
+``min_units=0`` a coupling may be removed entirely. The minimum is a rule of the *planner* (and so
+of ``EcoSpa``): a target below it is refused up front (:func:`resolve_target`). ``ecospa.prune``
+removes whatever a removal names, every unit of a coupling included (the result is still the
+dense model with those slices zeroed), so a plan made by hand or with ``min_units=0`` replays.
 
-Plans are data: a :class:`Plan` is a list of :class:`PlanStep` ``(step, {coupling name: [unit
-indices]})``, indices numbered in the model as it was at that step (before that step's removal).
-It round-trips through JSON and ``Plan.replay`` applies it to a fresh copy of the model.
+**theta = 1** keeps the whole mass: the literal loop removes nothing, and the progress rule (at
+least one unit per selected coupling) makes it the slowest schedule, one unit per selected
+coupling per round (the limit of theta -> 1).
+
+The knobs are :class:`~ecospa.coupling.config.PlanConfig`; what the rounds removed is a
+:class:`~ecospa.coupling.plan.Plan` (data: JSON, replayable), both re-exported here.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn as nn
 
-from ecospa.coupling.scores import COUPLING_SCORES, UNIT_SCORES
+from ecospa.coupling.config import PlanConfig
+from ecospa.coupling.plan import Plan, PlanStep
 from ecospa.errors import ConfigError, PlanError
-from ecospa.graph.ir import Coupling, CouplingGraph
+from ecospa.graph.ir import Coupling
 
+# PlanConfig (ecospa.coupling.config) and Plan, PlanStep (ecospa.coupling.plan) are re-exported:
+# ``from ecospa.coupling.planner import Plan, PlanConfig`` keeps working.
 __all__ = ["PlanConfig", "PlanStep", "Plan", "plan_round", "resolve_target", "ParamCounter"]
-
-
-def _int(x) -> int:
-    if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
-        raise TypeError(f"expected an integer, got {x!r}")
-    return int(x)
-
-
-def _help(text: str, default=None):
-    return field(default=default, metadata={"help": text})
-
-
-@dataclass(frozen=True)
-class PlanConfig:
-    """Knobs of Algorithm 1, validated on construction."""
-
-    target: int | float = _help(
-        "target size: an int is a total parameter count; a float in (0, 1] the fraction of the "
-        "prunable parameters (those inside exact couplings) to keep", 0.5)
-    top_k: float = _help("fraction of couplings (lowest coupling score) pruned in each round", 0.3)
-    theta: float = _help("kept cumulative unit-score mass in each selected coupling, in (0, 1)", 0.9)
-    every: int | str = _help("act every N optimizer steps, or 'epoch' (on EcoSpa.end_epoch())", 100)
-    start: int = _help("no pruning before this many steps", 0)
-    min_units: int = _help("units every coupling keeps (0: a coupling may be emptied)", 1)
-    width_multiple: int = _help("kept widths are multiples of this (e.g. 8 for fast kernels)", 1)
-    coupling_score: str = _help("how couplings are ranked: 'fisher' (Eq. 6), 'magnitude', "
-                                "'taylor', 'random'", "fisher")
-    unit_score: str = _help("how units are ranked: 'eq9', 'magnitude', 'taylor', 'random'", "eq9")
-    seed: int = _help("seed of the random scores", 0)
-    head_widths: str = _help(
-        "'ragged': every head's couplings lose units on their own (Eq. 9 per coupling; heads end "
-        "up with different widths, run padded); 'uniform': the couplings of one width group (the "
-        "heads of one attention) lose the same number of units each, chosen per head by the unit "
-        "scores: equal head widths, the fastest layout", "ragged")
-
-    def __post_init__(self) -> None:
-        t = self.target
-        if isinstance(t, bool) or not isinstance(t, (int, float)):
-            raise ConfigError(f"target should be an int (parameter count) or a float fraction, got {t!r}")
-        if isinstance(t, float) and not (0.0 < t <= 1.0):
-            raise ConfigError(f"target as a fraction should be in (0, 1], got {t!r} "
-                              "(pass an int for a parameter count)")
-        if isinstance(t, int) and t <= 0:
-            raise ConfigError(f"target as a parameter count should be positive, got {t!r}")
-        if not (0.0 < self.top_k <= 1.0):
-            raise ConfigError(f"top_k should be in (0, 1], got {self.top_k!r}")
-        if not (0.0 < self.theta < 1.0):
-            raise ConfigError(f"theta should be in (0, 1), got {self.theta!r}")
-        if self.every != "epoch" and (isinstance(self.every, bool) or not isinstance(self.every, int)
-                                      or self.every < 1):
-            raise ConfigError(f"every should be a positive int (steps) or 'epoch', got {self.every!r}")
-        for name in ("start", "min_units", "seed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ConfigError(f"{name} should be a non-negative int, got {v!r}")
-        m = self.width_multiple
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ConfigError(f"width_multiple should be a positive int, got {m!r}")
-        if self.coupling_score not in COUPLING_SCORES:
-            raise ConfigError(f"coupling_score should be one of {sorted(COUPLING_SCORES)}, "
-                              f"got {self.coupling_score!r}")
-        if self.head_widths not in ("ragged", "uniform"):
-            raise ConfigError(f"head_widths should be 'ragged' or 'uniform', got {self.head_widths!r}")
-        if self.unit_score not in UNIT_SCORES:
-            raise ConfigError(f"unit_score should be one of {sorted(UNIT_SCORES)}, got {self.unit_score!r}")
-
-    @property
-    def min_keep(self) -> int:
-        """Smallest kept width: ``min_units`` rounded up to a multiple of ``width_multiple``."""
-        m = self.width_multiple
-        return int(math.ceil(self.min_units / m) * m)
-
-    @classmethod
-    def help(cls) -> dict[str, str]:
-        """``{field: help text}``."""
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
 
 
 class ParamCounter:
@@ -188,6 +118,11 @@ def resolve_target(config: PlanConfig, couplings: Iterable[Coupling], shapes: Ma
         target = int(round(total - (1.0 - config.target) * prunable))
     else:
         target = int(config.target)
+        if target > total:
+            raise ConfigError(
+                f"target {target} parameters is larger than the model ({total} parameters): nothing "
+                f"would be pruned. Ask for at most {total} (or a fraction in (0, 1] of the {prunable} "
+                "prunable parameters)")
     if target < floor.total:
         frac = (floor.total - (total - prunable)) / prunable if prunable else 1.0
         raise ConfigError(
@@ -200,7 +135,8 @@ def resolve_target(config: PlanConfig, couplings: Iterable[Coupling], shapes: Ma
 
 
 def _theta_count(v: np.ndarray, theta: float) -> int:
-    """Units removed by ``while kept mass > theta: remove the smallest`` (``v`` sorted ascending)."""
+    """Units removed by ``while kept mass > theta: remove the smallest`` (``v`` sorted ascending);
+    0 for theta = 1 (the caller removes at least one unit)."""
     kept_before = v.sum() - np.concatenate([[0.0], np.cumsum(v)[:-1]])
     return int((kept_before > theta * v.sum()).sum())
 
@@ -299,91 +235,3 @@ def _blocks(couplings: Sequence[Coupling], head_widths: str) -> list[list[Coupli
     for c in exact:
         groups.setdefault(c.group or c.name, []).append(c)
     return list(groups.values())
-
-
-@dataclass(frozen=True)
-class PlanStep:
-    """Units removed at one optimizer step: ``{coupling name: unit indices}``, numbered in the
-    model as it was just before this removal. ``widths`` (optional) are the widths those
-    couplings had then: ``ecospa.prune`` checks them, so that a plan is only applied to the model
-    state it was made on."""
-
-    step: int
-    removals: dict[str, tuple[int, ...]]
-    params_before: int | None = None
-    params_after: int | None = None
-    widths: dict[str, int] | None = None
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Every removal so far, in order; JSON-serialisable and replayable on a fresh model."""
-
-    steps: tuple[PlanStep, ...] = ()
-
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    def to_dict(self) -> dict:
-        """Plain data: ``{"version": 2, "steps": [{"step", "removals", "widths", ...}]}``."""
-        return {"version": 2, "steps": [
-            {**asdict(s), "removals": {k: list(v) for k, v in s.removals.items()}} for s in self.steps]}
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> "Plan":
-        """Inverse of :meth:`to_dict` (also reads version 1, which has no widths).
-
-        Raises:
-            PlanError: not a plan, an unknown version, or a malformed step (the message says
-                which step and what is wrong).
-        """
-        if not isinstance(data, Mapping):
-            raise PlanError(f"a plan is a JSON object, got {type(data).__name__}")
-        if data.get("version") not in (1, 2):
-            raise PlanError(f"unknown plan version {data.get('version')!r} (expected 1 or 2)")
-        steps = []
-        for i, s in enumerate(data.get("steps", ())):
-            try:
-                removals = {str(k): tuple(_int(x) for x in v) for k, v in s["removals"].items()}
-                widths = s.get("widths")
-                widths = {str(k): _int(v) for k, v in widths.items()} if widths is not None else None
-                steps.append(PlanStep(_int(s["step"]), removals, s.get("params_before"),
-                                      s.get("params_after"), widths))
-            except (KeyError, TypeError, ValueError, AttributeError) as e:
-                raise PlanError(f"malformed plan step {i}: {type(e).__name__}: {e}") from None
-        return cls(tuple(steps))
-
-    def to_json(self, **kwargs) -> str:
-        """JSON text of :meth:`to_dict`."""
-        return json.dumps(self.to_dict(), **kwargs)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Plan":
-        """Inverse of :meth:`to_json`."""
-        return cls.from_dict(json.loads(text))
-
-    def replay(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-               example_inputs=None, couplings: CouplingGraph | None = None) -> nn.Module:
-        """Apply every step to ``model`` (a fresh copy of the dense model) in place; return it.
-
-        ``couplings`` defaults to ``ecospa.auto_couple(model, example_inputs)``. Same as
-        ``ecospa.prune(model, plan, optimizer, couplings=couplings)``.
-        """
-        from ecospa.coupling.discovery import auto_couple
-        from ecospa.coupling.executor import prune
-
-        cg = couplings if couplings is not None else auto_couple(model, example_inputs)
-        return prune(model, self, optimizer, couplings=cg)
-
-    def removed_original(self, widths: Mapping[str, int]) -> dict[str, list[int]]:
-        """Every removed unit in the numbering of the dense model, given its widths ``{name: width}``."""
-        alive = {n: list(range(w)) for n, w in widths.items()}
-        out: dict[str, list[int]] = defaultdict(list)
-        for s in self.steps:
-            for name, idx in s.removals.items():
-                if name not in alive:
-                    raise PlanError(f"plan names coupling {name!r}, not among the given widths")
-                gone = set(idx)
-                out[name] += [alive[name][i] for i in idx]
-                alive[name] = [a for i, a in enumerate(alive[name]) if i not in gone]
-        return {n: sorted(v) for n, v in out.items()}

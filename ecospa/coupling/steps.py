@@ -11,6 +11,7 @@ from typing import Mapping
 
 import torch.nn as nn
 
+from ecospa.coupling.plan import Plan
 from ecospa.errors import PlanError
 from ecospa.graph.ir import CouplingGraph
 
@@ -31,8 +32,6 @@ def as_steps(removal) -> list[Step]:
     Raises:
         PlanError: ``removal`` is neither.
     """
-    from ecospa.coupling.planner import Plan
-
     if isinstance(removal, Plan):
         return [Step(dict(s.removals), dict(s.widths or {})) for s in removal.steps]
     if isinstance(removal, Mapping):

@@ -29,8 +29,6 @@ on the ``"ecospa"`` logger; ``sp.plan`` is the :class:`~ecospa.coupling.planner.
 """
 from __future__ import annotations
 
-import inspect
-import json
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -40,7 +38,9 @@ import torch
 import torch.nn as nn
 
 from ecospa.coupling.discovery import auto_couple
+from ecospa.coupling.distributed import broadcast_json, dist_group
 from ecospa.coupling.executor import _check_optimizer, prune_pass, resolve
+from ecospa.coupling.first_forward import as_example, detached
 from ecospa.coupling.importance import Importance
 from ecospa.coupling.scores import needed_stats
 from ecospa.coupling.planner import Plan, PlanConfig, PlanStep, plan_round, resolve_target
@@ -82,90 +82,6 @@ def _count(model: nn.Module) -> int:
 
 
 _LAZY = frozenset({"couplings", "importance", "target_params", "dense_widths"})
-
-
-def _detach(x):
-    """Detached copies of the tensors in a nested tuple/list/dict; other leaves as they are."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().clone()
-    if isinstance(x, dict):
-        return {k: _detach(v) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        items = [_detach(v) for v in x]
-        if hasattr(x, "_fields"):  # namedtuple
-            return type(x)(*items)
-        try:
-            return type(x)(items)
-        except TypeError:
-            return tuple(items) if isinstance(x, tuple) else items
-    return x
-
-
-def _as_example(model: nn.Module, args: tuple, kwargs: dict):
-    """Recorded ``(args, kwargs)`` as what ``auto_couple`` takes: a tuple, or a dict of keywords
-    (positional inputs bound to their names when the forward mixes both)."""
-    if not kwargs:
-        return tuple(args)
-    if not args:
-        return dict(kwargs)
-    try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    except (TypeError, ValueError):
-        bound = None
-    kinds = {n: p.kind for n, p in inspect.signature(model.forward).parameters.items()} if bound else {}
-    if bound is None or any(kinds[n] in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.POSITIONAL_ONLY)
-                            for n in bound.arguments):
-        raise EcospaError(f"the first forward of {type(model).__name__} took positional and keyword inputs "
-                          "that cannot all be passed by name; give EcoSpa example_inputs=...")
-    out: dict[str, Any] = {}
-    for n, v in bound.arguments.items():
-        if kinds[n] == inspect.Parameter.VAR_KEYWORD:
-            out.update(v)
-        else:
-            out[n] = v
-    return out
-
-
-def dist_group(process_group):
-    """The process group EcoSpa communicates over, or None for no communication.
-
-    ``process_group=None`` means automatic: the default group when ``torch.distributed`` is
-    initialised with more than one process; ``False`` turns communication off; anything else is
-    used as the group."""
-    if process_group is False:
-        return None
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        if process_group is not None:
-            raise ConfigError("EcoSpa(process_group=...) needs torch.distributed to be initialised")
-        return None
-    group = process_group if process_group is not None else dist.group.WORLD
-    return group if dist.get_world_size(group) > 1 else None
-
-
-def _comm_device(group) -> torch.device:
-    import torch.distributed as dist
-
-    if "nccl" in str(dist.get_backend(group)).lower() and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def broadcast_json(obj, group):
-    """``obj`` (JSON data) of the group's first rank, on every rank of ``group``; no pickle."""
-    import torch.distributed as dist
-
-    src = dist.get_global_rank(group, 0)
-    dev = _comm_device(group)
-    data = json.dumps(obj, sort_keys=True).encode() if dist.get_rank() == src else b""
-    n = torch.tensor([len(data)], dtype=torch.long, device=dev)
-    dist.broadcast(n, src, group=group)
-    buf = torch.empty(int(n.item()), dtype=torch.uint8, device=dev)
-    if dist.get_rank() == src:
-        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    dist.broadcast(buf, src, group=group)
-    return json.loads(bytes(buf.cpu().tolist()).decode())
 
 
 def _check_arguments(model, optimizer, config, verify) -> None:
@@ -288,14 +204,14 @@ class EcoSpa:
         """Inputs for ``prune(..., verify=True)`` when the couplings do not carry their own."""
         if not self.verify or getattr(self.couplings, "inputs", None) is not None or self.inputs is None:
             return None
-        return _as_example(self.model, *self.inputs)
+        return as_example(self.model, *self.inputs)
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook: keep detached copies of the first forward's inputs, then go away."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        self.inputs = (_detach(tuple(args)), _detach(dict(kwargs)))
+        self.inputs = (detached(tuple(args)), detached(dict(kwargs)))
 
     @property
     def ready(self) -> bool:
@@ -319,11 +235,11 @@ class EcoSpa:
                     f"EcoSpa finds the couplings of {type(self.model).__name__} from the inputs of its first "
                     "forward, and the model has not run yet: run a training step first, call "
                     "sp.capture(example_inputs), or build EcoSpa(..., example_inputs=...)")
-            example_inputs = _as_example(self.model, *self.inputs)
+            example_inputs = as_example(self.model, *self.inputs)
         else:
             args, kwargs = ((), example_inputs) if isinstance(example_inputs, dict) else (
                 (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs), {})
-            self.inputs = (_detach(args), _detach(kwargs))
+            self.inputs = (detached(args), detached(kwargs))
         if self._hook is not None:
             self._hook.remove()
             self._hook = None

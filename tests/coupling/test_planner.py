@@ -39,7 +39,7 @@ def scores_from(values):
     (dict(target=0.0), "0.0"), (dict(target=1.5), "1.5"), (dict(target=-3), "-3"),
     (dict(target="half"), "'half'"), (dict(target=True), "True"),
     (dict(top_k=0.0), "top_k"), (dict(top_k=1.2), "1.2"),
-    (dict(theta=1.0), "theta"), (dict(theta=0.0), "theta"),
+    (dict(theta=1.5), "theta"), (dict(theta=0.0), "theta"),
     (dict(every=0), "every"), (dict(every="month"), "'month'"),
     (dict(min_units=-1), "min_units"), (dict(width_multiple=0), "width_multiple"),
     (dict(start=-2), "start"), (dict(unit_score="svd"), "'svd'"), (dict(coupling_score="l2"), "'l2'"),

@@ -18,7 +18,10 @@ returns, for every coupling it is given:
   and the input mean ``(n_in,)``, from a forward hook. They drive the least-squares
   reconstruction of the consumers after removal (``compress(reconstruct=True)``). A module
   whose input does not have the width of its weight (already gathered by an earlier prune) gets
-  no Gram.
+  no Gram; neither does one that runs inside a narrow region of an already pruned model (the
+  region's graph calls no module, so its hook sees only the first call's check against the
+  exact fallback: a consumer whose hook did not see every sample gets no Gram, and ``compress``
+  on a pruned model does not refit it); calls made while a graph is traced are skipped.
 
 **Samples.** A batch that is a tensor (token ids, ``(B, T)``) is split into its ``B`` rows, one
 sample each (``per_sample=True``): the Fisher is a sum over samples, so more, smaller samples
@@ -222,7 +225,7 @@ class _Readers:
         self.keys = sorted({(p, d) for parts in self.parts.values() for p, d, _, _ in parts})
 
 
-def _gram_hooks(model: nn.Module, consumers: Mapping[str, Consumer], grams, means, tokens) -> list:
+def _gram_hooks(model: nn.Module, consumers: Mapping[str, Consumer], grams, means, tokens, fired: set) -> list:
     mods = dict(model.named_modules())
     params = dict(model.named_parameters())
     hooks = []
@@ -230,6 +233,8 @@ def _gram_hooks(model: nn.Module, consumers: Mapping[str, Consumer], grams, mean
         n_in = params[pname].shape[cons.in_dim]
 
         def hook(mod, args, out, pname=pname, n_in=n_in):
+            if torch.compiler.is_compiling():  # a trace (a narrow region capturing a pruned module): no data
+                return
             if not args or not isinstance(args[0], torch.Tensor) or args[0].shape[-1] != n_in:
                 return
             x = args[0].detach().reshape(-1, n_in).float()
@@ -240,6 +245,7 @@ def _gram_hooks(model: nn.Module, consumers: Mapping[str, Consumer], grams, mean
             else:
                 grams[pname], means[pname] = g, x.sum(0)
             tokens[pname] = tokens.get(pname, 0) + x.shape[0]
+            fired.add(pname)
 
         hooks.append(mods[cons.module].register_forward_hook(hook))
     return hooks
@@ -276,7 +282,9 @@ def calibrate(model: nn.Module, couplings: Sequence[Coupling], batches: Sequence
     g_acc: dict[str, torch.Tensor] = {}
     m_acc: dict[str, torch.Tensor] = {}
     tok: dict[str, int] = {}
-    hooks = _gram_hooks(model, cons, g_acc, m_acc, tok) if grams else []
+    fired: set[str] = set()  # consumers whose hook saw the current sample
+    calls: dict[str, int] = {}  # consumer -> samples it saw
+    hooks = _gram_hooks(model, cons, g_acc, m_acc, tok, fired) if grams else []
     fisher = {c.name: torch.zeros(c.width, dtype=torch.float64) for c in couplings}
     grad = {c.name: torch.zeros(c.width, dtype=torch.float64) for c in couplings}
     samples = [s for b in batches for s in _samples(b, per_sample)]
@@ -300,6 +308,9 @@ def calibrate(model: nn.Module, couplings: Sequence[Coupling], batches: Sequence
                                        "loss_fn must return a loss computed from model(batch)")
             loss.backward()
             losses.append(float(loss.detach()))
+            for pname in fired:
+                calls[pname] = calls.get(pname, 0) + 1
+            fired.clear()
             with torch.no_grad():
                 chan = {}
                 for pname, dim in readers.keys:
@@ -333,7 +344,8 @@ def calibrate(model: nn.Module, couplings: Sequence[Coupling], batches: Sequence
             p.requires_grad_(flags[n])
             p.grad = saved_grads[n]
         model.train(was_training)
-    out_g = {p: g / tok[p] for p, g in g_acc.items()}
-    out_m = {p: m / tok[p] for p, m in m_acc.items()}
+    full = {p for p in g_acc if calls.get(p, 0) == len(samples)}  # a Gram of some samples only is dropped
+    out_g = {p: g / tok[p] for p, g in g_acc.items() if p in full}
+    out_m = {p: m / tok[p] for p, m in m_acc.items() if p in full}
     return CalibrationStats(fisher, grad, len(samples), out_g, out_m, dict(tok),
                             float(np.mean(losses)) if losses else math.nan, time.perf_counter() - t0)

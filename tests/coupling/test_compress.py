@@ -211,3 +211,20 @@ def test_errors():
         compress(model, 0.5, _tokens(), loss_fn=lambda m, b: m(input_ids=b).logits.sum() * float("nan"))
     assert all(torch.equal(state[n], p) for n, p in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_compress_again_a_pruned_model(tmp_path):
+    """A pruned model (here saved and loaded back: its narrow regions are built during the
+    calibration) compresses further. A consumer inside a narrow region is not called as a module
+    on the narrow path, so its hook sees only the first call's check: it gets no Gram (no refit)
+    rather than a Gram of one sample; none is a traced (fake) tensor."""
+    model, data = _llama(), _tokens()
+    model, first = compress(model, 0.8, data, rounds=1)
+    ecospa.save(model, tmp_path / "ck")
+    loaded = ecospa.load(tmp_path / "ck", _llama())
+    C = [c for c in ecospa.auto_couple(loaded) if c.exact]
+    stats = calibrate(loaded, C, as_batches(data), causal_lm_loss)
+    assert stats.grams and all(type(g) is torch.Tensor for g in stats.grams.values())
+    assert not any("o_proj" in p for p in stats.grams) and any("down_proj" in p for p in stats.grams)
+    loaded, again = compress(loaded, first.params_after - 600, data, rounds=1)
+    assert param_count(loaded) == again.params_after <= first.params_after - 600

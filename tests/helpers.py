@@ -32,6 +32,8 @@ __all__ = [
     "assert_pruned_equals_masked",
     "canon",
     "assert_couplings_match",
+    "snapshot",
+    "assert_unchanged",
 ]
 
 REL_TOL = 1e-5
@@ -297,3 +299,61 @@ def check_expect_sides(model: nn.Module, inputs: Any, expects: Iterable, *,
                                      what=f"{e.kind} unit {j} of {e.params}, side {role!r}")
         assert moved_any > 1e-6 or not require_effect, (
             f"{e.kind} on {e.params}: zeroing units {picks} changes nothing")
+
+
+def snapshot(model: nn.Module, opt=None) -> dict:
+    """Everything an error must leave as it was: the state dict (values and shapes), parameter
+    names and identities, each module's attributes, mode and hooks, and the optimizer's param groups
+    (members and hyperparameters) and per-parameter state. Compare with :func:`assert_unchanged`."""
+    out = {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "params": [(n, id(p)) for n, p in model.named_parameters()],
+        "attrs": _module_attrs(model),
+    }
+    if opt is not None:
+        out["groups"] = [([id(p) for p in g["params"]], {k: v for k, v in g.items() if k != "params"})
+                         for g in opt.param_groups]
+        out["opt_state"] = {id(p): {k: (v.detach().clone() if torch.is_tensor(v) else v)
+                                    for k, v in opt.state[p].items()}
+                            for g in opt.param_groups for p in g["params"] if p in opt.state}
+    return out
+
+
+def _module_attrs(model: nn.Module) -> dict:
+    out = {}
+    for n, m in model.named_modules():
+        out[n] = (sorted(m.__dict__), sorted(m._buffers), m.training, len(m._forward_pre_hooks),
+                  len(m._forward_hooks))
+    return out
+
+
+def assert_unchanged(model: nn.Module, snap: dict, opt=None) -> None:
+    """The model (and optimizer) are exactly as :func:`snapshot` saw them: values, shapes,
+    parameter identities, module attributes (no leftover removal record or installed forward),
+    buffers (no registered-but-empty slot), modes, hooks, optimizer groups and state."""
+    now = model.state_dict()
+    assert now.keys() == snap["state"].keys(), "state dict keys changed"
+    for k, v in snap["state"].items():
+        assert now[k].shape == v.shape, f"{k}: shape {tuple(now[k].shape)} != {tuple(v.shape)}"
+        assert torch.equal(now[k], v), f"{k} changed"
+    assert [(n, id(p)) for n, p in model.named_parameters()] == snap["params"], "parameters replaced"
+    attrs = _module_attrs(model)
+    assert attrs.keys() == snap["attrs"].keys(), "modules added or removed"
+    changed = {n: [sorted(set(a) ^ set(b)) if isinstance(a, list) else (b, a)
+                   for a, b in zip(attrs[n], snap["attrs"][n]) if a != b]
+               for n in attrs if attrs[n] != snap["attrs"][n]}
+    assert not changed, f"module attributes, buffers, mode or hooks changed: {dict(list(changed.items())[:3])}"
+    if opt is not None:
+        groups = [([id(p) for p in g["params"]], {k: v for k, v in g.items() if k != "params"})
+                  for g in opt.param_groups]
+        assert groups == snap["groups"], "optimizer param groups changed"
+        held = {id(p): p for g in opt.param_groups for p in g["params"]}
+        assert {i for i in held if held[i] in opt.state} == set(snap["opt_state"]), "optimizer state keys changed"
+        for i, before in snap["opt_state"].items():
+            state = opt.state[held[i]]
+            assert state.keys() == before.keys(), "optimizer state entries changed"
+            for k, v in before.items():
+                if torch.is_tensor(v):
+                    assert state[k].shape == v.shape and torch.equal(state[k], v), f"optimizer state {k} changed"
+                else:
+                    assert state[k] == v, f"optimizer state {k} changed"

@@ -84,22 +84,31 @@ class Transaction:
 
     def set_buffer(self, module: nn.Module, name: str, value: torch.Tensor | None) -> None:
         """A non-persistent buffer of ``module`` (None clears it), logged."""
-        if name not in module._buffers:
+        if name not in module._buffers:  # a new slot: registered here, unregistered on rollback
             module.register_buffer(name, None, persistent=False)
+
+            def unregister():
+                module._buffers.pop(name, None)
+                module._non_persistent_buffers_set.discard(name)
+            self._undo.append(unregister)
         self.set_item(module._buffers, name, value)
+
+    def _record(self, module: nn.Module):
+        """The removal record of ``module``, created if need be (removed again on rollback)."""
+        mr = module_record(module)
+        if mr is None:
+            mr = module_record(module, create=True)
+            self._undo.append(lambda: module.__dict__.pop("ecospa_record", None))
+        return mr
 
     def set_record(self, module: nn.Module, attr: str, rec: ParamRecord) -> None:
         """The removal record of ``module``'s parameter ``attr``, logged."""
-        had = module_record(module) is not None
-        mr = module_record(module, create=True)
-        self.set_item(mr.params, attr, rec)
-        if not had:
-            self._undo.append(lambda: module.__dict__.pop("ecospa_record", None))
+        self.set_item(self._record(module).params, attr, rec)
 
     def override(self, module: nn.Module, name: str, value) -> None:
         """Set attribute ``name`` of ``module``, remembering its original value in the record
         (``record.dense_view`` restores it), logged."""
-        mr = module_record(module, create=True)
+        mr = self._record(module)
         if name not in mr.overridden:
             self.set_item(mr.overridden, name, getattr(module, name))
         self.set_attr(module, name, value)

@@ -63,21 +63,42 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _unit_list(c: Coupling, idx) -> np.ndarray:
+    """``idx`` as a 1-D int64 array; PlanError naming ``c`` for anything that is not a flat
+    collection of integers (bools, floats, strings, nested lists, dicts are refused, never
+    coerced: numpy would turn ``[True, 2]`` into ``[1, 2]`` and flatten ``[[0, 1]]``)."""
+    how = "a list of unit indices (ints), e.g. [0, 3]"
+    if isinstance(idx, (torch.Tensor, np.ndarray)):
+        arr = idx.detach().cpu().numpy() if isinstance(idx, torch.Tensor) else idx
+        if arr.ndim != 1 or (arr.size and (arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer))):
+            raise PlanError(f"units of {c.name!r} must be {how}; got a {arr.ndim}-D array of {arr.dtype}")
+        return arr.astype(np.int64)
+    if isinstance(idx, (str, bytes, Mapping)) or not isinstance(idx, Iterable):
+        raise PlanError(f"units of {c.name!r} must be {how}; got {type(idx).__name__} {idx!r:.60}")
+    out = []
+    for x in idx:
+        if isinstance(x, (torch.Tensor, np.ndarray)) and x.ndim == 0:
+            x = x.item() if isinstance(x, torch.Tensor) else x[()]
+        if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
+            raise PlanError(f"units of {c.name!r} must be {how}; got {type(x).__name__} {x!r:.40} "
+                            f"among {idx!r:.60}")
+        if not -(1 << 62) < int(x) < (1 << 62):
+            raise PlanError(f"unit index {int(x)} out of range for {c.name!r} (width {c.width}); indices "
+                            f"are 0..{c.width - 1}")
+        out.append(int(x))
+    return np.asarray(out, dtype=np.int64)
+
+
 def _units(c: Coupling, idx) -> np.ndarray:
-    try:
-        arr = np.asarray(list(idx))
-    except TypeError:
-        raise PlanError(f"units of {c.name!r} must be a list of ints, got {idx!r}") from None
-    if arr.size and (arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer)):
-        raise PlanError(f"units of {c.name!r} must be ints, got {arr.tolist()!r}")
-    arr = arr.astype(np.int64).ravel()
+    arr = _unit_list(c, idx)
     if arr.size and (arr.min() < 0 or arr.max() >= c.width):
         bad = arr[(arr < 0) | (arr >= c.width)].tolist()
         raise PlanError(f"unit indices {bad} out of range for {c.name!r} (width {c.width}); indices "
                         f"are 0..{c.width - 1}")
     if np.unique(arr).size != arr.size:
         vals, counts = np.unique(arr, return_counts=True)
-        raise PlanError(f"duplicate unit indices {vals[counts > 1].tolist()} for {c.name!r}")
+        raise PlanError(f"duplicate unit indices {vals[counts > 1].tolist()} for {c.name!r}; "
+                        "list each unit once")
     return np.sort(arr)
 
 
@@ -120,43 +141,58 @@ def resolve(model: nn.Module, removal, couplings: CouplingGraph | None = None) -
     if any(isinstance(k, str) for s in steps for k in s.removals) and cg is None:
         cg = couplings_for(model)
     out = []
+    is_plan = not isinstance(removal, Mapping)
     for i, step in enumerate(steps):
-        resolved: dict[Coupling, np.ndarray] = {}
-        for key, idx in step.removals.items():
-            if isinstance(key, str):
-                c = cg[key]
-            elif isinstance(key, Coupling):
-                c = key
-            else:
-                raise PlanError(f"removal keys are Couplings or coupling names, got {type(key).__name__}: {key!r}")
-            if not c.exact:
-                raise PlanError(f"coupling {c.name!r} is not exact ({c.reason}); it cannot be removed")
-            if c in resolved:
-                raise PlanError(f"coupling {c.name!r} appears twice in the removal")
-            if step.widths and c.name in step.widths and step.widths[c.name] != c.width:
-                raise PlanError(
-                    f"step {i} of the plan expects coupling {c.name!r} to have width "
-                    f"{step.widths[c.name]}, the model has {c.width}: apply the plan to the model "
-                    "state it was made on (for a full EcoSpa plan: a fresh dense model)")
-            if i == 0:
-                _check_stamps(c, params, state)
-            resolved[c] = _units(c, idx)
-        resolved = {c: a for c, a in resolved.items() if a.size}
-        seen: dict[tuple[str, int], np.ndarray] = {}
-        for c, arr in resolved.items():
-            for t in c.tables:
-                rm = t.index[np.isin(t.unit, arr)]
-                prev = seen.get((t.param, t.dim))
-                if prev is not None and np.intersect1d(prev, rm).size:
-                    raise PlanError(f"two couplings remove the same slices of {t.param} dim {t.dim}: "
-                                    f"{np.intersect1d(prev, rm)[:5].tolist()}")
-                seen[(t.param, t.dim)] = rm if prev is None else np.union1d(prev, rm)
+        try:
+            resolved = _resolve_step(i, step, cg, params, state)
+        except PlanError as e:
+            if not is_plan:
+                raise
+            raise PlanError(f"plan step {i} (of {len(steps)}): {e}") from None
         out.append((cg, resolved))
         if i + 1 < len(steps):
             if cg is None:
                 raise PlanError("a plan of several steps is keyed by names: pass couplings=cg")
             cg = remaining(cg, resolved)
     return out
+
+
+def _resolve_step(i: int, step: Step, cg: CouplingGraph | None, params, state) -> dict[Coupling, np.ndarray]:
+    """One step of :func:`resolve` (the ``i``-th): ``{Coupling: sorted unit indices}``."""
+    resolved: dict[Coupling, np.ndarray] = {}
+    for key, idx in step.removals.items():
+        if isinstance(key, str):
+            c = cg[key]
+        elif isinstance(key, Coupling):
+            c = key
+        else:
+            raise PlanError(f"removal keys are Couplings or coupling names, got {type(key).__name__}: {key!r}")
+        if not c.exact:
+            raise PlanError(f"coupling {c.name!r} is not exact ({c.reason}); it cannot be removed")
+        if c in resolved:
+            raise PlanError(f"coupling {c.name!r} appears twice in the removal")
+        if step.widths and c.name in step.widths and step.widths[c.name] != c.width:
+            raise PlanError(
+                f"the plan expects coupling {c.name!r} to have width {step.widths[c.name]} at this "
+                f"step, the model has {c.width}: apply the plan to the model "
+                "state it was made on (for a full EcoSpa plan: a fresh dense model)")
+        if i == 0:
+            _check_stamps(c, params, state)
+        resolved[c] = _units(c, idx)
+    resolved = {c: a for c, a in resolved.items() if a.size}
+    seen: dict[tuple[str, int], list[tuple[str, np.ndarray]]] = {}
+    for c, arr in resolved.items():
+        for t in c.tables:
+            rm = t.index[np.isin(t.unit, arr)]
+            for other, prev in seen.get((t.param, t.dim), ()):
+                both = np.intersect1d(prev, rm)
+                if both.size:
+                    raise PlanError(
+                        f"couplings {other!r} and {c.name!r} both remove slices {both[:5].tolist()} of "
+                        f"{t.param} dim {t.dim}: they come from different graphs (or a graph built with "
+                        "include_inexact=True); use the couplings of one ecospa.auto_couple(model)")
+            seen.setdefault((t.param, t.dim), []).append((c.name, rm))
+    return resolved
 
 
 def _removed(resolved: Mapping[Coupling, np.ndarray]) -> dict[tuple[str, int], np.ndarray]:
@@ -291,8 +327,8 @@ def _apply(model: nn.Module, resolved, removed, optimizer, tx: Transaction, narr
     for pname, keeps in per_param.items():
         old = params[pname]
         for mod, attr in owners[id(old)]:
-            rec = module_record(mod, create=True)
-            prev = rec.params.get(attr) or ParamRecord(tuple(old.shape))
+            rec = module_record(mod)  # created, if need be, by tx.set_record (undone on rollback)
+            prev = (rec.params.get(attr) if rec is not None else None) or ParamRecord(tuple(old.shape))
             tx.set_record(mod, attr, prev.after(keeps))
         tx.slice_param(old, owners[id(old)], keeps)
     update_forwards(model, resolved, tx, narrow=narrow)

@@ -194,6 +194,12 @@ class CouplingGraph(Sequence[Coupling]):
             try:
                 return self._by_name[key]
             except KeyError:
+                if not any(c.exact for c in self.all):
+                    why = sorted({c.reason for c in self.all if c.reason})[:3]
+                    raise PlanError(
+                        f"no coupling named {key!r}: this model has no exact coupling, so there is "
+                        f"nothing to prune" + (f" (what was found is inexact: {why})" if why else "")
+                        + "; print(cg.summary()) lists what discovery found and why") from None
                 close = [n for n in self._by_name if key.split(".")[-1] in n][:3]
                 raise PlanError(
                     f"no coupling named {key!r} (there are {len(self._by_name)}; similar: "

@@ -1,4 +1,5 @@
-"""Bad plans and uncapturable models: clear ecospa errors, raised before anything changes."""
+"""Bad plans (dicts and Plan JSON) and uncapturable models: clear ecospa errors, raised before
+anything changes. More bad input (knobs, optimizers, gradients, verify) in test_reliability.py."""
 from __future__ import annotations
 
 import pytest
@@ -6,30 +7,9 @@ import torch
 import torch.nn as nn
 
 import ecospa
+from tests.helpers import assert_unchanged as _assert_unchanged
+from tests.helpers import snapshot as _snapshot
 from tests.models import build
-
-
-def _snapshot(model, opt=None):
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    params = [(n, p) for n, p in model.named_parameters()]
-    opt_state = None
-    if opt is not None:
-        opt_state = {id(p): {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}
-                     for _, p in params}
-    return state, params, opt_state
-
-
-def _assert_unchanged(model, snap, opt=None):
-    state, params, opt_state = snap
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    for k in state:
-        assert now[k].shape == state[k].shape and torch.equal(now[k], state[k]), f"{k} changed"
-    assert [(n, id(p)) for n, p in model.named_parameters()] == [(n, id(p)) for n, p in params]
-    if opt is not None:
-        for _, p in params:
-            for key, v in opt_state[id(p)].items():
-                assert torch.equal(opt.state[p][key], v)
 
 
 @pytest.fixture
@@ -139,7 +119,8 @@ def test_uncapturable_model_raises_capture_error_naming_the_module():
     with pytest.raises(ecospa.CaptureError) as err:
         ecospa.auto_couple(model, (torch.randn(3, 8),))
     msg = str(err.value)
-    assert "inner" in msg or "DataDependentBranch" in msg, msg
+    assert "'inner'" in msg and "Wrapper" in msg, msg  # the module at fault, in the model
+    assert "data-dependent" in msg and "Ways out" in msg and "submodule" in msg, msg  # the way out
     _assert_unchanged(model, snap)
 
 
@@ -148,3 +129,110 @@ def test_plain_module_without_inputs_says_to_pass_them():
     model, _ = build("mlp")
     with pytest.raises(ecospa.CaptureError, match="example"):
         ecospa.auto_couple(model)
+
+
+# ----------------------------------------------------------------------------- plan JSON
+
+
+def _plan_dict():
+    return {"version": 2, "steps": [
+        {"step": 4, "removals": {"attn.qk.head0": [0, 2]}, "params_before": 100, "params_after": 90,
+         "widths": {"attn.qk.head0": 8}},
+        {"step": 8, "removals": {"mlp.ffn": [1]}, "params_before": 90, "params_after": 80, "widths": None},
+    ]}
+
+
+def _with(path, value):
+    d = _plan_dict()
+    *head, last = path
+    node = d
+    for k in head:
+        node = node[k]
+    if value is KeyError:
+        del node[last]
+    else:
+        node[last] = value
+    return d
+
+
+BAD_PLAN_DICTS = {  # (plan, what the message must contain: step and field)
+    "not an object": ([1, 2], "JSON object"),
+    "no version": (_with(["version"], KeyError), "version"),
+    "version 3": (_with(["version"], 3), "version"),
+    "version as a string": (_with(["version"], "2"), "version"),
+    "version True": (_with(["version"], True), "version"),
+    "no steps": (_with(["steps"], KeyError), "'steps'"),
+    "steps an object": (_with(["steps"], {"0": {}}), "'steps' should be a list"),
+    "steps a string": (_with(["steps"], "abc"), "'steps' should be a list"),
+    "unknown top field": (_with(["comment"], "hi"), "comment"),
+    "step not an object": (_with(["steps", 1], [8, {}]), "step 1"),
+    "missing step": (_with(["steps", 1, "step"], KeyError), "step 1: missing field 'step'"),
+    "missing removals": (_with(["steps", 0, "removals"], KeyError), "step 0: missing field 'removals'"),
+    "step a float": (_with(["steps", 1, "step"], 8.5), "step 1, field 'step'"),
+    "step negative": (_with(["steps", 1, "step"], -1), "step 1, field 'step'"),
+    "removals a list": (_with(["steps", 0, "removals"], [[0, 2]]), "step 0, field 'removals'"),
+    "indices a string": (_with(["steps", 1, "removals", "mlp.ffn"], "1"), "step 1, field 'removals'['mlp.ffn']"),
+    "indices an int": (_with(["steps", 1, "removals", "mlp.ffn"], 1), "step 1, field 'removals'['mlp.ffn']"),
+    "index a float": (_with(["steps", 1, "removals", "mlp.ffn"], [1.0]), "'removals'['mlp.ffn'][0]"),
+    "index a bool": (_with(["steps", 1, "removals", "mlp.ffn"], [0, True]), "'removals'['mlp.ffn'][1]"),
+    "index None": (_with(["steps", 1, "removals", "mlp.ffn"], [None]), "'removals'['mlp.ffn'][0]"),
+    "index nested": (_with(["steps", 1, "removals", "mlp.ffn"], [[1]]), "'removals'['mlp.ffn'][0]"),
+    "index negative": (_with(["steps", 1, "removals", "mlp.ffn"], [-2]), "'removals'['mlp.ffn'][0]"),
+    "index repeated": (_with(["steps", 0, "removals", "attn.qk.head0"], [2, 2]), "step 0, field 'removals'['attn.qk.head0']"),
+    "index over the width": (_with(["steps", 0, "removals", "attn.qk.head0"], [8]), "step 0, field 'removals'['attn.qk.head0']"),
+    "widths a list": (_with(["steps", 0, "widths"], [8]), "step 0, field 'widths'"),
+    "width a string": (_with(["steps", 0, "widths", "attn.qk.head0"], "8"), "step 0, field 'widths'['attn.qk.head0']"),
+    "params_before a string": (_with(["steps", 0, "params_before"], "100"), "step 0, field 'params_before'"),
+    "unknown step field": (_with(["steps", 0, "width"], {}), "step 0: unknown fields ['width']"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PLAN_DICTS))
+def test_plan_json_failing_its_schema_names_the_step_and_field(case):
+    """Plan.from_dict / from_json check the whole schema; PlanError names the step and field."""
+    import json
+
+    data, where = BAD_PLAN_DICTS[case]
+    with pytest.raises(ecospa.PlanError) as err:
+        ecospa.Plan.from_dict(data)
+    assert where in str(err.value), str(err.value)
+    with pytest.raises(ecospa.PlanError) as err:
+        ecospa.Plan.from_json(json.dumps(data))
+    assert where in str(err.value), str(err.value)
+
+
+def test_plan_json_round_trips_and_rejects_non_json():
+    plan = ecospa.Plan.from_dict(_plan_dict())
+    assert ecospa.Plan.from_json(plan.to_json()) == plan
+    assert ecospa.Plan.from_dict({"version": 1, "steps": [{"step": 0, "removals": {}}]}).steps[0].widths is None
+    for text in ("{not json", "", b"\xff\xfe", "[1, 2", "NaN"):
+        with pytest.raises(ecospa.PlanError):
+            ecospa.Plan.from_json(text)
+    with pytest.raises(ecospa.PlanError, match="JSON text"):
+        ecospa.Plan.from_json({"version": 2})
+
+
+def test_plan_json_that_does_not_match_the_model_is_refused_when_applied(subject):
+    """Valid JSON for another model: an unknown coupling, or indices beyond a coupling's width,
+    raise PlanError naming the coupling (and the index) when applied; nothing changes."""
+    model, inputs, cg, opt = subject
+    c = cg[0]
+    snap = _snapshot(model, opt)
+    unknown = ecospa.Plan.from_dict({"version": 2, "steps": [
+        {"step": 1, "removals": {c.name: [0]}}, {"step": 2, "removals": {"h.7.attn.qk.head0": [1]}}]})
+    with pytest.raises(ecospa.PlanError, match="h.7.attn.qk.head0"):
+        ecospa.prune(model, unknown, optimizer=opt, couplings=cg)
+    beyond = ecospa.Plan.from_dict({"version": 2, "steps": [{"step": 1, "removals": {c.name: [c.width + 4]}}]})
+    with pytest.raises(ecospa.PlanError, match=f"{c.width + 4}.*{c.name}"):
+        ecospa.prune(model, beyond, optimizer=opt, couplings=cg)
+    with pytest.raises(ecospa.PlanError, match=c.name):
+        beyond.replay(model, opt, couplings=cg)
+    _assert_unchanged(model, snap, opt)
+
+
+def test_plan_errors_when_applied_name_the_step(subject):
+    model, inputs, cg, opt = subject
+    plan = ecospa.Plan.from_dict({"version": 2, "steps": [
+        {"step": 1, "removals": {cg[0].name: [0]}}, {"step": 2, "removals": {"h.7.attn.qk.head0": [1]}}]})
+    with pytest.raises(ecospa.PlanError, match="step 1"):
+        ecospa.prune(model, plan, optimizer=opt, couplings=cg)

@@ -10,9 +10,10 @@ from tests.strategies import attention_blocks, mlp_stacks
 
 
 def _draw_plan(data, cg):
+    """Any units of every coupling (all of one too: ``prune`` may empty a coupling)."""
     plan = {}
     for c in cg:
-        idx = data.draw(st.lists(st.integers(0, c.width - 1), unique=True, max_size=c.width - 1),
+        idx = data.draw(st.lists(st.integers(0, c.width - 1), unique=True, max_size=c.width),
                         label=c.name)
         if idx:
             plan[c] = sorted(idx)
@@ -26,7 +27,7 @@ def _draw_uniform_plan(data, cg):
         groups.setdefault(c.group, []).append(c)
     plan = {}
     for name, cs in groups.items():
-        k = data.draw(st.integers(0, min(c.width for c in cs) - 1), label=name)
+        k = data.draw(st.integers(0, min(c.width for c in cs)), label=name)
         for c in cs:
             if k:
                 plan[c] = sorted(data.draw(st.permutations(range(c.width)), label=c.name)[:k])

@@ -1,5 +1,6 @@
 """Bad plans (dicts and Plan JSON) and uncapturable models: clear ecospa errors, raised before
-anything changes. More bad input (knobs, optimizers, gradients, verify) in test_reliability.py."""
+anything changes. More bad input (indices, knobs, optimizers, gradients, verify) in
+test_reliability*.py."""
 from __future__ import annotations
 
 import pytest

@@ -212,3 +212,25 @@ def test_copies_of_a_pruned_model_rebuild_their_own_graphs():
         twin = copy.deepcopy(model)
         assert torch.allclose(twin(*inputs), out, atol=1e-6)
     assert _outer(twin)[0].narrow
+
+
+@pytest.mark.parametrize("name", ["nanogpt_block", "llama_rope_half"])
+def test_qk_and_v_of_different_widths_keep_the_fused_attention_kernel(name):
+    """q/k heads narrower (or wider) than v heads: SDPA's fused CPU kernel needs one head width,
+    so the narrower side is padded with zero channels for the call; exact, gradients too."""
+    for drop_kind, keep in (("qk", "vo"), ("vo", "qk")):
+        model, inputs = build(name)
+        cg = ecospa.auto_couple(model, inputs)
+        plan = {c: list(range(c.width // 2)) for c in cg if c.kind == drop_kind and c.width > 1}
+        assert plan
+        ref = masked_copy(model, plan_units(plan))
+        assert_pruned_equals_masked(model, inputs, plan)
+        assert torch.ops.aten.constant_pad_nd.default in _graph_ops(model)
+        model.train(), ref.train()
+        for m in (model, ref):
+            call(m, inputs).pow(2).mean().backward()
+        assert all(r.narrow for r in _outer(model))
+        grads = dict(ref.named_parameters())
+        for n, p in model.named_parameters():
+            if p.shape == grads[n].shape:
+                assert torch.allclose(p.grad, grads[n].grad, rtol=1e-4, atol=1e-6), (name, drop_kind, n)

@@ -1,0 +1,1 @@
+"""The speed benchmark of pruned models (see ``bench/speed/run.py``)."""

@@ -71,25 +71,22 @@ def _step_from_dict(i: int, s) -> PlanStep:
         return n
 
     step = count("'step'", s["step"])
+    def by_name(field_: str, raw, expected: str) -> Mapping:
+        """``raw`` checked as a mapping keyed by coupling names (strings)."""
+        if not isinstance(raw, Mapping):
+            raise PlanError(f"{where}, field {field_!r}: expected {{coupling name: {expected}}}, got "
+                            f"{type(raw).__name__}")
+        for k in raw:
+            if not isinstance(k, str):
+                raise PlanError(f"{where}, field {field_!r}: coupling names are strings, got {k!r}")
+        return raw
+
     widths_raw = s.get("widths")
     widths = None
     if widths_raw is not None:
-        if not isinstance(widths_raw, Mapping):
-            raise PlanError(f"{where}, field 'widths': expected {{coupling name: width}}, got "
-                            f"{type(widths_raw).__name__}")
-        widths = {}
-        for k, v in widths_raw.items():
-            if not isinstance(k, str):
-                raise PlanError(f"{where}, field 'widths': coupling names are strings, got {k!r}")
-            widths[k] = count(f"'widths'[{k!r}]", v)
-    removals_raw = s["removals"]
-    if not isinstance(removals_raw, Mapping):
-        raise PlanError(f"{where}, field 'removals': expected {{coupling name: [unit indices]}}, got "
-                        f"{type(removals_raw).__name__}")
+        widths = {k: count(f"'widths'[{k!r}]", v) for k, v in by_name("widths", widths_raw, "width").items()}
     removals = {}
-    for k, v in removals_raw.items():
-        if not isinstance(k, str):
-            raise PlanError(f"{where}, field 'removals': coupling names are strings, got {k!r}")
+    for k, v in by_name("removals", s["removals"], "[unit indices]").items():
         if isinstance(v, (str, bytes, Mapping)) or not isinstance(v, Sequence):
             raise PlanError(f"{where}, field 'removals'[{k!r}]: expected a list of unit indices, got "
                             f"{type(v).__name__} {v!r:.40}")

@@ -176,7 +176,9 @@ def markdown(r: dict) -> str:
              f"Load average {m['load_before']} before, {m['load_after']} after ({m['duration_s'] / 60:.1f} min; a shared "
              "machine: other jobs ran beside this one, hence interleaved rounds, per-round ratios, minima and CPU time).", "",
              "Every variant of a table was timed in the same rounds, the order rotating every round ("
-             f"{m['warmup']} warm-up round(s) dropped). Speedup = the median over rounds of time(dense) / "
+             f"{m['warmup']} warm-up round(s) dropped before the forward rounds, {m.get('train_warmup', m['warmup'])} "
+             "before the train-step rounds; every variant was first called once at each shape, untimed, which builds "
+             "its narrow graphs). Speedup = the median over rounds of time(dense) / "
              "time(variant) in the same round (the ratios of the medians, minima and CPU times beside it). "
              "FLOP ideal = FLOPs(dense) / FLOPs(variant), matmuls "
              "only, attention core counted (QKᵀ and AV per head at the kept widths, full T×T); the train step's ideal "

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from budget_recovery import recover_for_cpu_seconds
+
 DATA = Path(os.environ.get("ECOSPA_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data" / "wikitext2_valid.txt"
 
 
@@ -195,29 +197,11 @@ def tp_prune_bert(model: nn.Module, importance: str, target_params: int, calib: 
 
 def recover_embeddings(model: nn.Module, teacher: nn.Module, bs: list[dict], *, cpu_seconds: float,
                        lr: float = 1e-4, seed: int = 0) -> list[float]:
-    """Recovery, the same for every method: :func:`distill_embeddings` to the dense model, AdamW
-    (no weight decay), linear warm-up over 5% of the CPU budget and linear decay to zero at its
-    end; stops once the process used ``cpu_seconds`` of CPU time."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    losses: list[float] = []
-    model.train()
-    c0 = time.process_time()
-    while (spent := (time.process_time() - c0) / cpu_seconds) < 1.0:
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (spent + 1e-3) / 0.05) * max(0.0, 1.0 - spent)
-        if not order:
-            order = torch.randperm(len(bs), generator=g).tolist()
-        b = bs[order.pop()]
+    """Recovery, the same for every method: :func:`distill_embeddings` to the dense model for
+    ``cpu_seconds`` of CPU time (``budget_recovery.recover_for_cpu_seconds``)."""
+    def loss_of(b: dict) -> torch.Tensor:
         with torch.no_grad():
             t_out = teacher(**b)
-        loss = distill_embeddings(model(**b), t_out, b)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    opt.zero_grad(set_to_none=True)
-    model.eval()
-    return losses
+        return distill_embeddings(model(**b), t_out, b)
+
+    return recover_for_cpu_seconds(model, bs, loss_of, cpu_seconds=cpu_seconds, lr=lr, seed=seed)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import time
 from pathlib import Path
 
 import torch
+
+from budget_recovery import recover_for_cpu_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("ECOSPA_SHARED", ROOT.parent / "shared")) / "data" / "wikitext2_valid.txt"
@@ -103,34 +104,14 @@ def perplexity(model: torch.nn.Module, batches: torch.Tensor, batch_size: int = 
 def distill_recover(model: torch.nn.Module, teacher: torch.nn.Module, batches: list[torch.Tensor], *,
                     cpu_seconds: float, lr: float = 1e-4, seed: int = 0) -> list[float]:
     """Recovery fine-tune, the same for every method: KL(teacher || student) on the next-token
-    distributions, AdamW (no weight decay), linear warm-up over the first 5% of the CPU budget
-    and linear decay to zero at its end; stops when the process used ``cpu_seconds`` of CPU."""
+    distributions for ``cpu_seconds`` of CPU time (``budget_recovery.recover_for_cpu_seconds``)."""
     import torch.nn.functional as F
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    losses: list[float] = []
-    model.train()
-    c0 = time.process_time()
-    while True:
-        spent = (time.process_time() - c0) / cpu_seconds
-        if spent >= 1.0:
-            break
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (spent + 1e-3) / 0.05) * max(0.0, 1.0 - spent)
-        if not order:
-            order = torch.randperm(len(batches), generator=g).tolist()
-        x = batches[order.pop()]
+
+    def loss_of(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             t = teacher(input_ids=x).logits.float()
         s = model(input_ids=x).logits.float()
-        loss = F.kl_div(F.log_softmax(s.reshape(-1, s.shape[-1]), -1), F.log_softmax(t.reshape(-1, t.shape[-1]), -1),
+        return F.kl_div(F.log_softmax(s.reshape(-1, s.shape[-1]), -1), F.log_softmax(t.reshape(-1, t.shape[-1]), -1),
                         log_target=True, reduction="batchmean")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    opt.zero_grad(set_to_none=True)
-    model.eval()
-    return losses
+
+    return recover_for_cpu_seconds(model, batches, loss_of, cpu_seconds=cpu_seconds, lr=lr, seed=seed)

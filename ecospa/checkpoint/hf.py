@@ -6,7 +6,10 @@ from it by ``ecospa.load(directory)``.
 class comes from ``transformers.AutoConfig.for_model(model_type)`` (built-in model types only;
 no ``trust_remote_code``) and the model class must be a ``PreTrainedModel`` exported by
 ``transformers`` itself, built with the saved ``attn_implementation`` and random weights (the
-saved ones are loaded afterwards).
+saved ones are loaded afterwards). Submodules the saved model did not have but its class builds
+by default (``BertModel(config, add_pooling_layer=False)`` has no ``pooler``: constructor
+arguments are not in the config) are set to None on the rebuilt model, as the constructor does;
+the saved manifest lists the module paths for that.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import torch.nn as nn
 from ecospa.checkpoint.tree import dump_json, parse_json
 from ecospa.errors import CheckpointError
 
-__all__ = ["hf_section", "build_from_config"]
+__all__ = ["hf_section", "build_from_config", "drop_absent_modules"]
 
 
 def _transformers():
@@ -34,8 +37,28 @@ def hf_section(model: nn.Module) -> tuple[dict | None, bytes | None]:
     config = json.loads(model.config.to_json_string(use_diff=False))  # JSON-safe (dtypes as strings)
     config["architectures"] = [type(model).__name__]
     attn = getattr(model.config, "_attn_implementation", None)
-    return ({"architecture": type(model).__name__, "attn_implementation": attn if isinstance(attn, str) else None},
+    return ({"architecture": type(model).__name__, "attn_implementation": attn if isinstance(attn, str) else None,
+             "modules": sorted(name for name, _ in model.named_modules())},
             dump_json(config))
+
+
+def drop_absent_modules(model: nn.Module, saved: list[str] | None) -> list[str]:
+    """Set to None every submodule of the rebuilt ``model`` that the saved model did not have
+    although its parent was there (an optional part its constructor left out); return their
+    paths. ``saved``: the saved module paths (None for checkpoints written before they were
+    recorded: nothing is dropped)."""
+    if saved is None:
+        return []
+    have = set(saved)
+    dropped: list[str] = []
+    for name, _ in list(model.named_modules()):
+        if name in have or not name or any(name.startswith(d + ".") for d in dropped):
+            continue
+        parent, _, child = name.rpartition(".")
+        if parent in have:
+            setattr(model.get_submodule(parent), child, None)
+            dropped.append(name)
+    return dropped
 
 
 def build_from_config(hf: dict, config_bytes: bytes, where: str) -> nn.Module:

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ecospa.checkpoint.atomic import MANIFEST, open_snapshot
 from ecospa.checkpoint.ecospa_state import check_ecospa, restore_ecospa
-from ecospa.checkpoint.hf import build_from_config
+from ecospa.checkpoint.hf import build_from_config, drop_absent_modules
 from ecospa.checkpoint.manifest import HF_CONFIG, STATE, WEIGHTS, Manifest, file_names, parse_manifest
 from ecospa.checkpoint.optim import check_optimizer, restore_optimizer
 from ecospa.checkpoint.removals import check_removals, replay, same_records
@@ -82,6 +82,7 @@ def _rebuild(ck: Checkpoint) -> nn.Module:
                               "it cannot be rebuilt from a config: build the dense model yourself and "
                               "call ecospa.load(directory, model)")
     model = build_from_config(hf, ck.config, ck.where)
+    drop_absent_modules(model, hf.get("modules"))
     dtype = uniform_float_dtype(ck.weights)
     if dtype is not None:
         model.to(dtype)

@@ -11,7 +11,8 @@ Format version 1::
         "training": false,
         "removals": {"<param>": {"dense_shape": [96, 32], "kept": {"0": [0, 2, 5, ...]}}},
         "aliases": {"lm_head.weight": "transformer.wte.weight"},
-        "hf": {"architecture": "GPT2LMHeadModel", "attn_implementation": "sdpa"} | null
+        "hf": {"architecture": "GPT2LMHeadModel", "attn_implementation": "sdpa",
+               "modules": ["", "transformer", ...]} | null
       },
       "optimizer": {...} | null,      # ecospa.checkpoint.optim
       "ecospa": {...} | null,         # ecospa.checkpoint.training
@@ -161,6 +162,9 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
         attn = hf.get("attn_implementation")
         if attn is not None and not isinstance(attn, str):
             raise fail("model.hf.attn_implementation", "expected a string or null")
+        mods = hf.get("modules")
+        if mods is not None and not (isinstance(mods, list) and all(isinstance(x, str) for x in mods)):
+            raise fail("model.hf.modules", "expected a list of module paths or null")
         if HF_CONFIG not in files:
             raise fail("files", f"a transformers model without {HF_CONFIG}")
     for key in _SECTIONS:

@@ -59,3 +59,20 @@ def test_bf16_model_rebuilt_in_its_dtype(tmp_path):
     rebuilt = ecospa.load(tmp_path / "ck")
     assert {p.dtype for p in rebuilt.parameters()} == {torch.bfloat16}
     assert_same_params(rebuilt, model)
+
+
+def test_optional_submodule_left_out_by_the_constructor(tmp_path):
+    """``BertModel(config, add_pooling_layer=False)``: the constructor argument is not in the
+    config; the rebuilt model must leave the pooler out too, or its weights would not match."""
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    inputs = {"input_ids": torch.randint(0, 50, (2, 7))}
+    cg = ecospa.auto_couple(model, inputs)
+    ecospa.prune(model, random_plan(cg, random.Random(2)), couplings=cg)
+    ecospa.save(model, tmp_path / "ck")
+    rebuilt = ecospa.load(tmp_path / "ck", example_inputs=inputs)
+    assert rebuilt.pooler is None
+    assert_same_outputs(outputs(rebuilt, inputs), outputs(model, inputs))
+    assert_same_params(rebuilt, model)

@@ -16,12 +16,17 @@ Protocol (also written into the Markdown output):
 - data: ``shared/data/wikitext2_valid.txt`` cut at the first line break after 80% of its
   characters; calibration and recovery read only the first part, evaluation only the second;
 - ecospa: ``ecospa.compress`` defaults (mask-Fisher scores, global allocation, least-squares
-  reconstruction) from the dense model, one calibration round per size of the run down to the
-  size (90%: 1 round, 70%: 2, 50%: 3 with the default sizes; each round recalibrates the
-  model as it is); ``--calib`` windows of 512 tokens per round;
+  reconstruction) from the dense model, one calibration round per 20% of the prunable parameters
+  removed, rounded up (90% and 80%: 1 round, 70% and 60%: 2, 50%: 3; each round recalibrates the
+  model as it is); ``--calib`` windows of 512 tokens per round; the pruned model is kept with
+  ``ecospa.save`` in the cache and read back with ``ecospa.load`` by the later stages;
 - recovery (``--recover-sizes``): ``--recover-cpu`` seconds of process CPU time of distillation
   from the dense model's logits, batches of 2 x 256 tokens, the same budget and code for every
-  method (``smollm2_common.distill_recover``);
+  method (``smollm2_common.distill_recover``); ``ecospa_lm`` is ecospa's model recovered with the
+  plain next-token loss instead, for the distillation-or-LM question;
+- speed: forward tokens/s of each model on one window of 512 tokens (eval, no grad), timed
+  interleaved with the dense model round by round (``--speed-rounds``), the median per-round
+  ratio; memory: the bytes of parameters and buffers;
 - evaluation: perplexity on ``--eval512`` evenly spaced windows of 512 tokens and ``--eval128``
   of 128 of the evaluation part (the same windows for every model);
 - every configuration writes ``bench/results/smollm2/<method>-<size>.json`` when it finishes and
@@ -34,6 +39,7 @@ import copy
 import gc
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -43,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ecospa  # noqa: E402
-from smollm2_common import CACHE, distill_recover, load_model, perplexity, token_splits, windows  # noqa: E402
+from smollm2_common import CACHE, distill_recover, lm_recover, load_model, perplexity, token_splits, windows  # noqa: E402
 
 OUT = Path(os.environ.get("ECOSPA_BENCH_OUT", Path(__file__).resolve().parent / "results"))
 RUNS = OUT / "smollm2"
@@ -56,6 +62,7 @@ METHODS = {
     "tp_magnitude": "Torch-Pruning GroupMagnitudeImportance(p=2), same structures",
     "llm_pruner": "LLM-Pruner's criteria via Torch-Pruning: Taylor, heads + MLP channels, layers 4-27 only",
     "wanda_sp": "Wanda-sp: sum |W| * ||X|| over each unit's weights, same fraction per coupling, no reconstruction",
+    "ecospa_lm": "ecospa's pruned model, recovered with the next-token loss instead of distillation",
     "random": "ecospa couplings, random units, the same fraction per coupling",
     "uncoupled": "ecospa's per-coupling counts, but each matrix's slices scored (Wanda) and zeroed alone",
 }
@@ -110,12 +117,16 @@ class Bench:
         """(pruned model, info) for a method; the dense model is never modified."""
         calib_batches = list(self.calib.split(4))
         info: dict = {}
-        if method == "ecospa":
+        if method in ("ecospa", "ecospa_lm"):
+            saved = STATE / f"ecospa-{size}" / "model"
+            if saved.exists():
+                return ecospa.load(saved, self.fresh()), info
             model = self.fresh()
             model, rep = ecospa.compress(model, target, calib_batches, rounds=self.rounds(size))
             info["report"] = {k: v for k, v in rep.to_dict().items() if k not in ("removed", "rounds", "widths")}
             info["rounds"] = [{k: v for k, v in r.items() if k != "removed"} for r in rep.to_dict()["rounds"]]
             self.save_counts(model, size)
+            ecospa.save(model, saved)
         elif method == "random":
             model = self.fresh()
             ecospa.compress(model, target, [self.calib[:1, :64]], couplings=self.cg, score="random",
@@ -142,10 +153,11 @@ class Bench:
             raise ValueError(method)
         return model, info
 
-    def rounds(self, size: float) -> int:
-        """ecospa's calibration rounds at ``size``: one per size of the run down to it (90% 1,
-        70% 2, 50% 3 with the default sizes): about 10-20% of the prunable parameters per round."""
-        return 1 + sum(1 for s in self.args.sizes if s > size)
+    @staticmethod
+    def rounds(size: float) -> int:
+        """ecospa's calibration rounds at ``size``: one per 20% of the prunable parameters removed,
+        rounded up (90%, 80%: 1; 70%, 60%: 2; 50%: 3)."""
+        return max(1, math.ceil(round((1.0 - size) / 0.2, 6)))
 
     def save_counts(self, model, size: float) -> None:
         """Units ecospa removed per coupling (read by the uncoupled baseline)."""
@@ -156,37 +168,95 @@ class Bench:
         (d / "counts.json").write_text(json.dumps(counts))
 
     # ------------------------------------------------------------------ one configuration
+    def wants(self, method: str, size: float, res: dict | None) -> tuple[bool, bool]:
+        """(recovery, speed) still to measure for a configuration whose JSON is ``res``."""
+        rec = (self.args.recover_cpu > 0 and size in self.args.recover_sizes and (res is None or "recovered" not in res)
+               or method == "ecospa_lm" and (res is None or "recovered" not in res))
+        speed = self.args.speed_rounds > 0 and method != "uncoupled" and (res is None or "speed" not in res)
+        return rec, speed
+
     def run(self, method: str, size: float) -> None:
+        """One configuration; a JSON already written is completed (recovery, speed), never redone."""
         path = RUNS / f"{method}-{size}.json"
-        if path.exists():
+        res = json.loads(path.read_text()) if path.exists() else None
+        need_rec, need_speed = self.wants(method, size, res)
+        if method == "ecospa_lm" and not self.args.recover_cpu > 0:
+            return
+        if res is not None and not (need_rec or need_speed):
             return
         target = self.target(size)
-        res = {"method": method, "size": size, "target_params": target, "dense_params": count(self.dense),
-               "prunable_params": self.prunable}
         t0, c0 = time.perf_counter(), time.process_time()
         model, info = self.build(method, size, target)
-        res["prune_seconds"] = time.perf_counter() - t0
-        res["prune_cpu_seconds"] = time.process_time() - c0
-        res["params"] = info.get("effective_params", count(model))
-        res["weights_mb"] = weights_mb(model)
-        res.update({k: v for k, v in info.items() if k in ("report", "rounds", "tp")})
-        res["oneshot"] = self.evaluate(model)
-        log.info("%s %.2f one-shot: %s params, ppl512 %.2f ppl128 %.2f (%.0f s)", method, size, res["params"],
-                 res["oneshot"]["ppl512"], res["oneshot"]["ppl128"], time.perf_counter() - t0)
-        if self.args.recover_cpu > 0 and size in self.args.recover_sizes:
+        if res is None:
+            res = {"method": method, "size": size, "target_params": target, "dense_params": count(self.dense),
+                   "prunable_params": self.prunable,
+                   "prune_seconds": time.perf_counter() - t0, "prune_cpu_seconds": time.process_time() - c0,
+                   "params": info.get("effective_params", count(model)), "weights_mb": weights_mb(model)}
+            res.update({k: v for k, v in info.items() if k in ("report", "rounds", "tp")})
+            twin = RUNS / f"ecospa-{size}.json"
+            if method == "ecospa_lm" and twin.exists():  # the same pruned model: its one-shot numbers
+                res["oneshot"] = json.loads(twin.read_text())["oneshot"]
+            else:
+                res["oneshot"] = self.evaluate(model)
+            log.info("%s %.2f one-shot: %s params, ppl512 %.2f ppl128 %.2f (%.0f s)", method, size, res["params"],
+                     res["oneshot"]["ppl512"], res["oneshot"]["ppl128"], time.perf_counter() - t0)
+            self.write(path, res)
+        if need_speed:
+            res["speed"] = self.speed(model)
+            log.info("%s %.2f forward: %.0f tokens/s, %.2fx dense", method, size, res["speed"]["tokens_per_s"],
+                     res["speed"]["ratio"])
+            self.write(path, res)
+        if need_rec:
+            lm = method == "ecospa_lm"
             c1, t1 = time.process_time(), time.perf_counter()
-            losses = distill_recover(model, self.dense, self.recover_batches, cpu_seconds=self.args.recover_cpu,
-                                     lr=self.args.recover_lr)
-            res["recovery"] = {"loss": "distill", "steps": len(losses), "tokens": len(losses) * 2 * 256,
+            recover = lm_recover if lm else distill_recover
+            teacher = None if lm else self.dense
+            losses = recover(model, teacher, self.recover_batches, cpu_seconds=self.args.recover_cpu,
+                             lr=self.args.recover_lr)
+            res["recovery"] = {"loss": "lm" if lm else "distill", "steps": len(losses), "tokens": len(losses) * 2 * 256,
                                "cpu_seconds": time.process_time() - c1, "seconds": time.perf_counter() - t1,
                                "first_loss": losses[0], "last_loss": losses[-1], "lr": self.args.recover_lr}
             res["recovered"] = self.evaluate(model)
             log.info("%s %.2f recovered (%d steps): ppl512 %.2f ppl128 %.2f", method, size, len(losses),
                      res["recovered"]["ppl512"], res["recovered"]["ppl128"])
-        RUNS.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(res, indent=1))
+            self.write(path, res)
         del model, info
         gc.collect()
+
+    @staticmethod
+    def write(path: Path, res: dict) -> None:
+        RUNS.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=1))
+        tmp.replace(path)
+
+    @torch.no_grad()
+    def speed(self, model) -> dict:
+        """Forward tokens/s on one window of 512 tokens, timed interleaved with the dense model."""
+        x = self.e512[:1]
+        model.eval()
+        for m in (model, self.dense):  # warm-up (ecospa builds its narrow forward on the first call)
+            m(input_ids=x)
+        times: dict[str, list[float]] = {"model": [], "dense": []}
+        for r in range(self.args.speed_rounds):
+            for key in (("model", "dense") if r % 2 == 0 else ("dense", "model")):
+                m = model if key == "model" else self.dense
+                t0 = time.perf_counter()
+                m(input_ids=x)
+                times[key].append(time.perf_counter() - t0)
+        ratios = sorted(d / t for d, t in zip(times["dense"], times["model"]))
+        med = sorted(times["model"])[len(times["model"]) // 2]
+        dmed = sorted(times["dense"])[len(times["dense"]) // 2]
+        return {"tokens_per_s": x.shape[1] / med, "dense_tokens_per_s": x.shape[1] / dmed,
+                "ratio": ratios[len(ratios) // 2], "rounds": self.args.speed_rounds,
+                "threads": torch.get_num_threads(), "weights_mb": weights_mb(model),
+                "narrow": self.narrow_share(model)}
+
+    @staticmethod
+    def narrow_share(model) -> str | None:
+        """'n of m narrow' over the attention regions of a model ecospa pruned, else None."""
+        rep = ecospa.execution_report(model)
+        return f"{sum(r.narrow for r in rep)} of {len(rep)} narrow" if rep else None
 
     def run_dense(self) -> None:
         path = RUNS / "dense-1.0.json"
@@ -209,6 +279,7 @@ def main(argv=None) -> None:
     ap.add_argument("--recover-cpu", type=float, default=150.0, help="recovery budget, CPU seconds (0: none)")
     ap.add_argument("--recover-sizes", default="0.5", help="sizes that get a recovery run")
     ap.add_argument("--recover-lr", type=float, default=5e-5)
+    ap.add_argument("--speed-rounds", type=int, default=5, help="interleaved forward timings per model (0: none)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--report", action="store_true", help="only rebuild the table and plot")
     args = ap.parse_args(argv)

@@ -115,3 +115,16 @@ def distill_recover(model: torch.nn.Module, teacher: torch.nn.Module, batches: l
                         log_target=True, reduction="batchmean")
 
     return recover_for_cpu_seconds(model, batches, loss_of, cpu_seconds=cpu_seconds, lr=lr, seed=seed)
+
+
+def lm_recover(model: torch.nn.Module, teacher: None, batches: list[torch.Tensor], *,
+               cpu_seconds: float, lr: float = 1e-4, seed: int = 0) -> list[float]:
+    """The same recovery loop as :func:`distill_recover` with the plain next-token loss
+    (``teacher`` is unused: the signature matches so the two are interchangeable)."""
+    import torch.nn.functional as F
+
+    def loss_of(x: torch.Tensor) -> torch.Tensor:
+        s = model(input_ids=x).logits[:, :-1].float()
+        return F.cross_entropy(s.reshape(-1, s.shape[-1]), x[:, 1:].reshape(-1))
+
+    return recover_for_cpu_seconds(model, batches, loss_of, cpu_seconds=cpu_seconds, lr=lr, seed=seed)

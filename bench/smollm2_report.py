@@ -10,7 +10,7 @@ OUT = Path(os.environ.get("ECOSPA_BENCH_OUT", Path(__file__).resolve().parent / 
 RUNS = OUT / "smollm2"
 
 LABELS = {
-    "dense": "dense", "ecospa": "**ecospa**", "ecospa-lm": "ecospa (LM-loss recovery)",
+    "dense": "dense", "ecospa": "**ecospa**", "ecospa_lm": "ecospa, LM-loss recovery",
     "ecospa-eq9": "ecospa Eq. 6 + Eq. 9 (Alg. 1)", "tp_taylor": "Torch-Pruning Taylor",
     "tp_magnitude": "Torch-Pruning magnitude", "llm_pruner": "LLM-Pruner (TP, layers 4-27)",
     "wanda_sp": "Wanda-sp", "random": "random (coupled)", "uncoupled": "uncoupled (masks)",
@@ -46,10 +46,7 @@ def write_report(args=None) -> None:
     runs = load_runs()
     if not runs:
         return
-    speed = {}
-    sp = OUT / "smollm2_speed.json"
-    if sp.exists():
-        speed = {(r["method"], r["size"]): r for r in json.loads(sp.read_text())["models"]}
+    speed = {(r["method"], r["size"]): r["speed"] for r in runs if "speed" in r}
     dense = next((r for r in runs if r["method"] == "dense"), None)
     order = list(LABELS)
     sizes = sorted({r["size"] for r in runs if r["method"] != "dense"}, reverse=True)

@@ -77,7 +77,7 @@ def dense_variant(model, spec, lr) -> Variant:
 
 def regions(model) -> list[dict]:
     return [dict(path=r.path, narrow_calls=r.narrow_calls, fallback_calls=r.fallback_calls,
-                 reasons=list(r.reasons)) for r in ecospa.execution_report(model)]
+                 reasons=list(r.reasons), kv_cache=r.kv_cache) for r in ecospa.execution_report(model)]
 
 
 def execution(variants: dict[str, Variant]) -> dict:

@@ -4,16 +4,16 @@ Two loops over the same HF GPT-2 models (eval mode, ``torch.inference_mode``, ba
 
 - ``cached``: ``model.generate(x, max_new_tokens=n, do_sample=False, use_cache=True)``. HF passes
   its ``DynamicCache`` (Python-side state) to every attention call; a narrow graph cannot update
-  it, so pruned attention runs on ecospa's exact scatter fallback and the cache holds keys and
-  values at the dense head width. ``execution_report`` says so (the reason is recorded). The
-  prefill alone (``max_new_tokens=1``) is timed too, so the decode rate is
-  ``(n - 1) / (t(n) - t(1))``.
+  it, so pruned attention runs on ecospa's exact scatter fallback at the dense head width, while
+  the cache stores keys and values at the kept widths (``ecospa.coupling.narrow.kvcache``; ragged
+  heads padded to the layer's widest kept head). ``execution_report`` says so. The prefill alone
+  (``max_new_tokens=1``) is timed too, so the decode rate is ``(n - 1) / (t(n) - t(1))``.
 - ``no_cache``: nanoGPT-style: every new token recomputes the whole sequence
   (``model(ids, use_cache=False)``), where the narrow path applies.
 
 KV-cache bytes are read from the cache ``generate`` returns (keys + values of every layer). The
-bytes a cache at the kept head widths would hold are derived from the attention FLOP ratio (GPT-2
-is multi-head: K and V widths per head are the qk and vo widths).
+bytes a cache at exactly the kept head widths (no padding) would hold are derived from the
+attention FLOP ratio (GPT-2 is multi-head: K and V widths per head are the qk and vo widths).
 """
 from __future__ import annotations
 
@@ -69,13 +69,14 @@ def _delta(before: dict, after: dict) -> dict:
     for k, rows in after.items():
         n = f = 0
         reasons: set[str] = set()
+        kv = sorted({r.get("kv_cache") for r in rows.values() if r.get("kv_cache")})
         for path, r in rows.items():
             b = before.get(k, {}).get(path, dict(narrow_calls=0, fallback_calls=0))
             n += r["narrow_calls"] - b["narrow_calls"]
             f += r["fallback_calls"] - b["fallback_calls"]
             if r["fallback_calls"] > b["fallback_calls"]:
                 reasons.update(r["reasons"])
-        out[k] = dict(narrow_calls=n, fallback_calls=f, reasons=sorted(reasons))
+        out[k] = dict(narrow_calls=n, fallback_calls=f, reasons=sorted(reasons), kv_cache=kv)
     return out
 
 
@@ -90,12 +91,13 @@ def section(a, variants: dict[str, Variant], cfg: dict) -> dict:
     res: dict = dict(context=a.gen_context, new_tokens=a.gen_new, no_cache_new_tokens=a.gen_nocache_new, variants={})
     dense_attn = flops.attention(variants["dense"].spec, 1, 1)[0]
     s0 = _snapshot(variants)
+    dense_bytes, _ = kv_bytes(variants["dense"].model, x, a.gen_new, pad)
     for k, v in variants.items():
         nbytes, seq = kv_bytes(v.model, x, a.gen_new, pad)
         attn = flops.attention(v.spec, 1, 1, v.cg, v.plan)[0] / dense_attn
         attn_pad = flops.attention(v.spec, 1, 1, v.cg, v.plan, padded=True)[0] / dense_attn
-        res["variants"][k] = dict(kv_bytes=nbytes, kv_bytes_at_kept_widths=int(nbytes * attn) if v.ecospa else nbytes,
-                                  kv_bytes_at_padded_widths=int(nbytes * attn_pad) if v.ecospa else nbytes,
+        res["variants"][k] = dict(kv_bytes=nbytes, kv_bytes_at_kept_widths=int(dense_bytes * attn) if v.ecospa else nbytes,
+                                  kv_bytes_at_padded_widths=int(dense_bytes * attn_pad) if v.ecospa else nbytes,
                                   tokens=seq[0, a.gen_context:].tolist())
     fns = {k: cached(v.model, x, a.gen_new, pad) for k, v in variants.items()}
     res["cached"] = summarise(interleaved(fns, a.gen_rounds, 1))

@@ -155,7 +155,8 @@ def _generate(g: dict) -> list[str]:
         lines += ["", f"Execution during the {key.split('_execution')[0].replace('_', '-')} calls:", ""]
         for k, e in g[key].items():
             lines.append(f"- {k}: {e['narrow_calls']} narrow calls, {e['fallback_calls']} fallback calls"
-                         + (f"; reasons: {'; '.join(e['reasons'])}" if e["reasons"] else ""))
+                         + (f"; reasons: {'; '.join(e['reasons'])}" if e["reasons"] else "")
+                         + (f"; {'; '.join(e['kv_cache'])}" if key == "cached_execution" and e.get("kv_cache") else ""))
     return lines
 
 

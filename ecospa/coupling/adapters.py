@@ -57,7 +57,13 @@ class LinearAdapter(EcospaForward):
         weight: attribute name of the weight; bias: of the bias (or None).
         transposed: weight stored ``(in, out)`` (GPT-2 ``Conv1D``) rather than ``(out, in)``.
         out_full: original output width (used when scattering).
+
+    ``poison`` (False; set only for the duration of a KV-cache probe,
+    ``ecospa.coupling.narrow.kvcache``): write NaN instead of zero at removed output positions,
+    so what depends on removed units shows.
     """
+
+    poison = False
 
     def __init__(self, module: nn.Module, weight: str, bias: str | None, transposed: bool, out_full: int):
         self.module = module
@@ -74,6 +80,7 @@ class LinearAdapter(EcospaForward):
         w = getattr(m, self.weight)
         b = getattr(m, self.bias) if self.bias else None
         src = m._buffers.get(OUT_SRC)
+        kept = w.shape[1 if self.transposed else 0]
         if src is not None:
             w, b = _pad_rows(w, b, self.transposed)
         if self.transposed:
@@ -84,6 +91,8 @@ class LinearAdapter(EcospaForward):
             y = F.linear(x, w, b)
         if src is not None:
             y = y.index_select(-1, src)
+            if self.poison:
+                y = y.masked_fill(src >= kept, float("nan"))
         return y
 
 

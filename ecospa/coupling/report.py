@@ -22,6 +22,8 @@ class RegionReport:
         signatures: how many distinct call signatures (argument structure, shapes, modes) it saw.
         couplings: names of the pruned couplings whose channels this module's calls carry (the
             other pruned couplings are compact: they always run at their kept widths).
+        kv_cache: for calls with a KV cache object (``generate()``), how the cache was stored:
+            at the kept widths, or dense and why (None: no such call yet).
     """
 
     path: str
@@ -30,6 +32,7 @@ class RegionReport:
     reasons: tuple[str, ...]
     signatures: int
     couplings: tuple[str, ...] = ()
+    kv_cache: str | None = None
 
     @property
     def narrow(self) -> bool:
@@ -57,7 +60,8 @@ def execution_report(model: nn.Module) -> list[RegionReport]:
                 reasons[r["reason"]] = reasons.get(r["reason"], 0) + r["calls"]
         out.append(RegionReport(path, narrow, sum(r["calls"] for r in fallback),
                                 tuple(sorted(reasons, key=reasons.get, reverse=True)), len(fwd.entries),
-                                tuple(sorted(getattr(fwd, "couplings", ())))))
+                                tuple(sorted(getattr(fwd, "couplings", ()))),
+                                fwd._kv.describe() if fwd._kv is not None else None))
     return out
 
 
@@ -67,7 +71,7 @@ def format_report(reports: list[RegionReport]) -> str:
         return "no narrow regions (dense model, compact couplings only, or pruned with narrow=False)"
     lines = [f"{'module':40s} {'couplings':>9s} {'narrow':>7s} {'fallback':>8s}  why it fell back"]
     for r in reports:
-        why = "; ".join(r.reasons) if r.reasons else "-"
+        why = "; ".join(r.reasons + ((r.kv_cache,) if r.kv_cache else ())) if r.reasons else "-"
         lines.append(f"{r.path or '<root>':40s} {len(r.couplings):9d} {r.narrow_calls:7d} "
                      f"{r.fallback_calls:8d}  {why}")
     return "\n".join(lines)

@@ -57,8 +57,14 @@ def test_quick_run_writes_every_section(tmp_path: Path):
     g = res["generate"]
     for key in ("cached", "prefill", "no_cache"):
         _timings(g[key], ["dense", "uniform", "ragged"])
+    dense_kv = g["variants"]["dense"]["kv_bytes"]
     for k, v in g["variants"].items():
         assert v["kv_bytes"] > 0 and v["tokens_per_s"] > 0 and v["no_cache_tokens_per_s"] > 0
-        assert 0 < v["kv_bytes_at_kept_widths"] <= v["kv_bytes_at_padded_widths"] <= v["kv_bytes"]
+        assert 0 < v["kv_bytes_at_kept_widths"] <= v["kv_bytes_at_padded_widths"] <= dense_kv
+        # the cache holds the kept widths (ragged heads: up to the layer's widest kept head)
+        assert v["kv_bytes_at_kept_widths"] <= v["kv_bytes"] <= v["kv_bytes_at_padded_widths"], (k, v)
+        assert k == "dense" or v["kv_bytes"] < dense_kv
+    assert all(e["kv_cache"] and all(s.startswith("KV cache stored at the kept widths") for s in e["kv_cache"])
+               for e in g["cached_execution"].values()), g["cached_execution"]
     assert all(e["narrow_calls"] > 0 for e in g["no_cache_execution"].values())
     assert res["probes"]["inference_mode"]

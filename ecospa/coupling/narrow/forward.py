@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from ecospa.coupling.narrow.kvcache import KVNarrower, find_cache
 from ecospa.coupling.narrow.layout import analyse
 from ecospa.coupling.narrow.program import CallNotServable, Program, Signature, export_call, signature
 from ecospa.coupling.narrow.rewrite import rewrite
@@ -120,6 +121,14 @@ class RegionForward(EcospaForward):
         self.refused: Counter = Counter()  # calls that could not be served, by reason
         self.couplings: frozenset[str] = frozenset()  # names of the pruned couplings it runs
         self._subtree: list[nn.Module] | None = None
+        self._kv: KVNarrower | None = None
+
+    @property
+    def kv(self) -> KVNarrower:
+        """Stores the KV cache of calls that run the fallback at the kept widths (``kvcache``)."""
+        if self._kv is None:
+            self._kv = KVNarrower(self.module, self._fallback)
+        return self._kv
 
     @property
     def _mods(self) -> list[nn.Module]:
@@ -133,6 +142,8 @@ class RegionForward(EcospaForward):
         """Forget the narrow graphs (the pruned state changed); dense captures are kept."""
         self.entries.clear()
         self.refused.clear()
+        if self._kv is not None:
+            self._kv.reset()
 
     def __deepcopy__(self, memo):
         """A copy for the copied module, without the narrow graphs (rebuilt at its first calls)."""
@@ -145,7 +156,7 @@ class RegionForward(EcospaForward):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.update(entries={}, refused=Counter(), cache=ProgramCache(), _subtree=None)
+        state.update(entries={}, refused=Counter(), cache=ProgramCache(), _subtree=None, _kv=None)
         return state
 
     def report(self) -> list[dict[str, Any]]:
@@ -168,6 +179,9 @@ class RegionForward(EcospaForward):
             sig, tensors = signature(self._mods, args, kwargs)
         except CallNotServable as e:
             self.refused[str(e)] += 1
+            cache = find_cache(args, kwargs)
+            if cache is not None:
+                return self.kv(cache, args, kwargs)
             return self._fallback(*args, **kwargs)
         entry = self._entry(sig, tensors, args, kwargs)
         if entry is None or entry.gm is None:

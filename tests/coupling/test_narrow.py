@@ -234,3 +234,84 @@ def test_qk_and_v_of_different_widths_keep_the_fused_attention_kernel(name):
         for n, p in model.named_parameters():
             if p.shape == grads[n].shape:
                 assert torch.allclose(p.grad, grads[n].grad, rtol=1e-4, atol=1e-6), (name, drop_kind, n)
+
+
+class _SDPAShapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the query shape of every attention kernel call."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "scaled_dot_product" in str(func):
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+def _whole_heads_plan(cg, rng, heads=(0,)):
+    """Every unit of the given heads (q.k and v.o) removed, a random third of every other coupling."""
+    plan = {}
+    for c in cg:
+        if c.kind in ("qk", "vo") and any(c.name.endswith(f"head{h}") for h in heads):
+            plan[c] = list(range(c.width))
+        elif c.width > 2:
+            plan[c] = sorted(rng.sample(range(c.width), c.width // 3))
+    return plan
+
+
+@pytest.mark.parametrize("name", ["nanogpt_block", "llama_rope_half", "llama_rope_interleaved",
+                                  "llama_mqa_no_rope"])
+def test_whole_heads_removed_are_left_out_not_padded(name):
+    """A head whose q.k and v.o units all went is dropped from the narrow graph (the attention
+    kernel sees fewer heads): exact, gradients too."""
+    model, inputs = build(name)
+    cg = ecospa.auto_couple(model, inputs)
+    heads = {c.name.rsplit("head", 1)[1] for c in cg if c.kind == "qk" and "head" in c.name}
+    if len(heads) < 2:
+        pytest.skip("a single query/key head: nothing to drop beside it")
+    dense_heads = []
+    with _SDPAShapes() as rec:
+        with torch.no_grad():
+            call(model, inputs)
+    dense_heads = [s[1] for s in rec.shapes]
+    ref_model = copy.deepcopy(model)
+    plan = _whole_heads_plan(cg, random.Random(0))
+    assert_pruned_equals_masked(model, inputs, plan, check_inputs=[CASES[name].inputs(3, 5)])
+    assert all(r.narrow for r in _outer(model))
+    with _SDPAShapes() as rec:
+        with torch.no_grad():
+            call(model, inputs)
+    if dense_heads and rec.shapes:  # models that call SDPA: one KV group's query heads fewer per call
+        groups = len(heads)
+        want = [h * (groups - 1) // groups for h in dense_heads[:len(rec.shapes)]]
+        assert [s[1] for s in rec.shapes] == want, (rec.shapes, dense_heads)
+    # gradients through the dropped-head graph equal the masked model's
+    ref = masked_copy(ref_model, plan_units(plan))
+    model.train(), ref.train()
+    for m in (model, ref):
+        call(m, inputs).pow(2).mean().backward()
+    grads = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        if p.shape == grads[n].shape and p.grad is not None:
+            assert torch.allclose(p.grad, grads[n].grad, rtol=1e-4, atol=1e-6), n
+
+
+def test_a_head_losing_only_its_qk_units_is_padded_not_dropped():
+    """q.k of head 0 removed, its v.o kept: the head still contributes (uniform attention over
+    its values), so it must stay; the graph pads it and stays exact."""
+    model, inputs = build("nanogpt_block")
+    cg = ecospa.auto_couple(model, inputs)
+    plan = {c: list(range(c.width)) for c in cg if c.kind == "qk" and c.name.endswith("head0")}
+    assert plan
+    with _SDPAShapes() as rec:
+        with torch.no_grad():
+            call(model, inputs)
+    dense_heads = [s[1] for s in rec.shapes]
+    assert_pruned_equals_masked(model, inputs, plan)
+    assert all(r.narrow for r in _outer(model))
+    with _SDPAShapes() as rec:
+        with torch.no_grad():
+            call(model, inputs)
+    assert dense_heads and [s[1] for s in rec.shapes] == dense_heads  # every head still attends
+    assert ops.expand_param in _graph_ops(model)

@@ -243,23 +243,34 @@ class RegionForward(EcospaForward):
                 value = kind[1].to(dev) if dev is not None else kind[1]
                 feeds.append(lambda v=value: v)
         captured = Captured(graph=program.graph, params=params, buffers=consts, shapes=program.shapes)
-        try:
-            layout = analyse(captured, kept, pad_multiple=self.pad_multiple)
-            gm = rewrite(program, layout, kept, consts)
-        except NarrowError as e:
-            return Entry(program, reason=str(e))
-        except Exception as e:  # a bug in a narrow rule must cost speed, never the forward
-            log.warning("ecospa: building the narrow graph of %s failed (%s: %s); it runs on the exact "
-                        "fallback. Please report this with the model.", self.path or "<root>",
-                        type(e).__name__, e)
-            return Entry(program, reason=f"building the narrow graph failed: {type(e).__name__}: {e}")
-        if tensors:
-            gm = gm.to(tensors[0].device)
-        entry = Entry(program, gm, feeds=feeds)
-        if self.check:
-            problem = self._check(entry, sig, tensors, args, kwargs)
-            if problem:
-                return Entry(program, reason=f"checked against the exact path: {problem}")
+        entry, dropped = None, True
+        # heads whose units all went are left out where the graph allows it; if that layout
+        # cannot be built or checked, they are padded like any narrower head
+        for drop in (True, False):
+            if not drop and not dropped:
+                break  # the first layout left nothing out: the second would fail the same way
+            layout = analyse(captured, kept, pad_multiple=self.pad_multiple, drop_blocks=drop)
+            dropped = layout.dropped
+            try:
+                gm = rewrite(program, layout, kept, consts)
+            except NarrowError as e:
+                entry = Entry(program, reason=str(e))
+                continue
+            except Exception as e:  # a bug in a narrow rule must cost speed, never the forward
+                entry = Entry(program, reason=f"building the narrow graph failed: {type(e).__name__}: {e}")
+                continue
+            if tensors:
+                gm = gm.to(tensors[0].device)
+            entry = Entry(program, gm, feeds=feeds)
+            if self.check:
+                problem = self._check(entry, sig, tensors, args, kwargs)
+                if problem:
+                    entry = Entry(program, reason=f"checked against the exact path: {problem}")
+                    continue
+            return entry
+        if entry.reason.startswith("building the narrow graph failed"):
+            log.warning("ecospa: %s of %s; it runs on the exact fallback. Please report this with the model.",
+                        entry.reason, self.path or "<root>")
         return entry
 
     def _check(self, entry: Entry, sig, tensors, args, kwargs) -> str | None:

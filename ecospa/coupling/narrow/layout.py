@@ -7,7 +7,9 @@ computes only retained positions. Tensors whose channels are batched in blocks (
 when Eq. 9 leaves heads ragged, some removed units are retained as *padding*: whole units, so
 rotary pairs stay pairs, computed as zeros (the narrow graph reads zero slices for them). Padded
 blocks are rounded up to ``pad_multiple`` positions (fast GEMM widths), never beyond the dense
-width.
+width. A block (head) whose units were all removed is left out instead of padded, when every
+tensor of the call loses the same heads (``_droppable``): its tensors are narrowed along the head
+dim too, and the channel positions are then chosen per kept head.
 
 Per node, a :class:`Narrowing` per narrowed dimension: the dense positions kept along it, for
 every position of the dimensions the choice varies along (its *selectors*: a head index, say).
@@ -63,6 +65,7 @@ class Layout:
     retained: dict[str, dict[int, np.ndarray]]
     flow: FlowResult
     problem: str | None = None
+    dropped: bool = False  # some whole blocks (heads) are left out
 
 
 def _rows(f: np.ndarray, n: int) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -93,12 +96,6 @@ def _channel_dim(f: np.ndarray, comp: np.ndarray) -> int:
     return vd[-1]
 
 
-def _even(f: np.ndarray, n: int, comp: np.ndarray, retained: np.ndarray) -> bool:
-    """True when every row of ``f`` along ``n`` retains the same number of positions."""
-    counts = _keep(_rows(f, n)[0], comp, retained)[1].sum(1)
-    return bool(counts.min() == counts.max())
-
-
 def _blocked(flow: FlowResult) -> list[np.ndarray]:
     out = []
     for node in flow.nodes:
@@ -109,20 +106,24 @@ def _blocked(flow: FlowResult) -> list[np.ndarray]:
     return out
 
 
-def _pad(blocked: list[np.ndarray], comp: np.ndarray, retained: np.ndarray, multiple: int) -> None:
-    """Retain removed units until every block row has the same number of retained positions."""
+def _pad(blocked: list[np.ndarray], comp: np.ndarray, retained: np.ndarray, multiple: int,
+         drop: bool = False) -> None:
+    """Retain removed units until every block row has the same number of retained positions.
+    With ``drop``, rows left with no retained position (a head whose units all went) stay empty:
+    the narrow graph leaves the whole block out (see :func:`_droppable`)."""
     changed = True
     while changed:
         changed = False
         for f in blocked:
             n = _channel_dim(f, comp)
-            if _even(f, n, comp, retained):
-                continue
-            rows, _ = _rows(f, n)  # ragged heads: pad each head's channels to the same width
+            rows, sel = _rows(f, n)  # ragged heads: pad each head's channels to the same width
             c, mask = _keep(rows, comp, retained)
             counts = mask.sum(1)
-            width = min(rows.shape[1], -(-int(counts.max()) // multiple) * multiple)
-            for r in np.nonzero(counts < width)[0]:
+            live = counts > 0 if drop else np.ones(len(counts), dtype=bool)
+            if not live.any() or counts[live].min() == counts[live].max():
+                continue
+            width = min(rows.shape[1], -(-int(counts[live].max()) // multiple) * multiple)
+            for r in np.nonzero(live & (counts < width))[0]:
                 for pos in np.nonzero(~mask[r])[0]:
                     if mask[r].sum() >= width:
                         break
@@ -131,20 +132,80 @@ def _pad(blocked: list[np.ndarray], comp: np.ndarray, retained: np.ndarray, mult
                 changed = True
 
 
-def _narrowing(f: np.ndarray, comp: np.ndarray, retained: np.ndarray) -> Narrowing | str:
-    """The narrowing of one factor that loses positions."""
+def _empty_blocks(f: np.ndarray, comp: np.ndarray, retained: np.ndarray):
+    """Where a blocked factor lost whole blocks: ``(selector dims, head dim or None, empty head
+    positions)``; None when its empty rows are not whole positions of one selector dim."""
+    rows, sel = _rows(f, _channel_dim(f, comp))
+    empty = (_keep(rows, comp, retained)[1].sum(1) == 0).reshape([f.shape[d] for d in sel])
+    if not empty.any():
+        return sel, None, frozenset()
+    for i, d in enumerate(sel):
+        other = tuple(j for j in range(len(sel)) if j != i)
+        red = empty.all(axis=other) if other else empty
+        if np.array_equal(np.broadcast_to(np.expand_dims(red, other) if other else red, empty.shape), empty):
+            return sel, d, frozenset(np.nonzero(red)[0].tolist())
+    return None
+
+
+def _droppable(blocked: list[np.ndarray], comp: np.ndarray, retained: np.ndarray) -> bool:
+    """True when whole blocks can be left out safely: every blocked factor that loses blocks
+    loses whole positions of one selector dim (the heads), and every selector dim of the same
+    size, in every factor, loses the same positions (tensors combined along the head axis stay
+    aligned: a head goes from q, k, v and the output together, or not at all)."""
+    seen: dict[int, frozenset] = {}
+    for f in blocked:
+        e = _empty_blocks(f, comp, retained)
+        if e is None:
+            return False
+        sel, head, gone = e
+        if head is not None and len(gone) == f.shape[head]:
+            return False  # every block of a tensor gone: nothing left to attend with
+        c = np.where(f >= 0, comp[np.maximum(f, 0)], -1)
+        for d in sel:
+            if d != head and (c == c.take([0], axis=d)).all():
+                continue  # parts of one unit (the halves of a rotary pair), not blocks
+            if seen.setdefault(f.shape[d], gone if d == head else frozenset()) != (gone if d == head else frozenset()):
+                return False
+    return any(seen.values())
+
+
+def _narrowing(f: np.ndarray, comp: np.ndarray, retained: np.ndarray) -> list[Narrowing] | str:
+    """The narrowings of one factor that loses positions: its channels, and its blocks (heads)
+    when whole blocks lost every position (then the channel index is per kept block)."""
     vd = varying(f)
     n = _channel_dim(f, comp)
-    if not _even(f, n, comp, retained):
-        return "blocks of unequal widths"
     rows, sel = _rows(f, n)
     m = _keep(rows, comp, retained)[1]
     if len(vd) == 1:
-        return Narrowing(n, f.shape[n], np.nonzero(m.reshape(-1))[0])
+        return [Narrowing(n, f.shape[n], np.nonzero(m.reshape(-1))[0])]
+    counts = m.sum(1)
+    if not counts.all() and counts.any():  # whole blocks left out (``_droppable`` checked it)
+        e = _empty_blocks(f, comp, retained)
+        if e is None or e[1] is None:
+            return "blocks of unequal widths"
+        head = e[1]
+        i = sel.index(head)
+        shape = [f.shape[d] for d in sel]
+        kept_heads = np.array(sorted(set(range(f.shape[head])) - e[2]))
+        out = [Narrowing(head, f.shape[head], kept_heads)]
+        m = np.take(m.reshape(shape + [m.shape[1]]), kept_heads, axis=i)
+        shape[i] = kept_heads.size
+        m = m.reshape(-1, m.shape[-1])
+        counts = m.sum(1)
+        if counts.min() != counts.max():
+            return "blocks of unequal widths"
+        if counts[0] == m.shape[1]:
+            return out
+        idx = np.nonzero(m)[1].reshape(m.shape[0], int(counts[0]))
+        out.append(Narrowing(n, f.shape[n], idx[0]) if (idx == idx[:1]).all()
+                   else Narrowing(n, f.shape[n], idx.reshape(shape + [idx.shape[1]]), sel))
+        return out
+    if counts.min() != counts.max():
+        return "blocks of unequal widths"
     idx = np.nonzero(m)[1].reshape(rows.shape[0], int(m[0].sum()))
     if (idx == idx[:1]).all():
-        return Narrowing(n, f.shape[n], idx[0])
-    return Narrowing(n, f.shape[n], idx.reshape([f.shape[d] for d in sel] + [idx.shape[1]]), sel)
+        return [Narrowing(n, f.shape[n], idx[0])]
+    return [Narrowing(n, f.shape[n], idx.reshape([f.shape[d] for d in sel] + [idx.shape[1]]), sel)]
 
 
 def _node_layout(fs: list, ndim: int, comp: np.ndarray, retained: np.ndarray) -> NodeLayout | str:
@@ -155,17 +216,19 @@ def _node_layout(fs: list, ndim: int, comp: np.ndarray, retained: np.ndarray) ->
         keep = (c < 0) | retained[np.maximum(c, 0)]
         if keep.all():
             continue
-        nar = _narrowing(f, comp, retained)
-        if isinstance(nar, str):
-            return nar
-        if nar.dim in out:
-            return f"two sets of channels narrowed along dim {nar.dim}"
-        out[nar.dim] = nar
+        nars = _narrowing(f, comp, retained)
+        if isinstance(nars, str):
+            return nars
+        for nar in nars:
+            old = out.get(nar.dim)
+            if old is not None and not (old.index.shape == nar.index.shape and np.array_equal(old.index, nar.index)):
+                return f"two sets of channels narrowed along dim {nar.dim}"
+            out[nar.dim] = nar
     return out
 
 
 def analyse(captured: Captured, kept: Mapping[str, Mapping[int, np.ndarray]], *,
-            pad_multiple: int = 8) -> Layout:
+            pad_multiple: int = 8, drop_blocks: bool = True) -> Layout:
     """Narrow layout of a captured call.
 
     Args:
@@ -173,6 +236,8 @@ def analyse(captured: Captured, kept: Mapping[str, Mapping[int, np.ndarray]], *,
         kept: per parameter (relative name) and sliced dim, the kept dense indices (the removal
             record).
         pad_multiple: padded blocks are rounded up to a multiple of this many positions.
+        drop_blocks: leave out whole blocks (heads) whose units were all removed, where that is
+            safe (:func:`_droppable`); otherwise they are padded like any narrower head.
     """
     flow = propagate(captured)
     space = flow.space
@@ -193,8 +258,13 @@ def analyse(captured: Captured, kept: Mapping[str, Mapping[int, np.ndarray]], *,
         lab = int(np.nonzero(comp == mixed[0])[0][0])
         pd = int(np.searchsorted(space.pd_start, lab, side="right") - 1)
         return Layout({}, {}, flow, f"a unit of {space.pd_names[pd][0]} is only partly removed")
+    blocked = _blocked(flow)
     retained = all_kept.copy()
-    _pad(_blocked(flow), comp, retained, max(1, int(pad_multiple)))
+    _pad(blocked, comp, retained, max(1, int(pad_multiple)), drop=drop_blocks)
+    dropped = drop_blocks and _droppable(blocked, comp, retained)
+    if drop_blocks and not dropped:
+        retained = all_kept.copy()
+        _pad(blocked, comp, retained, max(1, int(pad_multiple)))
     nodes: dict[torch.fx.Node, object] = {}
     for node in flow.nodes:
         v = flow.values.get(node)
@@ -221,4 +291,4 @@ def analyse(captured: Captured, kept: Mapping[str, Mapping[int, np.ndarray]], *,
         r = retained[c]
         if not r.all() or kept.get(name, {}).get(dim) is not None:
             retained_idx.setdefault(name, {})[dim] = np.nonzero(r)[0]
-    return Layout(nodes, retained_idx, flow)
+    return Layout(nodes, retained_idx, flow, dropped=dropped)

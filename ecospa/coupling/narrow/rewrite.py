@@ -86,7 +86,9 @@ class Builder:
         if not self.zero.get(node, True):
             raise NarrowError("the module returns pruned channels that are not zero")
         ndim = len(self.shape(node))
-        for dim, nar in sorted(lay.items()):
+        # per-head channel positions first, while the head dim is still narrow (their index
+        # rows follow the kept heads), then the heads themselves
+        for dim, nar in sorted(lay.items(), key=lambda kv: (not kv[1].selectors, -kv[0])):
             if nar.selectors:
                 shape = [1] * ndim
                 for d, k in zip(nar.selectors, nar.index.shape[:-1]):

@@ -147,7 +147,8 @@ class Bench:
         elif method in ("tp_taylor", "tp_magnitude", "llm_pruner"):
             from smollm2_tp import tp_compress
             model = self.fresh()
-            model, tp_info = tp_compress(model, method, target, calib=list(self.calib[:4].split(2)), log=log.info)
+            model, tp_info = tp_compress(model, method, target, calib=list(self.calib[:self.args.tp_calib].split(2)),
+                                         log=log.info)
             info["tp"] = tp_info
         else:
             raise ValueError(method)
@@ -274,6 +275,8 @@ def main(argv=None) -> None:
     ap.add_argument("--sizes", default="0.9,0.7,0.5")
     ap.add_argument("--methods", default=DEFAULT_METHODS)
     ap.add_argument("--calib", type=int, default=8, help="calibration windows of 512 tokens (per ecospa round)")
+    ap.add_argument("--tp-calib", type=int, default=4, help="calibration windows of 512 tokens for Torch-Pruning's "
+                    "Taylor gradients (at most --calib)")
     ap.add_argument("--eval512", type=int, default=16)
     ap.add_argument("--eval128", type=int, default=32)
     ap.add_argument("--recover-cpu", type=float, default=150.0, help="recovery budget, CPU seconds (0: none)")

@@ -17,17 +17,31 @@ LABELS = {
 }
 
 
-NOTES = """Notes on this run. At 90% Torch-Pruning Taylor removes MLP channels only (its head ratio
-rounds to 0 heads there) and ends 0.8% (PPL@512) and 1.5% (PPL@128) below ecospa: ecospa is not
-the lowest at 90%. Not investigated; ecospa had one calibration round of 4,096 tokens at that
-size, and we did not measure how much another calibration sample moves it. Torch-Pruning prunes
-whole query heads per KV group: one of three at 70% and at 50% (with 58% of the MLP channels at
-50%); with two of three at 50% Torch-Pruning 1.6 left the model 13.3M parameters above the count
-(94.70M, PPL@512 152.0: better than its matched run, still worse than ecospa's 94.56 at 81.43M;
-not in the table). Uncoupled removal (each matrix's weakest slices zeroed alone) and random
-coupled removal break the model (PPL 3.6e4 and 1.2e8 at 70%): which units go together, and which
-go, is what matters. Wanda-sp (uniform per-coupling fraction, no reconstruction) is 5 to 30 times
-worse than ecospa here."""
+NOTES = """Notes on this run.
+
+- **90%: calibration data decides it.** With the default protocol (ecospa 8 calibration windows
+  of 512 tokens, Torch-Pruning's Taylor gradients from 4) ecospa is not the lowest at 90%:
+  LLM-Pruner's criteria (Taylor, middle layers only) and Torch-Pruning Taylor end 5% and 1% below
+  it. With 16 windows for every method (table below, `--calib 16 --tp-calib 16`) ecospa is the
+  lowest (34.61 against 35.58 and 36.62): at 10% removed the Fisher scores of 4,096 tokens are
+  too noisy to order the many near-equal units; from 80% down the gap is 2x to 20x either way.
+- **Recovery** (50%, the same 240 process-CPU-seconds for every method): the distillation from the
+  dense logits takes 33 steps and brings ecospa from 94.6 to 76.1; the plain next-token loss
+  (`ecospa_lm`: no teacher forward, so 51 steps in the same budget) to 60.2. At this budget the
+  LM loss recovers more; `ecospa.compress(recovery="lm")` is the option. Torch-Pruning Taylor
+  (1687 -> 254) and Wanda-sp (2284 -> 235) stay 3-4x above ecospa after the same recovery.
+- **Magnitude** (Torch-Pruning's default group L2 norm) breaks SmolLM2 at every size (PPL 2.5e4 at
+  90%): the weight-norm trap of the issue; random coupled removal and uncoupled removal (each
+  matrix's slices scored alone, zeroed) do too. Which units go together, and which go, is what
+  matters.
+- **Speed** (forward tokens/s at 1 x 512, interleaved with the dense model, 5 rounds, 1 thread, on
+  a machine shared with other runs: ratios move by about +-10% between configurations). ecospa's
+  models are 1.04-1.31x the dense speed from 80% down and no faster at 90% (0.90x), below
+  Torch-Pruning's at the same parameter count (1.13-1.48x): ecospa's Eq. 9 keeps ragged head
+  widths, which run padded to each layer's widest kept head (ecospa.prune(..., narrow="grouped")
+  runs them per width group instead), and its global allocation leaves more of the removal in
+  attention, where each parameter costs fewer FLOPs per token than in the MLP. Weights: the
+  bytes of parameters and buffers (every method, same count)."""
 
 
 def _fmt(x) -> str:
@@ -55,24 +69,26 @@ def write_report(args=None) -> None:
     rec = [r for r in runs if "recovery" in r]
     rec_cpu = rec[0]["recovery"]["cpu_seconds"] if rec else 0
     rec_sizes = sorted({r["size"] for r in rec}, reverse=True)
+    have = {(r["method"], r["size"]) for r in runs}
+    methods = sorted({r["method"] for r in runs if r["method"] != "dense"}, key=lambda m: order.index(m) if m in order else 99)
+    missing = [f"{LABELS.get(m, m).strip('*')} at {', '.join(f'{x:.0%}' for x in sizes if (m, x) not in have)}"
+               for m in methods if m != "ecospa_lm" for _ in [0] if any((m, x) not in have for x in sizes)]
     protocol = (
-        "Reduced protocol (CPU time on a shared 2-core machine; the issue's full protocol is hours): "
+        "CPU protocol (a shared 2-core machine): "
         f"sizes {', '.join(f'{s:.0%}' for s in sizes)} of the prunable parameters kept (q/k/v/o and "
         "gate/up/down weights: 106.2M of 134.5M); every method gets the same total parameter count; "
         "perplexity on a fixed subset of the held-out last 20% of WikiText-2 validation "
         f"({n512} evenly spaced windows of 512 tokens, {n128} of 128; the same windows for every model), "
         "calibration and recovery text from the first 80% only. ecospa: `ecospa.compress` defaults "
         "(mask-Fisher scores, global allocation, least-squares reconstruction), 8 calibration windows of "
-        "512 tokens per round, from the dense model with one round per size of the run down to it (90%: 1 round, 70%: 2, 50%: 3). "
-        "Torch-Pruning Taylor: gradients of 4 windows of 512. Wanda-sp / uncoupled: input norms of 8 "
+        "512 tokens per round, from the dense model, one round per 20% removed (90%, 80%: 1; 70%, 60%: 2; 50%: 3). "
+        "Torch-Pruning Taylor and LLM-Pruner: gradients of 4 windows of 512. Wanda-sp / uncoupled: input norms of 8 "
         "windows of 512. "
-        + (f"*recovered*: the one-shot model fine-tuned by distillation from the dense logits for the same "
-           f"budget of {rec_cpu:.0f} process CPU seconds per method (batches of 2 x 256 tokens), only at "
-           f"{', '.join(f'{s:.0%}' for s in rec_sizes)}. " if rec else
-           "No recovery fine-tuning was measured (not within the CPU time of this run). ")
-        + "Not measured here: sizes 80% and 60%, random and uncoupled at 90% and 50%, Torch-Pruning "
-        "magnitude and LLM-Pruner, "
-        "forward tokens/s and memory.")
+        + (f"*recovered*: the one-shot model fine-tuned for the same budget of {rec_cpu:.0f} process CPU seconds "
+           f"per method (batches of 2 x 256 tokens; distillation from the dense logits, or the next-token loss for "
+           f"the LM-loss row), only at {', '.join(f'{s:.0%}' for s in rec_sizes)}. " if rec else
+           "No recovery fine-tuning was measured. ")
+        + ("Not measured here: " + "; ".join(missing) + "." if missing else "Every method at every size."))
     summary = {"dense": dense, "runs": runs, "protocol": protocol}
     (OUT / "smollm2.json").write_text(json.dumps(summary, indent=1))
     lines = ["# SmolLM2-135M-Instruct, one-shot structured compression (CPU)", "",
@@ -99,7 +115,7 @@ def write_report(args=None) -> None:
             lines.append(row)
     lines += ["", "Lowest perplexity per size (one-shot):", ""]
     for size in sizes:
-        rows = [r for r in runs if r["size"] == size and r["method"] != "dense"]
+        rows = [r for r in runs if r["size"] == size and r["method"] not in ("dense", "ecospa_lm")]
         for key, label in (("ppl512", "PPL@512"), ("ppl128", "PPL@128")):
             best = min(rows, key=lambda r: r["oneshot"][key])
             eco = next((r for r in rows if r["method"] == "ecospa"), None)
@@ -114,9 +130,33 @@ def write_report(args=None) -> None:
                 lines.append(f"- {size:.0%}, {label}: **not ecospa**: {LABELS.get(best['method'], best['method'])} "
                              f"{_fmt(best['oneshot'][key])} against ecospa's {_fmt(eco['oneshot'][key])} "
                              f"({eco['oneshot'][key] / best['oneshot'][key] - 1:+.1%}).")
+    recovered = [r for r in runs if "recovered" in r]
+    if recovered:
+        lines += ["", "Lowest perplexity per size after recovery:", ""]
+        for size in sorted({r["size"] for r in recovered}, reverse=True):
+            rows = sorted((r for r in recovered if r["size"] == size), key=lambda r: r["recovered"]["ppl512"])
+            lines.append(f"- {size:.0%}: " + ", ".join(
+                f"{LABELS.get(r['method'], r['method'])} {_fmt(r['recovered']['ppl512'])} / {_fmt(r['recovered']['ppl128'])}"
+                for r in rows) + " (PPL@512 / PPL@128).")
+    lines += _calib16()
     lines += ["", NOTES, "", "![perplexity vs parameters](smollm2.png)", ""]
     (OUT / "smollm2.md").write_text("\n".join(lines) + "\n")
     _plot(runs, dense)
+
+
+def _calib16() -> list[str]:
+    """The 90% runs with 16 calibration windows for every method (``bench/results/smollm2_calib16``)."""
+    runs = [json.loads(f.read_text()) for f in sorted((OUT / "smollm2_calib16").glob("*.json"))]
+    if not runs:
+        return []
+    lines = ["", "90% with 16 calibration windows of 512 tokens for every method "
+             "(`python bench/bench_smollm2.py --sizes 0.9 --methods ecospa,tp_taylor,llm_pruner --calib 16 "
+             "--tp-calib 16`, written to its own directory):", "",
+             "| method | params (M) | PPL@512 | PPL@128 |", "|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: r["oneshot"]["ppl512"]):
+        lines.append(f"| {LABELS.get(r['method'], r['method'])} | {r['params'] / 1e6:.2f} | "
+                     f"{_fmt(r['oneshot']['ppl512'])} | {_fmt(r['oneshot']['ppl128'])} |")
+    return lines
 
 
 def _plot(runs, dense) -> None:

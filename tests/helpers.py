@@ -163,7 +163,7 @@ def random_plan(cg: Iterable, rng: random.Random, frac: float = 1 / 3) -> dict:
 
 def assert_pruned_equals_masked(model: nn.Module, inputs: Any, plan: Mapping, *, cg=None,
                                 check_inputs: Sequence[Any] = (), optimizer=None,
-                                tol: float = REL_TOL) -> nn.Module:
+                                tol: float = REL_TOL, narrow: bool | str = True) -> nn.Module:
     """Prune ``model`` in place with ``plan`` and check it against the masked dense model.
 
     Checks: ``prune`` returns the same object; parameter names are unchanged; the parameter
@@ -181,7 +181,7 @@ def assert_pruned_equals_masked(model: nn.Module, inputs: Any, plan: Mapping, *,
         refs = [call(ref_model, x) for x in all_inputs]
     n0, names0 = param_count(model), [n for n, _ in model.named_parameters()]
     expected_drop = removed_numel(model, units)
-    out = ecospa.prune(model, plan, optimizer=optimizer, couplings=cg)
+    out = ecospa.prune(model, plan, optimizer=optimizer, couplings=cg, narrow=narrow)
     assert out is model, "prune must prune in place and return the same model object"
     assert [n for n, _ in model.named_parameters()] == names0, "parameter names changed"
     drop = n0 - param_count(model)

@@ -48,16 +48,17 @@ def step(m, opt, x):
     opt.zero_grad(set_to_none=True)
 
 
-def ecospa_variant(dense, spec, cg, plan, vocab, lr) -> tuple[Variant, dict]:
+def ecospa_variant(dense, spec, cg, plan, vocab, lr, narrow: bool | str = True) -> tuple[Variant, dict]:
     """A pruned copy of ``dense`` with its own AdamW (stepped once before pruning, so moments
-    exist and are sliced), checked against the masked dense model in eval and train mode."""
+    exist and are sliced), checked against the masked dense model in eval and train mode.
+    ``narrow``: as ``ecospa.prune``'s (``"padded"``: ragged heads padded, not grouped)."""
     m = copy.deepcopy(dense).train()
     opt = torch.optim.AdamW(m.parameters(), lr=lr)
     x = tokens(vocab, 2, 64, 1)
     step(m, opt, x)
     masked = plans.masked_copy(m, cg, plan)
     t0 = time.perf_counter()
-    ecospa.prune(m, plan, optimizer=opt, couplings=cg)
+    ecospa.prune(m, plan, optimizer=opt, couplings=cg, narrow=narrow)
     info = dict(prune_s=time.perf_counter() - t0, params=flops.param_count(m), **plans.plan_summary(cg, plan))
     for mode in ("eval", "train"):
         m.train(mode == "train")

@@ -30,7 +30,7 @@ def targets(r: dict) -> list[dict]:
                     add(f"gpt2 {v} {label} {row['batch']}x{row['seq']}: speedup / ideal", x["efficiency"], t, x["efficiency_min"])
     for sec, pairs in (("linear_gpt", [("ecospa-uniform", "tp-head-dims"), ("ecospa-uniform", "tp-num-heads"),
                                        ("ecospa-ragged", "tp-head-dims"), ("ecospa-ragged", "tp-num-heads")]), ("tiny", [])):
-        eco = [k for k in ("uniform", "ragged", "ecospa-uniform", "ecospa-ragged")]
+        eco = [k for k in ("uniform", "ragged", "ragged-grouped", "ecospa-uniform", "ecospa-ragged")]
         uni = "ecospa-uniform" if sec == "linear_gpt" else "uniform"
         for row in r.get(sec, {}).get("lengths", []):
             shape = f"{row['batch']}x{row['seq']}"

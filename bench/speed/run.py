@@ -57,8 +57,9 @@ def section_gpt2(a, cfg: dict, lengths) -> tuple[dict, dict[str, Variant]]:
     res: dict = dict(config=cfg, auto_couple_s=time.perf_counter() - t0, couplings=_couplings(cg), variants={})
     variants = {"dense": dense_variant(dense, spec, a.lr)}
     res["variants"]["dense"] = dict(params=flops.param_count(dense))
-    for name, plan in (("uniform", plans.uniform_plan(cg)), ("ragged", plans.ragged_plan(cg, a.seed))):
-        variants[name], res["variants"][name] = ecospa_variant(dense, spec, cg, plan, cfg["vocab"], a.lr)
+    for name, plan, narrow in (("uniform", plans.uniform_plan(cg), True), ("ragged", plans.ragged_plan(cg, a.seed), True),
+                               ("ragged-grouped", plans.ragged_plan(cg, a.seed), "grouped")):
+        variants[name], res["variants"][name] = ecospa_variant(dense, spec, cg, plan, cfg["vocab"], a.lr, narrow)
     res["lengths"] = time_lengths(variants, lengths, cfg["vocab"], a.rounds, a.warmup, a.train_rounds, a.train_warmup)
     res["execution"] = execution(variants)
     return res, variants
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
             r["gpt2"]["profiles"] = profile_gpt2(a, variants, gcfg)
             ts = done("gpt2 profiles", ts)
         if "generate" in sections:
-            r["generate"] = generate.section(a, variants, gcfg)
+            r["generate"] = generate.section(a, {k: v for k, v in variants.items() if k != "ragged-grouped"}, gcfg)
             ts = done("generate", ts)
         del variants
     if "linear_gpt" in sections:

@@ -91,7 +91,7 @@ def _rebuild(ck: Checkpoint) -> nn.Module:
 
 def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
          optimizer: torch.optim.Optimizer | None = None, ecospa=None, example_inputs=None,
-         rng: bool = False, narrow: bool = True) -> nn.Module:
+         rng: bool = False, narrow: bool | str = True) -> nn.Module:
     """Load a checkpoint written by :func:`ecospa.save`; return the (pruned) model.
 
     ``load(directory, dense)`` takes a freshly built dense model of the saved architecture and

@@ -139,7 +139,7 @@ def units_to_remove(model: nn.Module, saved: Mapping[str, ParamRecord], cg: Coup
 
 
 def replay(model: nn.Module, saved: Mapping[str, ParamRecord], optimizer, *, example_inputs=None,
-           couplings: CouplingGraph | None = None, narrow: bool = True, where: str = "checkpoint") -> None:
+           couplings: CouplingGraph | None = None, narrow: bool | str = True, where: str = "checkpoint") -> None:
     """Prune ``model`` (and ``optimizer``) in place until its record equals ``saved``.
 
     Everything is checked before the model changes: :func:`check_removals` first, then the units.

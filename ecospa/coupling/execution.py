@@ -243,11 +243,12 @@ def _update_mha(module: nn.MultiheadAttention, tx: Transaction) -> None:
 
 
 def update_forwards(model: nn.Module, resolved: Mapping[Coupling, np.ndarray], tx: Transaction, *,
-                    narrow: bool = True) -> None:
+                    narrow: bool | str = True) -> None:
     """Install or update the forwards of every module whose channels ``resolved`` changed (the
     parameters are already sliced and the record updated): adapters of linear-like modules, and,
     with ``narrow``, a :class:`~ecospa.coupling.narrow.RegionForward` on the scope of every
-    coupling that is not compact (its narrow graphs are built at the next call)."""
+    coupling that is not compact (its narrow graphs are built at the next call); ``narrow="grouped"``
+    runs ragged heads grouped by width instead of padded."""
     modules = dict(model.named_modules())
     for path, info in _module_sides(resolved).items():
         mod = modules.get(path)
@@ -260,10 +261,10 @@ def update_forwards(model: nn.Module, resolved: Mapping[Coupling, np.ndarray], t
         else:
             _update_linear(mod, path, info, tx)
     if narrow:
-        _update_regions(model, modules, resolved, tx)
+        _update_regions(model, modules, resolved, tx, group_heads=narrow == "grouped")
 
 
-def _update_regions(model: nn.Module, modules, resolved, tx: Transaction) -> None:
+def _update_regions(model: nn.Module, modules, resolved, tx: Transaction, *, group_heads: bool = False) -> None:
     from ecospa.coupling.narrow import ProgramCache, RegionForward
 
     scopes: dict[str, set[str]] = {}
@@ -278,9 +279,11 @@ def _update_regions(model: nn.Module, modules, resolved, tx: Transaction) -> Non
             continue
         fwd = installed_forward(mod)
         if not isinstance(fwd, RegionForward):
-            fwd = RegionForward(mod, path, cache, fallback=fwd)
+            fwd = RegionForward(mod, path, cache, fallback=fwd, group_heads=group_heads)
             tx.set_forward(mod, fwd)
         tx.set_attr_of(fwd, "couplings", frozenset(fwd.couplings | scopes[path]))
+        if fwd.group_heads != group_heads:
+            tx.set_attr_of(fwd, "group_heads", group_heads)
     for m in model.modules():  # a region containing the changed ones must rebuild too
         fwd = installed_forward(m)
         if isinstance(fwd, RegionForward):

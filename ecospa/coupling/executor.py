@@ -31,7 +31,7 @@ from ecospa.coupling.record import ParamRecord, module_record, param_records, st
 from ecospa.coupling.renumber import renumber
 from ecospa.coupling.steps import Step, as_steps, couplings_for
 from ecospa.coupling.verify import masked_reference, outputs_match
-from ecospa.errors import PlanError, PruneError
+from ecospa.errors import ConfigError, PlanError, PruneError
 from ecospa.graph.ir import Coupling, CouplingGraph
 
 __all__ = ["Removal", "PruneResult", "prune", "prune_pass", "resolve", "remaining"]
@@ -246,7 +246,7 @@ def _check_optimizer(optimizer, model: nn.Module, sliced: Iterable[str]) -> None
 
 def prune_pass(model: nn.Module, removal, optimizer: torch.optim.Optimizer | None = None, *,
                couplings: CouplingGraph | None = None, verify: bool = False,
-               example_inputs=None, tol: float = 1e-4, narrow: bool = True) -> PruneResult:
+               example_inputs=None, tol: float = 1e-4, narrow: bool | str = True) -> PruneResult:
     """Remove units in place (see the module docstring) and return a :class:`PruneResult`.
 
     Args:
@@ -264,12 +264,17 @@ def prune_pass(model: nn.Module, removal, optimizer: torch.optim.Optimizer | Non
         tol: relative error allowed by ``verify``.
         narrow: run pruned attention at its kept widths (a rewritten graph per call signature,
             checked once against the exact path, which stays the fallback); False keeps only the
-            exact scatter path.
+            exact scatter path. Heads of unequal kept widths run padded to the layer's widest
+            kept head (``True`` or ``"padded"``: one graph), or as one graph per width group with
+            the outputs added (``"grouped"``, where the call allows it: fewer FLOPs, more ops;
+            measured ~3% faster on GPT-2-small at 1024 tokens, slower on small shapes).
 
     Raises:
         PlanError: before anything changes, when the removal is not valid for this model.
         PruneError: the optimizer does not hold the parameters to slice, or ``verify`` failed.
     """
+    if narrow not in (True, False, "grouped", "padded"):
+        raise ConfigError(f"narrow should be True, False, 'grouped' or 'padded', got {narrow!r}")
     steps = resolve(model, removal, couplings)
     before = _count(model)
     removed_units: dict[str, int] = {}
@@ -314,7 +319,7 @@ def _verify_inputs(model, verify, example_inputs, couplings):
                           "from ecospa.auto_couple(model, example_inputs)") from None
 
 
-def _apply(model: nn.Module, resolved, removed, optimizer, tx: Transaction, narrow: bool) -> None:
+def _apply(model: nn.Module, resolved, removed, optimizer, tx: Transaction, narrow: bool | str) -> None:
     params = dict(model.named_parameters())
     per_param: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
     for (pname, dim), rm in removed.items():
@@ -350,7 +355,7 @@ def _apply(model: nn.Module, resolved, removed, optimizer, tx: Transaction, narr
 
 def prune(model: nn.Module, removal, optimizer: torch.optim.Optimizer | None = None, *,
           couplings: CouplingGraph | None = None, verify: bool = False, example_inputs=None,
-          narrow: bool = True) -> nn.Module:
+          narrow: bool | str = True) -> nn.Module:
     """Remove units of couplings from ``model`` in place and return it.
 
     Args:
@@ -364,7 +369,8 @@ def prune(model: nn.Module, removal, optimizer: torch.optim.Optimizer | None = N
         verify: check the result against the masked dense model on example inputs, undo and
             raise on a mismatch (see :func:`prune_pass`).
         example_inputs: inputs for ``verify`` (default: those the couplings were found with).
-        narrow: run pruned attention at its kept widths (see :func:`prune_pass`).
+        narrow: run pruned attention at its kept widths; ``"grouped"``: ragged heads grouped
+            by width instead of padded to the widest (see :func:`prune_pass`).
 
     Afterwards ``model(x)`` equals the dense model with the removed slices zeroed. The couplings
     of the pruned model are ``ecospa.remaining(cg, removal)`` (or a new ``auto_couple``).

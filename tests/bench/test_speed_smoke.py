@@ -33,7 +33,7 @@ def test_quick_run_writes_every_section(tmp_path: Path):
     assert {"meta", "probes", "gpt2", "layouts", "generate", "linear_gpt", "tiny"} <= set(res)
     assert (tmp_path / "speed.md").read_text().startswith("# Speed") and (tmp_path / "speed.png").stat().st_size > 0
     assert res["meta"]["threads"] == 1 and len(res["meta"]["load_before"]) == 3
-    for sec, names in (("gpt2", ["dense", "uniform", "ragged"]),
+    for sec, names in (("gpt2", ["dense", "uniform", "ragged", "ragged-grouped"]),
                        ("linear_gpt", ["dense", "ecospa-uniform", "ecospa-ragged", "tp-head-dims", "tp-num-heads", "reference"]),
                        ("tiny", ["dense", "uniform", "ragged", "reference"])):
         s = res[sec]

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from ecospa.coupling.narrow.groups import GroupSum, head_groups, output_biases
 from ecospa.coupling.narrow.kvcache import KVNarrower, find_cache
 from ecospa.coupling.narrow.layout import analyse
 from ecospa.coupling.narrow.program import CallNotServable, Program, Signature, export_call, signature
@@ -110,12 +111,15 @@ class RegionForward(EcospaForward):
         cache: dense captures shared with its twins.
         pad_multiple: ragged heads are padded to a multiple of this many positions.
         check: compare every new narrow graph with the fallback once (recommended).
+        group_heads: run ragged heads as one graph per width group (``groups``) rather than
+            padded to the widest, where the call allows it (``prune(..., narrow="grouped")``).
     """
 
     def __init__(self, module: nn.Module, path: str, cache: ProgramCache, *, pad_multiple: int = 8,
-                 check: bool = True, fallback=None):
+                 check: bool = True, fallback=None, group_heads: bool = False):
         self.module, self.path, self.cache = module, path, cache
         self.pad_multiple, self.check = pad_multiple, check
+        self.group_heads = group_heads
         self.fallback = fallback
         self.entries: dict[Signature, list[Entry]] = {}
         self.refused: Counter = Counter()  # calls that could not be served, by reason
@@ -243,6 +247,9 @@ class RegionForward(EcospaForward):
                 value = kind[1].to(dev) if dev is not None else kind[1]
                 feeds.append(lambda v=value: v)
         captured = Captured(graph=program.graph, params=params, buffers=consts, shapes=program.shapes)
+        grouped = self._grouped(program, captured, kept, consts, feeds, sig, tensors, args, kwargs)
+        if grouped is not None:
+            return grouped
         entry, dropped = None, True
         # heads whose units all went are left out where the graph allows it; if that layout
         # cannot be built or checked, they are padded like any narrower head
@@ -271,6 +278,36 @@ class RegionForward(EcospaForward):
         if entry.reason.startswith("building the narrow graph failed"):
             log.warning("ecospa: %s of %s; it runs on the exact fallback. Please report this with the model.",
                         entry.reason, self.path or "<root>")
+        return entry
+
+    def _grouped(self, program, captured, kept, consts, feeds, sig, tensors, args, kwargs) -> Entry | None:
+        """Ragged heads run as one narrow graph per width group, outputs added (``groups``);
+        None when grouping does not apply or its graph fails to build or check."""
+        if not self.group_heads:
+            return None
+        try:
+            recs = head_groups(captured, kept, multiple=self.pad_multiple)
+            if recs is None:
+                return None
+            biases = output_biases(program, kept)
+            slots = tuple(i for i, kind in enumerate(program.kinds) if kind[0] == "param" and kind[1] in biases)
+            graphs = []
+            for rec in recs:
+                layout = analyse(captured, rec, pad_multiple=self.pad_multiple, drop_blocks=True)
+                if not layout.dropped:
+                    return None
+                graphs.append(rewrite(program, layout, kept, consts))
+            gm = GroupSum(graphs, [()] + [slots] * (len(graphs) - 1))
+        except NarrowError:
+            return None
+        except Exception as e:  # grouping is an optimisation: a bug in it costs speed, not the forward
+            log.debug("ecospa: grouping the heads of %s failed: %s: %s", self.path or "<root>", type(e).__name__, e)
+            return None
+        if tensors:
+            gm = gm.to(tensors[0].device)
+        entry = Entry(program, gm, feeds=feeds)
+        if self.check and self._check(entry, sig, tensors, args, kwargs):
+            return None
         return entry
 
     def _check(self, entry: Entry, sig, tensors, args, kwargs) -> str | None:

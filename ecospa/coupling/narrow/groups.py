@@ -23,7 +23,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from ecospa.coupling.narrow.layout import _blocked, _channel_dim, _rows
+from ecospa.coupling.narrow.layout import _blocked, _channel_dim, _rows, kept_labels
 from ecospa.graph.capture import Captured
 from ecospa.graph.flow import propagate
 
@@ -47,17 +47,6 @@ class _UF:
         self.p[self.find(a)] = self.find(b)
 
 
-def _kept_labels(space, kept) -> np.ndarray:
-    keep = np.ones(space.n, dtype=bool)
-    for i, (name, dim) in enumerate(space.pd_names):
-        k = kept.get(name, {}).get(dim)
-        if k is not None:
-            lab = np.zeros(space.pd_size[i], dtype=bool)
-            lab[k] = True
-            keep[space.pd_start[i]: space.pd_start[i] + space.pd_size[i]] = lab
-    return keep
-
-
 def head_groups(captured: Captured, kept: Mapping[str, Mapping[int, np.ndarray]], *, multiple: int = 8,
                 max_groups: int = 3) -> list[dict[str, dict[int, np.ndarray]]] | None:
     """Per group of heads, the removal record that keeps only that group's heads (every other
@@ -66,7 +55,7 @@ def head_groups(captured: Captured, kept: Mapping[str, Mapping[int, np.ndarray]]
     flow = propagate(captured)
     space = flow.space
     _, comp = space.components()
-    keep_lab = _kept_labels(space, kept)
+    keep_lab = kept_labels(space, kept)
     ncomp = int(comp.max()) + 1 if comp.size else 0
     kept_comp = np.ones(ncomp, dtype=bool)
     np.logical_and.at(kept_comp, comp, keep_lab)

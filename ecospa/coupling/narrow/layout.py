@@ -227,6 +227,18 @@ def _node_layout(fs: list, ndim: int, comp: np.ndarray, retained: np.ndarray) ->
     return out
 
 
+def kept_labels(space, kept: Mapping[str, Mapping[int, np.ndarray]]) -> np.ndarray:
+    """Per label of ``space``: True unless the removal record ``kept`` dropped its slice."""
+    keep = np.ones(space.n, dtype=bool)
+    for i, (name, dim) in enumerate(space.pd_names):
+        k = kept.get(name, {}).get(dim)
+        if k is not None:
+            lab = np.zeros(space.pd_size[i], dtype=bool)
+            lab[k] = True
+            keep[space.pd_start[i]: space.pd_start[i] + space.pd_size[i]] = lab
+    return keep
+
+
 def analyse(captured: Captured, kept: Mapping[str, Mapping[int, np.ndarray]], *,
             pad_multiple: int = 8, drop_blocks: bool = True) -> Layout:
     """Narrow layout of a captured call.
@@ -242,13 +254,7 @@ def analyse(captured: Captured, kept: Mapping[str, Mapping[int, np.ndarray]], *,
     flow = propagate(captured)
     space = flow.space
     ncomp, comp = space.components()
-    keep_label = np.ones(space.n, dtype=bool)
-    for i, (name, dim) in enumerate(space.pd_names):
-        k = kept.get(name, {}).get(dim)
-        if k is not None:
-            lab = np.zeros(space.pd_size[i], dtype=bool)
-            lab[k] = True
-            keep_label[space.pd_start[i]: space.pd_start[i] + space.pd_size[i]] = lab
+    keep_label = kept_labels(space, kept)
     all_kept = np.ones(ncomp, dtype=bool)
     any_kept = np.zeros(ncomp, dtype=bool)
     np.logical_and.at(all_kept, comp, keep_label)

@@ -270,7 +270,6 @@ def test_whole_heads_removed_are_left_out_not_padded(name):
     heads = {c.name.rsplit("head", 1)[1] for c in cg if c.kind == "qk" and "head" in c.name}
     if len(heads) < 2:
         pytest.skip("a single query/key head: nothing to drop beside it")
-    dense_heads = []
     with _SDPAShapes() as rec:
         with torch.no_grad():
             call(model, inputs)

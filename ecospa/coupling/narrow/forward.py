@@ -30,6 +30,7 @@ from ecospa.coupling.narrow.rewrite import rewrite
 from ecospa.coupling.narrow.rules import NarrowError
 from ecospa.coupling.record import EcospaForward, dense_view, param_records
 from ecospa.graph.capture import Captured
+from ecospa.graph.flow import propagate
 
 __all__ = ["RegionForward", "ProgramCache", "Entry"]
 
@@ -247,7 +248,8 @@ class RegionForward(EcospaForward):
                 value = kind[1].to(dev) if dev is not None else kind[1]
                 feeds.append(lambda v=value: v)
         captured = Captured(graph=program.graph, params=params, buffers=consts, shapes=program.shapes)
-        grouped = self._grouped(program, captured, kept, consts, feeds, sig, tensors, args, kwargs)
+        flow = propagate(captured)  # the labels depend on the graph only: one analysis for every layout
+        grouped = self._grouped(program, captured, flow, kept, consts, feeds, sig, tensors, args, kwargs)
         if grouped is not None:
             return grouped
         entry, dropped = None, True
@@ -256,7 +258,7 @@ class RegionForward(EcospaForward):
         for drop in (True, False):
             if not drop and not dropped:
                 break  # the first layout left nothing out: the second would fail the same way
-            layout = analyse(captured, kept, pad_multiple=self.pad_multiple, drop_blocks=drop)
+            layout = analyse(captured, kept, pad_multiple=self.pad_multiple, drop_blocks=drop, flow=flow)
             dropped = layout.dropped
             try:
                 gm = rewrite(program, layout, kept, consts)
@@ -280,20 +282,20 @@ class RegionForward(EcospaForward):
                         entry.reason, self.path or "<root>")
         return entry
 
-    def _grouped(self, program, captured, kept, consts, feeds, sig, tensors, args, kwargs) -> Entry | None:
+    def _grouped(self, program, captured, flow, kept, consts, feeds, sig, tensors, args, kwargs) -> Entry | None:
         """Ragged heads run as one narrow graph per width group, outputs added (``groups``);
         None when grouping does not apply or its graph fails to build or check."""
         if not self.group_heads:
             return None
         try:
-            recs = head_groups(captured, kept, multiple=self.pad_multiple)
+            recs = head_groups(captured, kept, multiple=self.pad_multiple, flow=flow)
             if recs is None:
                 return None
             biases = output_biases(program, kept)
             slots = tuple(i for i, kind in enumerate(program.kinds) if kind[0] == "param" and kind[1] in biases)
             graphs = []
             for rec in recs:
-                layout = analyse(captured, rec, pad_multiple=self.pad_multiple, drop_blocks=True)
+                layout = analyse(captured, rec, pad_multiple=self.pad_multiple, drop_blocks=True, flow=flow)
                 if not layout.dropped:
                     return None
                 graphs.append(rewrite(program, layout, kept, consts))

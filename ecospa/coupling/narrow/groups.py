@@ -23,7 +23,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from ecospa.coupling.narrow.layout import _blocked, _channel_dim, _rows, kept_labels
+from ecospa.coupling.narrow.layout import _blocked, _channel_dim, _rows, kept_labels, part_dims
 from ecospa.graph.capture import Captured
 from ecospa.graph.flow import propagate
 
@@ -48,11 +48,11 @@ class _UF:
 
 
 def head_groups(captured: Captured, kept: Mapping[str, Mapping[int, np.ndarray]], *, multiple: int = 8,
-                max_groups: int = 3) -> list[dict[str, dict[int, np.ndarray]]] | None:
+                max_groups: int = 3, flow=None) -> list[dict[str, dict[int, np.ndarray]]] | None:
     """Per group of heads, the removal record that keeps only that group's heads (every other
     unit of the heads removed); None when grouping does not apply (one width, a single head,
-    units outside the heads, blocks that are not heads)."""
-    flow = propagate(captured)
+    units outside the heads, blocks that are not heads). ``flow``: ``propagate(captured)`` if known."""
+    flow = flow if flow is not None else propagate(captured)
     space = flow.space
     _, comp = space.components()
     keep_lab = kept_labels(space, kept)
@@ -65,8 +65,8 @@ def head_groups(captured: Captured, kept: Mapping[str, Mapping[int, np.ndarray]]
         n = _channel_dim(f, comp)
         rows, sel = _rows(f, n)
         c = np.where(rows >= 0, comp[np.maximum(rows, 0)], -1)
-        blocks = [d for d in sel if not (np.where(f >= 0, comp[np.maximum(f, 0)], -1)
-                                         == np.where(f >= 0, comp[np.maximum(f, 0)], -1).take([0], axis=d)).all()]
+        parts = part_dims(f, comp, sel)
+        blocks = [d for d in sel if d not in parts]
         if len(blocks) != 1:
             return None
         head = blocks[0]
@@ -119,10 +119,11 @@ def head_groups(captured: Captured, kept: Mapping[str, Mapping[int, np.ndarray]]
         _, a, b, new = best
         merged[a] = (new, merged[a][1] + merged[b][1])
         del merged[b]
+    root_of = [uf.find(("unit", u)) for u in range(ncomp)]
     out = []
     for _, roots in merged:
         mine = set(roots)
-        comps = np.array([uf.find(("unit", u)) in mine for u in range(ncomp)]) if ncomp else np.zeros(0, bool)
+        comps = np.array([r in mine for r in root_of], dtype=bool)
         rec: dict[str, dict[int, np.ndarray]] = {}
         for i, (name, dim) in enumerate(space.pd_names):
             k = kept.get(name, {}).get(dim)

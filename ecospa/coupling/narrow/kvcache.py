@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from ecospa.coupling.adapters import LinearAdapter
+from ecospa.coupling.narrow import ops
 from ecospa.coupling.record import installed_forward
 
 __all__ = ["KVNarrower", "find_cache", "KVIndex"]
@@ -66,17 +67,14 @@ class KVIndex:
     def shrink(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, T, D) -> (B, H_kept, T, w)``."""
         if self.heads is not None:
-            x = x.index_select(1, self.heads.to(x.device))
-        idx = self.index.to(x.device)[None, :, None, :].expand(x.shape[0], -1, x.shape[2], -1)
-        return x.gather(-1, idx)
+            x = ops.gather(x, 1, self.heads.to(x.device), 4)
+        return ops.gather(x, 3, self.index.to(x.device)[None, :, None, :], 4)
 
     def grow(self, y: torch.Tensor) -> torch.Tensor:
         """``(B, H_kept, T, w) -> (B, H, T, D)``, zeros at the positions not stored."""
-        b, _, t, _ = y.shape
-        idx = self.index.to(y.device)[None, :, None, :].expand(b, -1, t, -1)
-        out = y.new_zeros(b, self.index.shape[0], t, self.dense_width).scatter_(-1, idx, y)
+        out = ops.scatter(y, 3, self.index.to(y.device)[None, :, None, :], self.dense_width)
         if self.heads is not None:
-            out = y.new_zeros(b, self.dense_heads, t, self.dense_width).index_copy_(1, self.heads.to(y.device), out)
+            out = ops.scatter(out, 1, self.heads.to(y.device), self.dense_heads)
         return out
 
     @property
@@ -241,8 +239,8 @@ class KVNarrower:
         """One line for the execution report, or None before any call with a cache."""
         if not self.stored and not self.dense:
             return None
-        fr = [f"{name} {x.fraction:.0%}" for name, x in zip(("keys", "values"), next(
-            (v for v in self.layouts.values() if not isinstance(v, str)), ("", ""))) if isinstance(x, KVIndex)]
+        lay = next((v for v in self.layouts.values() if not isinstance(v, str)), ())
+        fr = [f"{name} {x.fraction:.0%}" for name, x in zip(("keys", "values"), lay) if isinstance(x, KVIndex)]
         if self.stored and not self.dense:
             return f"KV cache stored at the kept widths ({', '.join(fr)} of dense)"
         return f"KV cache at the dense width: {self.why_dense}"

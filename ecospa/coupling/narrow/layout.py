@@ -132,6 +132,13 @@ def _pad(blocked: list[np.ndarray], comp: np.ndarray, retained: np.ndarray, mult
                 changed = True
 
 
+def part_dims(f: np.ndarray, comp: np.ndarray, sel) -> set[int]:
+    """The selector dims of ``f`` along which the units do not change: parts of one unit (the two
+    halves of a rotary pair stacked on a dim), not blocks."""
+    c = np.where(f >= 0, comp[np.maximum(f, 0)], -1)
+    return {d for d in sel if (c == c.take([0], axis=d)).all()}
+
+
 def _empty_blocks(f: np.ndarray, comp: np.ndarray, retained: np.ndarray):
     """Where a blocked factor lost whole blocks: ``(selector dims, head dim or None, empty head
     positions)``; None when its empty rows are not whole positions of one selector dim."""
@@ -160,9 +167,9 @@ def _droppable(blocked: list[np.ndarray], comp: np.ndarray, retained: np.ndarray
         sel, head, gone = e
         if head is not None and len(gone) == f.shape[head]:
             return False  # every block of a tensor gone: nothing left to attend with
-        c = np.where(f >= 0, comp[np.maximum(f, 0)], -1)
+        parts = part_dims(f, comp, sel)
         for d in sel:
-            if d != head and (c == c.take([0], axis=d)).all():
+            if d != head and d in parts:
                 continue  # parts of one unit (the halves of a rotary pair), not blocks
             if seen.setdefault(f.shape[d], gone if d == head else frozenset()) != (gone if d == head else frozenset()):
                 return False
@@ -240,7 +247,7 @@ def kept_labels(space, kept: Mapping[str, Mapping[int, np.ndarray]]) -> np.ndarr
 
 
 def analyse(captured: Captured, kept: Mapping[str, Mapping[int, np.ndarray]], *,
-            pad_multiple: int = 8, drop_blocks: bool = True) -> Layout:
+            pad_multiple: int = 8, drop_blocks: bool = True, flow: FlowResult | None = None) -> Layout:
     """Narrow layout of a captured call.
 
     Args:
@@ -250,8 +257,9 @@ def analyse(captured: Captured, kept: Mapping[str, Mapping[int, np.ndarray]], *,
         pad_multiple: padded blocks are rounded up to a multiple of this many positions.
         drop_blocks: leave out whole blocks (heads) whose units were all removed, where that is
             safe (:func:`_droppable`); otherwise they are padded like any narrower head.
+        flow: ``propagate(captured)`` when the caller has it (it depends on the graph only).
     """
-    flow = propagate(captured)
+    flow = flow if flow is not None else propagate(captured)
     space = flow.space
     ncomp, comp = space.components()
     keep_label = kept_labels(space, kept)

@@ -72,8 +72,9 @@ def test_attention_runs_narrow_and_exact(name):
 
 @pytest.mark.parametrize("name", ["nanogpt_block", "llama_rope_half", "llama_rope_interleaved"])
 def test_uniform_heads_need_no_padding_ragged_heads_are_padded(name):
-    """Equal widths per head: the live weights are used as they are. Ragged heads: padding units
-    are laid out from zero slices (``expand_param``); both exact."""
+    """Equal widths per head: the live weights are used as they are. Ragged heads: the
+    projections still run on the live weights at the exact kept widths, and only the head views
+    carry padding units (scattered in with zeros); both exact."""
     model, inputs = build(name)
     cg = ecospa.auto_couple(model, inputs)
     uniform = copy.deepcopy(model)
@@ -82,7 +83,8 @@ def test_uniform_heads_need_no_padding_ragged_heads_are_padded(name):
     ragged = {c: [0] for c in cg if c.kind in ("qk", "vo") and c.name.endswith("0") and c.width > 1}
     assert ragged
     assert_pruned_equals_masked(model, inputs, ragged)
-    assert ops.expand_param in _graph_ops(model)
+    graph = _graph_ops(model)
+    assert ops.expand_param not in graph and ops.scatter in graph
     assert all(r.narrow for r in _outer(model))
 
 
@@ -181,6 +183,55 @@ def test_a_wrong_narrow_graph_is_caught_and_the_call_falls_back(monkeypatch):
     assert_pruned_equals_masked(model, inputs, plan)
     (rep,) = ecospa.execution_report(model)
     assert rep.narrow_calls == 0 and "exact path" in rep.reasons[0]
+
+
+@pytest.mark.parametrize("name", ["nanogpt_block", "llama_rope_interleaved"])
+def test_ragged_projections_run_at_exact_widths_with_the_all_padded_layout_as_the_next_try(name, monkeypatch):
+    """Ragged heads: the projections multiply the live (exact) weights and only the head views
+    are padded. Where that mixed layout cannot be built, the all-padded one (weights laid out
+    with zero slices) still serves the call narrow and exact."""
+    from ecospa.coupling.narrow.rewrite import Builder
+    from ecospa.coupling.narrow.rules import NarrowError
+
+    model, inputs = build(name)
+    cg = ecospa.auto_couple(model, inputs)
+    # head 0 loses one unit, the others half: ragged in every layer
+    plan = {c: list(range(1 if c.name.endswith("head0") else c.width // 2))
+            for c in cg if c.kind in ("qk", "vo") and c.width > 2}
+    twin = copy.deepcopy(model)
+    assert_pruned_equals_masked(model, inputs, plan, cg=cg)
+    graph = _graph_ops(model)
+    assert ops.scatter in graph and ops.expand_param not in graph
+    assert all(r.narrow for r in _outer(model))
+
+    def refuse(self, *a, **k):
+        raise NarrowError("no mixed layout")
+
+    monkeypatch.setattr(Builder, "relayout", refuse)
+    assert_pruned_equals_masked(twin, inputs, plan, cg=cg)
+    assert ops.expand_param in _graph_ops(twin)
+    assert all(r.narrow for r in _outer(twin))
+
+
+@pytest.mark.parametrize("name", ["llama_rope_half", "nanogpt"])
+def test_a_first_call_under_inference_mode_runs_narrow_and_later_trains(name):
+    """Evaluation loops run under ``torch.inference_mode``: the first call there must build the
+    narrow graph (export cannot trace inference tensors), and the same graph must then serve a
+    call with gradients (no inference tensors kept inside it)."""
+    model, inputs = build(name)
+    plan = random_plan(ecospa.auto_couple(model, inputs), random.Random(3))
+    ref = masked_copy(model, plan_units(plan)).eval()
+    ecospa.prune(model, plan)
+    model.eval()
+    with torch.inference_mode():
+        got = call(model, inputs)
+    with torch.no_grad():
+        assert_close_outputs(got, call(ref, inputs))
+    reports = _outer(model)
+    assert reports and all(r.narrow for r in reports), [r.reasons for r in reports]
+    call(model, inputs).pow(2).mean().backward()  # eval mode, gradients on: the same signature
+    assert all(r.signatures == 1 and r.fallback_calls == 0 for r in _outer(model))
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_pruning_again_rebuilds_the_narrow_graphs():
@@ -313,4 +364,4 @@ def test_a_head_losing_only_its_qk_units_is_padded_not_dropped():
         with torch.no_grad():
             call(model, inputs)
     assert dense_heads and [s[1] for s in rec.shapes] == dense_heads  # every head still attends
-    assert ops.expand_param in _graph_ops(model)
+    assert ops.scatter in _graph_ops(model)  # head 0's q/k padded with zeros in the head views

@@ -12,6 +12,7 @@ silent: :meth:`RegionForward.report` says, per signature, which path runs and wh
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections import Counter
@@ -206,9 +207,10 @@ class RegionForward(EcospaForward):
         if len(variants) >= MAX_VARIANTS:
             self.refused[f"more than {MAX_VARIANTS} shape variants of one signature"] += 1
             return None
-        entry = self._build(sig, tensors, args, kwargs, shared=True)
-        if entry.gm is None and entry.program is not None and entry.reason and "differ" in entry.reason:
-            entry = self._build(sig, tensors, args, kwargs, shared=False)  # a twin's capture misled
+        with _outside_inference_mode(tensors, args, kwargs) as (tensors, args, kwargs):
+            entry = self._build(sig, tensors, args, kwargs, shared=True)
+            if entry.gm is None and entry.program is not None and entry.reason and "differ" in entry.reason:
+                entry = self._build(sig, tensors, args, kwargs, shared=False)  # a twin's capture misled
         variants.append(entry)
         if entry.gm is None:
             log.info("ecospa: %s runs on the exact fallback for this call: %s", self.path or "<root>", entry.reason)
@@ -253,13 +255,18 @@ class RegionForward(EcospaForward):
         if grouped is not None:
             return grouped
         entry, dropped = None, True
-        # heads whose units all went are left out where the graph allows it; if that layout
-        # cannot be built or checked, they are padded like any narrower head
-        for drop in (True, False):
+        # heads whose units all went are left out where the graph allows it, and the projections
+        # of ragged heads run at their exact widths (only the head views padded); if a layout
+        # cannot be built or checked, the next one pads more: the weights too, then every head
+        for drop, exact in ((True, True), (True, False), (False, True), (False, False)):
             if not drop and not dropped:
-                break  # the first layout left nothing out: the second would fail the same way
-            layout = analyse(captured, kept, pad_multiple=self.pad_multiple, drop_blocks=drop, flow=flow)
-            dropped = layout.dropped
+                break  # the first layouts left nothing out: the others would fail the same way
+            if not exact and layout.padded == {}:
+                continue  # nothing ran at exact widths: the all-padded layout is the same one
+            layout = analyse(captured, kept, pad_multiple=self.pad_multiple, drop_blocks=drop,
+                             exact_flat=exact, flow=flow)
+            if drop:
+                dropped = layout.dropped
             try:
                 gm = rewrite(program, layout, kept, consts)
             except NarrowError as e:
@@ -335,6 +342,20 @@ class RegionForward(EcospaForward):
                 return f"the narrow graph failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             want = self._fallback(*args, **kwargs)
         return _close(got, want)
+
+
+@contextlib.contextmanager
+def _outside_inference_mode(tensors, args, kwargs):
+    """Build a narrow graph outside ``torch.inference_mode`` (gradients off), on normal copies of
+    the call's inference tensors: export cannot trace inference tensors, and a graph built inside
+    inference mode would hold inference-tensor indices that a later call with gradients could not
+    save for backward. Outside inference mode this changes nothing."""
+    if not torch.is_inference_mode_enabled():
+        yield tensors, args, kwargs
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        yield pytree.tree_map_only(torch.Tensor, lambda t: t.clone() if t.is_inference() else t,
+                                   (tensors, args, kwargs))
 
 
 def _getter(root: nn.Module, store: str, name: str):

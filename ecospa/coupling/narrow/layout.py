@@ -16,7 +16,7 @@ every position of the dimensions the choice varies along (its *selectors*: a hea
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
@@ -59,6 +59,11 @@ class Layout:
             computes (kept units plus padding), for every dim the removal record slices.
         flow: the labelled graph.
         problem: why this call cannot run narrow (None when it can).
+        dropped: whole blocks (heads) are left out.
+        padded: for the flat tensors (no head blocks) that run at their exact kept widths while
+            the head-blocked tensors they are viewed into (or from) carry padding units: their
+            layout with the padding, which the views between the two convert to and from.
+        blocked: the tensor nodes laid out in heads (always with the padding).
     """
 
     nodes: dict[torch.fx.Node, object]
@@ -66,6 +71,8 @@ class Layout:
     flow: FlowResult
     problem: str | None = None
     dropped: bool = False  # some whole blocks (heads) are left out
+    padded: dict[torch.fx.Node, object] = field(default_factory=dict)
+    blocked: frozenset = frozenset()  # the nodes whose channels are laid out in heads
 
 
 def _rows(f: np.ndarray, n: int) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -246,8 +253,13 @@ def kept_labels(space, kept: Mapping[str, Mapping[int, np.ndarray]]) -> np.ndarr
     return keep
 
 
+def _is_blocked(fs) -> bool:
+    return any(len(varying(f)) >= 2 for f in fs)
+
+
 def analyse(captured: Captured, kept: Mapping[str, Mapping[int, np.ndarray]], *,
-            pad_multiple: int = 8, drop_blocks: bool = True, flow: FlowResult | None = None) -> Layout:
+            pad_multiple: int = 8, drop_blocks: bool = True, exact_flat: bool = True,
+            flow: FlowResult | None = None) -> Layout:
     """Narrow layout of a captured call.
 
     Args:
@@ -257,6 +269,10 @@ def analyse(captured: Captured, kept: Mapping[str, Mapping[int, np.ndarray]], *,
         pad_multiple: padded blocks are rounded up to a multiple of this many positions.
         drop_blocks: leave out whole blocks (heads) whose units were all removed, where that is
             safe (:func:`_droppable`); otherwise they are padded like any narrower head.
+        exact_flat: tensors without head blocks (projection inputs and outputs, parameters)
+            keep only the kept units, the padding of ragged heads lives in the head-blocked
+            tensors alone (``Layout.padded``): the projections run at the exact kept widths.
+            False: every tensor carries the padding (the weights are padded with zero slices).
         flow: ``propagate(captured)`` when the caller has it (it depends on the graph only).
     """
     flow = flow if flow is not None else propagate(captured)
@@ -279,30 +295,62 @@ def analyse(captured: Captured, kept: Mapping[str, Mapping[int, np.ndarray]], *,
     if drop_blocks and not dropped:
         retained = all_kept.copy()
         _pad(blocked, comp, retained, max(1, int(pad_multiple)))
+    exact = all_kept if exact_flat and not np.array_equal(all_kept, retained) else None
+
+    def tensor_layout(fs: list, ndim: int):
+        """``(layout, padded layout or None)`` of one tensor value: a flat tensor runs at its
+        exact widths (when ``exact``), a head-blocked one with the padding."""
+        lay = _node_layout(fs, ndim, comp, retained)
+        if isinstance(lay, str) or exact is None or _is_blocked(fs):
+            return lay, None
+        flat = _node_layout(fs, ndim, comp, exact)
+        if isinstance(flat, str) or _same_layout(flat, lay):
+            return flat, None
+        return flat, lay
+
     nodes: dict[torch.fx.Node, object] = {}
+    padded: dict[torch.fx.Node, object] = {}
+    blocked_params: set[str] = set()
+    blocked: set[torch.fx.Node] = set()
     for node in flow.nodes:
         v = flow.values.get(node)
         val = node.meta.get("val")
+        pad = None
         if isinstance(v, tuple):
             vals = val if isinstance(val, (tuple, list)) else [None] * len(v)
-            lay = tuple(_node_layout(fs, len(t.shape), comp, retained)
-                        if isinstance(fs, list) and isinstance(t, torch.Tensor) else None
-                        for fs, t in zip(v, vals))
+            both = [tensor_layout(fs, len(t.shape)) if isinstance(fs, list) and isinstance(t, torch.Tensor)
+                    else (None, None) for fs, t in zip(v, vals)]
+            lay = tuple(x for x, _ in both)
+            if any(p is not None for _, p in both):
+                pad = tuple(x if p is None else p for x, p in both)
             bad = next((x for x in lay if isinstance(x, str)), None)
+            if any(isinstance(fs, list) and _is_blocked(fs) for fs in v):
+                blocked.add(node)
         elif isinstance(v, list) and isinstance(val, torch.Tensor):
-            lay = _node_layout(v, val.dim(), comp, retained)
+            lay, pad = tensor_layout(v, val.dim())
             bad = lay if isinstance(lay, str) else None
+            if _is_blocked(v):
+                blocked.add(node)
+                if node.name in captured.params:
+                    blocked_params.add(captured.params[node.name])  # a parameter laid out in heads: padded
         else:
             lay, bad = None, None
         if bad is not None:
             return Layout(nodes, {}, flow, f"{bad} at {node.name} ({node.target}) in {module_of(node) or '<root>'}")
         nodes[node] = lay
+        if pad is not None:
+            padded[node] = pad
     retained_idx: dict[str, dict[int, np.ndarray]] = {}
     for i, (name, dim) in enumerate(space.pd_names):
         if name.startswith("<"):
             continue
         c = comp[space.pd_start[i]: space.pd_start[i] + space.pd_size[i]]
-        r = retained[c]
+        r = (retained if exact is None or name in blocked_params else exact)[c]
         if not r.all() or kept.get(name, {}).get(dim) is not None:
             retained_idx.setdefault(name, {})[dim] = np.nonzero(r)[0]
-    return Layout(nodes, retained_idx, flow, dropped=dropped)
+    return Layout(nodes, retained_idx, flow, dropped=dropped, padded=padded, blocked=frozenset(blocked))
+
+
+def _same_layout(a: NodeLayout, b: NodeLayout) -> bool:
+    return a.keys() == b.keys() and all(a[d].index.shape == b[d].index.shape and
+                                        np.array_equal(a[d].index, b[d].index) for d in a)

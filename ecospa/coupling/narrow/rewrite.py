@@ -2,8 +2,10 @@
 
 :func:`rewrite` walks the captured graph in order and asks each op's narrow rule
 (``ecospa.coupling.narrow.rules``) for its narrow version. Parameters enter as they are in the
-pruned model (only kept slices); where padding units are retained (ragged heads) they are first
-laid out with zero slices (``ops.expand_param``). Index tensors become buffers of the resulting
+pruned model (only kept slices). Ragged heads carry padding units in the head-blocked tensors
+only: the views between a projection (exact widths) and its heads scatter to and gather from the
+padded layout (:meth:`Builder.run_rule`); a parameter that is itself laid out in heads is padded
+with zero slices (``ops.expand_param``). Index tensors become buffers of the resulting
 ``torch.fx.GraphModule``, so ``.to(device)`` moves them.
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Builder:
         self.buffers: dict[str, torch.Tensor] = {}
         self.zero: dict[torch.fx.Node, bool] = {}
         self._constants = constants
+        self._padded_env: dict[torch.fx.Node, torch.fx.Node] = {}
 
     # --------------------------------------------------------------------- queries
     def layout(self, node) -> dict:
@@ -99,6 +102,57 @@ class Builder:
             else:
                 arr = nar.index
             new = self.call(ops.scatter, (new, dim, self.index(arr), nar.size))
+        return new
+
+    def relayout(self, new: torch.fx.Node, have: Mapping[int, Narrowing], want: Mapping[int, Narrowing]) -> torch.fx.Node:
+        """``new`` moved from layout ``have`` to layout ``want`` of the same tensor, where one
+        holds the other's positions along every dim: exact widths scattered into the padded ones
+        (zeros at the padding units), or padded widths gathered down to the exact ones."""
+        for dim in sorted(set(have) | set(want)):
+            h, w = have.get(dim), want.get(dim)
+            size = (h if h is not None else w).size
+            hi = np.arange(size) if h is None else h.index  # not narrowed: every dense position
+            wi = np.arange(size) if w is None else w.index
+            if hi.ndim != 1 or wi.ndim != 1:
+                raise NarrowError(f"exact and padded widths laid out per head along dim {dim}")
+            if np.array_equal(hi, wi):
+                continue
+            if np.isin(hi, wi).all():  # exact -> padded
+                pos = np.searchsorted(wi, hi)
+                new = self.call(ops.scatter, (new, dim, self.index(pos), wi.size))
+            elif np.isin(wi, hi).all():  # padded -> exact
+                pos = np.searchsorted(hi, wi)
+                new = self.call(ops.gather, (new, dim, self.index(pos), 0))  # 1-D: index_select
+            else:
+                raise NarrowError(f"exact and padded positions do not nest along dim {dim}")
+        return new
+
+    def run_rule(self, rule, node: torch.fx.Node) -> torch.fx.Node:
+        """``rule(self, node)``; where the node or one of its inputs runs at exact widths and the
+        other side carries padding units (the views between projections and heads), the rule
+        sees every tensor with the padding (exact inputs scattered once, cached) and an exact
+        node's result is gathered back down to its exact widths."""
+        padded, blocked = self.lay.padded, self.lay.blocked
+        if not padded or (node not in blocked and not any(a in blocked for a in node.all_input_nodes)):
+            return rule(self, node)  # flat tensors only: exact widths in and out
+        # a tuple (split) is consumed by getitems: each piece has its own exact and padded layouts
+        ins = [a for a in node.all_input_nodes if isinstance(padded.get(a), dict)]
+        saved_env = {a: self.env[a] for a in ins}
+        saved_lay = {n: self.lay.nodes[n] for n in ins + ([node] if node in padded else [])}
+        try:
+            for a in ins:
+                if a not in self._padded_env:
+                    self._padded_env[a] = self.relayout(self.env[a], self.layout(a), padded[a])
+                self.env[a] = self._padded_env[a]
+                self.lay.nodes[a] = padded[a]
+            if node in padded:
+                self.lay.nodes[node] = padded[node]
+            new = rule(self, node)
+        finally:
+            self.env.update(saved_env)
+            self.lay.nodes.update(saved_lay)
+        if node in padded:
+            new = self.relayout(new, padded[node], self.layout(node))
         return new
 
     def gather(self, x: torch.fx.Node, dim: int, positions: np.ndarray, selectors, ndim: int) -> torch.fx.Node:
@@ -190,7 +244,7 @@ def rewrite(program: Program, layout: Layout, kept: Mapping[str, Mapping[int, np
                 rule = rule_for(node.target)
                 if rule is None:
                     raise NarrowError(f"no narrow rule for {node.target}")
-                b.env[node] = rule(b, node)
+                b.env[node] = b.run_rule(rule, node)
         except NarrowError as e:
             raise NarrowError(f"{e} at {node.format_node()} in module "
                               f"{module_of(node) or '<root>'!r}") from None

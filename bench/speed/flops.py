@@ -12,9 +12,10 @@ For N = B * T tokens (elementwise ops, norms, softmax, embeddings and the AdamW 
 Ideal speedup = FLOPs(dense) / FLOPs(variant). A train step is forward + backward, about 3x the
 forward's matmuls on both sides, so its ideal is the whole-model forward ratio.
 
-Ragged heads run padded (ecospa's narrow layout: every head of a blocked tensor gets the largest
-kept width of the block rounded up to 8): :func:`attention` with ``padded=True`` estimates the
-FLOPs actually executed, an explanation of the gap, not the target.
+Ragged heads run padded in the attention core (ecospa's narrow layout: every head of a blocked
+tensor gets the largest kept width of the block rounded up to 8, and SDPA pads q/k and v to one
+width for its fused kernel; the projections run at the exact kept widths): :func:`attention` with
+``padded=True`` estimates the FLOPs actually executed, an explanation of the gap, not the target.
 """
 from __future__ import annotations
 
@@ -26,8 +27,7 @@ import torch.nn as nn
 
 @dataclass(frozen=True)
 class Spec:
-    """Attention shape of a model. ``joint_pad``: q, k and v share one blocked tensor (timm's
-    ``reshape(B, T, 3, H, -1)``), so ragged padding uses one width for all three."""
+    """Attention shape of a model."""
 
     n_layer: int
     n_head: int
@@ -35,7 +35,6 @@ class Spec:
     head_dim: int
     d_model: int
     lm_head: str  # module name of the output projection
-    joint_pad: bool = False
 
 
 def _linear_like(m: nn.Module) -> bool:
@@ -65,7 +64,8 @@ def _groups(cg, plan) -> dict[tuple[str, str], list[tuple[int, int]]]:
 
 
 def attention(spec: Spec, batch: int, seq: int, cg=None, plan=None, padded: bool = False) -> tuple[int, int]:
-    """``(attention core FLOPs, extra linear FLOPs of padding)`` for one forward.
+    """``(attention core FLOPs, extra linear FLOPs of padding)`` for one forward (the extra is
+    0 since the projections of ragged heads run at their exact widths; kept in the signature).
 
     Without ``plan`` every head has ``spec.head_dim`` (dense, the reference, Torch-Pruning's
     model built with its own spec). With ``cg`` and ``plan``: each coupling's kept units times
@@ -80,20 +80,16 @@ def attention(spec: Spec, batch: int, seq: int, cg=None, plan=None, padded: bool
     for (scope, kind), cs in groups.items():
         dims = [k * spec.head_dim / w for k, w in cs]
         pad[(scope, kind)] = min(spec.head_dim, -(-int(max(dims)) // 8) * 8)
-    if spec.joint_pad:
-        for scope in {s for s, _ in groups}:
-            p = max(pad.get((scope, "qk"), 0), pad.get((scope, "vo"), 0))
-            pad[(scope, "qk")] = pad[(scope, "vo")] = p
-    core = extra = 0
+    for scope in {s for s, _ in groups}:  # SDPA's fused kernel: q/k and v at one width
+        p = max(pad.get((scope, "qk"), 0), pad.get((scope, "vo"), 0))
+        pad[(scope, "qk")] = pad[(scope, "vo")] = p
+    core = 0
     for (scope, kind), cs in groups.items():
         m = len(cs)
         for k, w in cs:
-            dims = k * spec.head_dim / w
-            run = pad[(scope, kind)] if padded else dims
+            run = pad[(scope, kind)] if padded else k * spec.head_dim / w
             core += per * run * spec.n_head / m
-            # padding rows of the producers (q and k, or v) and columns of o, per coupling
-            extra += 2 * batch * seq * spec.d_model * (run - dims) * (spec.n_head + spec.n_kv) / m
-    return int(core), int(extra)
+    return int(core), 0
 
 
 def count(model: nn.Module, spec: Spec, batch: int, seq: int, cg=None, plan=None) -> dict:

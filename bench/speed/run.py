@@ -75,7 +75,7 @@ def _couplings(cg) -> dict:
 def section_linear_gpt(a, cfg: dict) -> dict:
     torch.manual_seed(a.seed)
     dense = subjects.LinearGPT(**cfg)
-    spec = flops.Spec(cfg["n_layer"], cfg["n_head"], cfg["n_head"], cfg["head_dim"], cfg["n_embd"], "lm_head", joint_pad=True)
+    spec = flops.Spec(cfg["n_layer"], cfg["n_head"], cfg["n_head"], cfg["head_dim"], cfg["n_embd"], "lm_head")
     x = tokens(cfg["vocab"], 2, 64, 5)
     t0 = time.perf_counter()
     cg = ecospa.auto_couple(dense, (x,))

@@ -264,10 +264,11 @@ def prune_pass(model: nn.Module, removal, optimizer: torch.optim.Optimizer | Non
         tol: relative error allowed by ``verify``.
         narrow: run pruned attention at its kept widths (a rewritten graph per call signature,
             checked once against the exact path, which stays the fallback); False keeps only the
-            exact scatter path. Heads of unequal kept widths run padded to the layer's widest
-            kept head (``True`` or ``"padded"``: one graph), or as one graph per width group with
-            the outputs added (``"grouped"``, where the call allows it: fewer FLOPs, more ops;
-            measured ~3% faster on GPT-2-small at 1024 tokens, slower on small shapes).
+            exact scatter path. Heads of unequal kept widths run their projections at the exact
+            kept widths and their attention core padded to the layer's widest kept head
+            (``True`` or ``"padded"``: one graph), or as one graph per width group with the
+            outputs added (``"grouped"``, where the call allows it: fewer attention FLOPs, more
+            ops; on GPT-2-small measured 3% faster at 2048 tokens, slower at 256-1024).
 
     Raises:
         PlanError: before anything changes, when the removal is not valid for this model.

@@ -7,7 +7,9 @@ computes only retained positions. Tensors whose channels are batched in blocks (
 when Eq. 9 leaves heads ragged, some removed units are retained as *padding*: whole units, so
 rotary pairs stay pairs, computed as zeros (the narrow graph reads zero slices for them). Padded
 blocks are rounded up to ``pad_multiple`` positions (fast GEMM widths), never beyond the dense
-width. A block (head) whose units were all removed is left out instead of padded, when every
+width. Only tensors laid out in blocks need the padding: flat tensors (a projection's output
+before its head view, the weights) keep exactly the kept positions, and ``Layout.padded`` gives
+their padded layout for the views that cross over. A block (head) whose units were all removed is left out instead of padded, when every
 tensor of the call loses the same heads (``_droppable``): its tensors are narrowed along the head
 dim too, and the channel positions are then chosen per kept head.
 

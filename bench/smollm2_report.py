@@ -175,13 +175,14 @@ def _plot(runs, dense) -> None:
     panels = [("oneshot", "one-shot")] + ([("recovered", "after recovery")] if any("recovered" in r for r in runs) else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), sharey=True, squeeze=False)
     axes = axes[0]
+    colors = {m: f"C{i}" for i, m in enumerate(m for m in LABELS if m != "dense")}  # one color per method
     for ax, (key, title) in zip(axes, panels):
         for m in LABELS:
             pts = sorted((r["params"] / 1e6, r[key]["ppl512"]) for r in runs if r["method"] == m and key in r)
             if not pts or m == "dense":
                 continue
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, "o-", label=LABELS[m].strip("*"), lw=2.5 if m == "ecospa" else 1.2)
+            ax.plot(xs, ys, "o-", color=colors[m], label=LABELS[m].strip("*"), lw=2.5 if m == "ecospa" else 1.2)
         if dense:
             ax.axhline(dense["oneshot"]["ppl512"], color="k", ls=":", label="dense")
         ax.set_yscale("log")
@@ -189,7 +190,8 @@ def _plot(runs, dense) -> None:
         ax.set_title(f"SmolLM2-135M, {title}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("WikiText-2 perplexity @512 (held-out)")
-    axes[-1].legend(fontsize=7)
+    for ax in axes:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(OUT / "smollm2.png", dpi=110)
     plt.close(fig)

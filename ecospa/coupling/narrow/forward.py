@@ -261,7 +261,7 @@ class RegionForward(EcospaForward):
         for drop, exact in ((True, True), (True, False), (False, True), (False, False)):
             if not drop and not dropped:
                 break  # the first layouts left nothing out: the others would fail the same way
-            if not exact and layout.padded == {}:
+            if not exact and not layout.problem and layout.padded == {}:
                 continue  # nothing ran at exact widths: the all-padded layout is the same one
             layout = analyse(captured, kept, pad_multiple=self.pad_multiple, drop_blocks=drop,
                              exact_flat=exact, flow=flow)

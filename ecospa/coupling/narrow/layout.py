@@ -46,6 +46,10 @@ class Narrowing:
     def width(self) -> int:
         return int(self.index.shape[-1])
 
+    def same(self, other: "Narrowing") -> bool:
+        """The same positions (dims and selectors aside: compared per dim by the caller)."""
+        return self.index.shape == other.index.shape and np.array_equal(self.index, other.index)
+
 
 NodeLayout = dict  # dim -> Narrowing, for a tensor value; a tuple of them for several outputs
 
@@ -237,7 +241,7 @@ def _node_layout(fs: list, ndim: int, comp: np.ndarray, retained: np.ndarray) ->
             return nars
         for nar in nars:
             old = out.get(nar.dim)
-            if old is not None and not (old.index.shape == nar.index.shape and np.array_equal(old.index, nar.index)):
+            if old is not None and not old.same(nar):
                 return f"two sets of channels narrowed along dim {nar.dim}"
             out[nar.dim] = nar
     return out
@@ -354,5 +358,4 @@ def analyse(captured: Captured, kept: Mapping[str, Mapping[int, np.ndarray]], *,
 
 
 def _same_layout(a: NodeLayout, b: NodeLayout) -> bool:
-    return a.keys() == b.keys() and all(a[d].index.shape == b[d].index.shape and
-                                        np.array_equal(a[d].index, b[d].index) for d in a)
+    return a.keys() == b.keys() and all(a[d].same(b[d]) for d in a)

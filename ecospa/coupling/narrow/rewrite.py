@@ -180,7 +180,7 @@ class Builder:
                 continue
             mine = own.get(dim - off)
             if mine is not None:
-                if mine.index.shape != nar.index.shape or not np.array_equal(mine.index, nar.index):
+                if not mine.same(nar):
                     raise NarrowError(f"operands narrowed differently along dim {dim}")
                 continue
             if shape[dim] != nar.size:

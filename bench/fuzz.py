@@ -17,6 +17,10 @@ the suite's own property tests, run here with a larger budget):
   (``tests/coupling/test_reliability_properties.py``);
 - ``save_load_*``: ``ecospa.save`` then ``ecospa.load`` into a fresh dense copy gives the same
   parameters, optimizer state and outputs; run only when ``ecospa.save``/``ecospa.load`` exist.
+- ``narrow_calls``: sequences of 2-6 calls of a pruned attention block (kept across examples, so
+  that narrow programs built for earlier calls are there to be wrongly reused), each varying the
+  properties a capture can specialise on (``tests/coupling/guard_block.py``), every call equal to
+  the masked dense model's (issue 17).
 
 Each property runs in chunks (at most ``--chunk`` examples, a new hypothesis seed per chunk) until
 ``--max-examples`` examples, or until ``--time-budget`` wall seconds have gone on the whole run:
@@ -73,9 +77,14 @@ PROPERTIES = {
                       "mlp+data", "tests.coupling.test_reliability_properties", "check_save_load"),
     "save_load_attention": ("save/load round trip (model, optimizer, outputs), random attention blocks",
                             "attn+data", "tests.coupling.test_reliability_properties", "check_save_load"),
+    "narrow_calls": ("a pruned block called with sequences that vary, after the first call, every "
+                     "property a narrow program can specialise on (aliasing, optional and keyword "
+                     "arguments, grad, train/eval, strides, autocast, sizes, attributes, buffers, "
+                     "hooks) == masked dense, every call",
+                     "calls", "tests.coupling.guard_block", "check_call_sequence"),
 }
 # slowest first, so that two processes finish together
-ORDER = ["prune_attention", "optimizer_attention", "save_load_attention", "discovery_attention",
+ORDER = ["narrow_calls", "prune_attention", "optimizer_attention", "save_load_attention", "discovery_attention",
          "optimizer_mlp", "prune_mlp", "save_load_mlp", "discovery_mlp"]
 
 
@@ -84,6 +93,11 @@ def _strategies(kind: str):
 
     from tests.strategies import attention_blocks, mlp_stacks
 
+    if kind == "calls":
+        from tests.coupling.guard_block import call_specs
+
+        return [st.lists(call_specs(), min_size=2, max_size=6), st.sampled_from(["ragged", "uniform"]),
+                st.integers(0, 2), st.integers(0, 24).map(lambda i: i == 0)]
     parts = kind.split("+")
     out = [mlp_stacks() if parts[0] == "mlp" else attention_blocks()]
     if "data" in parts:
@@ -156,7 +170,8 @@ class _Property:
 
         # given() needs named positional parameters, one per strategy
         body = {1: lambda a: counted(a), 2: lambda a, b: counted(a, b),
-                3: lambda a, b, c: counted(a, b, c)}[len(self.strategies)]
+                3: lambda a, b, c: counted(a, b, c),
+                4: lambda a, b, c, d: counted(a, b, c, d)}[len(self.strategies)]
         chunk_seed = self.seed * 1_000_003 + rec["chunks"]
         test = hseed(chunk_seed)(settings(
             max_examples=n, deadline=None, database=None, print_blob=True, report_multiple_bugs=False,

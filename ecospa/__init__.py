@@ -7,7 +7,7 @@
 See README.md and docs/ for the method and the design.
 """
 from ecospa.errors import (CaptureError, CheckpointError, ConfigError, EcospaError, EcospaWarning,
-                           NonFiniteGradientWarning, PlanError, PruneError)
+                           NonFiniteGradientWarning, PlanError, PruneError, ShardedModelError)
 from ecospa.graph.ir import Coupling, CouplingGraph, Site, Slice, SliceTable, Stamp
 from ecospa.coupling.discovery import auto_couple
 from ecospa.coupling.executor import PruneResult, Removal, prune, prune_pass, remaining
@@ -17,8 +17,11 @@ from ecospa.coupling.record import ParamRecord, param_records
 from ecospa.coupling.report import RegionReport, execution_report
 from ecospa.coupling.scores import register_coupling_score, register_unit_score
 from ecospa.coupling.training import EcoSpa, PruneEvent
-from ecospa.coupling.compress import CompressReport, compress
-from ecospa.checkpoint import load, save
+from ecospa.coupling.compress import CompressError, CompressReport, compress
+from ecospa.coupling.calibration import CalibrationError
+from ecospa.checkpoint import check_writable, load, save
+# ecospa.export is the function from here on (it shadows its package: import submodules by path)
+from ecospa.export import ExportError, ExportReport, export
 
 __version__ = "0.1.0"
 
@@ -29,6 +32,10 @@ __all__ = [
     "CompressReport",
     "save",
     "load",
+    "check_writable",
+    "export",
+    "ExportReport",
+    "ExportError",
     "prune_pass",
     "remaining",
     "param_records",
@@ -57,6 +64,9 @@ __all__ = [
     "PlanError",
     "PruneError",
     "CheckpointError",
+    "CompressError",
+    "CalibrationError",
+    "ShardedModelError",
     "EcospaWarning",
     "NonFiniteGradientWarning",
     "__version__",

@@ -13,6 +13,7 @@ __all__ = [
     "PruneError",
     "ConfigError",
     "CheckpointError",
+    "ShardedModelError",
     "EcospaWarning",
     "NonFiniteGradientWarning",
 ]
@@ -45,6 +46,12 @@ class CheckpointError(EcospaError):
     """A checkpoint directory cannot be written, or does not match the model it is loaded into:
     a missing or damaged file, a schema or format-version mismatch, a parameter missing or of
     another shape. Raised by ``ecospa.load`` before the model, the optimizer or EcoSpa change."""
+
+
+class ShardedModelError(EcospaError):
+    """The model's parameters are sharded ``DTensor`` s (FSDP2 ``fully_shard``, tensor
+    parallelism): finding couplings in it or pruning it is not supported yet. Prune (or replay
+    the plan) before sharding; see docs/distributed.md."""
 
 
 class EcospaWarning(RuntimeWarning):

@@ -1,4 +1,5 @@
-"""Shared fixtures: a fixed seed for every test and the hypothesis profile of the suite."""
+"""Shared fixtures: a fixed seed for every test and the hypothesis profile of the suite; the
+modules with a ``slow`` test run first."""
 from __future__ import annotations
 
 import random
@@ -27,3 +28,16 @@ def seed():
     torch.manual_seed(0)
     random.seed(0)
     return 0
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules holding a test marked ``slow`` first, whole and otherwise in collection order.
+
+    pytest-xdist (``-n``, pyproject.toml) hands tests out in this order, alternating between the
+    workers: the longest tests then start early, one after the other on each worker, instead of
+    one of them running alone at the end of the run. Whole modules move, so that a worker sets
+    up a module's fixtures once.
+    """
+    module = lambda item: item.nodeid.split("::")[0]
+    slow = {module(item) for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: module(item) not in slow)

@@ -67,6 +67,7 @@ def test_demo_config_errors_name_the_value():
         DemoConfig(steps=-3)
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_sane_json_and_png(tmp_path: Path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--no-progress", "--out", str(out)]) == 0

@@ -6,9 +6,9 @@ optimizer / EcoSpa / extra / RNG state), ``state.safetensors`` (their tensors) a
 transformers models, ``config.json``. Written atomically (``ecospa.checkpoint.atomic``), read
 without unpickling anything. The format and the write scheme: docs/checkpoints.md.
 """
-from ecospa.checkpoint.atomic import exists
+from ecospa.checkpoint.atomic import check_writable, exists
 from ecospa.checkpoint.load import load, read_extra
 from ecospa.checkpoint.manifest import FORMAT_VERSION
 from ecospa.checkpoint.save import save
 
-__all__ = ["save", "load", "read_extra", "exists", "FORMAT_VERSION"]
+__all__ = ["save", "load", "read_extra", "exists", "check_writable", "FORMAT_VERSION"]

@@ -43,7 +43,8 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 from ecospa.errors import CheckpointError
 
-__all__ = ["MANIFEST", "Writer", "atomic_directory", "Snapshot", "open_snapshot", "recover", "exists"]
+__all__ = ["MANIFEST", "Writer", "atomic_directory", "check_writable", "Snapshot", "open_snapshot", "recover",
+           "exists"]
 
 MANIFEST = "ecospa.json"
 _TMP, _OLD = "ecospa-tmp", "ecospa-old"
@@ -151,6 +152,50 @@ def _check_target(target: Path) -> bool:
     return True
 
 
+def _nearest(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists."""
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _unwritable(given: str | os.PathLike, target: Path, e: OSError) -> CheckpointError:
+    """The CheckpointError for a checkpoint folder that cannot be created: names the user's path
+    (not the temporary sibling the OS refused), the folder at fault and the way out."""
+    where = os.fspath(given)
+    shown = where if os.fspath(target) == os.path.abspath(where) else f"{where} ({target})"
+    base = _nearest(target.parent)
+    if base.is_dir():
+        why = f"cannot create a folder in {base} ({e.strerror or type(e).__name__})"
+    else:
+        why = f"{base} is a file, not a folder"
+    return CheckpointError(f"cannot save to {shown}: {why}; choose a folder you can write to (a new or "
+                           "empty folder, or an existing checkpoint)")
+
+
+def check_writable(directory: str | os.PathLike) -> Path:
+    """Check, before any expensive work, that ``ecospa.save(model, directory)`` can write there:
+    ``directory`` is new, an empty folder or a checkpoint, and a folder can be created next to it
+    (probed by creating and removing one in its nearest existing ancestor: nothing is left
+    behind). Return the resolved path.
+
+    Raises:
+        CheckpointError: naming ``directory`` and why it cannot be written.
+    """
+    target = Path(os.path.realpath(directory))
+    base = _nearest(target.parent)
+    try:
+        _check_target(target)
+        if not base.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(base))
+        probe = _sibling(base / target.name, _TMP)
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise _unwritable(directory, target, e) from None
+    return target
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[Writer]:
     """Write a checkpoint directory atomically: ``with atomic_directory(d) as w: w.write(...)``.
@@ -159,14 +204,19 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Writer]:
     unchanged and the temporary directory is removed.
 
     Raises:
-        CheckpointError: ``d`` is a file, or a non-empty directory that is not a checkpoint.
+        CheckpointError: ``d`` is a file, or a non-empty directory that is not a checkpoint, or it
+            (or its temporary sibling) cannot be created there.
     """
+    given = target
     target = Path(os.path.realpath(target))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    recover(target)
-    _check_target(target)
-    tmp = _sibling(target, _TMP)
-    tmp.mkdir()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        recover(target)
+        _check_target(target)
+        tmp = _sibling(target, _TMP)
+        tmp.mkdir()
+    except OSError as e:
+        raise _unwritable(given, target, e) from None
     try:
         yield Writer(tmp)
         fsync_dir(tmp)

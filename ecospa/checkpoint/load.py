@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ecospa.checkpoint.args import check_call
 from ecospa.checkpoint.atomic import MANIFEST, open_snapshot
 from ecospa.checkpoint.ecospa_state import check_ecospa, restore_ecospa
 from ecospa.checkpoint.hf import build_from_config, drop_absent_modules
@@ -125,6 +126,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
             or of another dense shape, weights of the wrong shape, optimizer or EcoSpa state
             that does not fit, a state that was not saved but is asked for.
     """
+    check_call("load", model, directory, model_optional=True, optimizer=optimizer)
     ck = read_checkpoint(directory)
     m = ck.manifest
     rebuilt = model is None

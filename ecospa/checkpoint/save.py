@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ecospa.checkpoint.args import check_call
 from ecospa.checkpoint.atomic import MANIFEST, atomic_directory
 from ecospa.checkpoint.ecospa_state import ecospa_to_json
 from ecospa.checkpoint.hf import hf_section
@@ -49,10 +50,12 @@ def save(model: nn.Module, directory: str | os.PathLike, *, optimizer: torch.opt
             dropout masks and shuffles as an uninterrupted one.
 
     Raises:
-        CheckpointError: ``directory`` is a file or a non-empty directory that is not a
-            checkpoint; the optimizer holds tensors that are not parameters of ``model``; state
+        CheckpointError: ``model`` is not a module or ``directory`` not a path; ``directory`` is a file or a non-empty directory that is not a
+            checkpoint, or cannot be created (a read-only or virtual file system, a file on the
+            way, no permission); the optimizer holds tensors that are not parameters of ``model``; state
             that is neither JSON data nor tensors.
     """
+    check_call("save", model, directory, optimizer=optimizer)
     if ecospa is not None:
         if ecospa.model is not model:
             raise CheckpointError("ecospa= must be the EcoSpa built on the model being saved")

@@ -62,7 +62,15 @@ def target(text: str) -> float | int:
 
 
 class Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line: ``ecospa CMD: error: ... (see --help)``."""
+    """An argument parser whose errors are one line: ``ecospa CMD: error: ... (see --help)``.
+
+    Abbreviations are off (``allow_abbrev=False``, for the command and every subcommand): a prefix
+    such as ``--graph`` for ``--graphml`` is an unknown argument, not a silent choice of one.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
-from ecospa.cli._common import add_command, fraction, need, positive_int
+from ecospa.cli._common import CliError, add_command, fraction, need, positive_int
 
 __all__ = ["add_parser", "run", "add_training_options", "run_training"]
 
@@ -66,6 +67,11 @@ def run_training(args: argparse.Namespace, command: str, **overrides) -> int:
     cfg = DemoConfig.preset(args.quick, steps=args.steps, seed=args.seed, target=args.target, out=args.out,
                             every=args.every, start=args.start, threads=args.threads,
                             progress=not args.no_progress, **overrides)
+    try:  # before any training: a folder that cannot be created fails now, not after the runs
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"--out {args.out!r}: cannot create this folder ({e.strerror or type(e).__name__}); "
+                       "choose one you can write to") from None
     result = run_demo(cfg)
     print()
     print(result["table"])
@@ -76,7 +82,7 @@ def run_training(args: argparse.Namespace, command: str, **overrides) -> int:
               f"-{h['events'][-1]['step'] if h['events'] else '-'}), {h['dense_params']:,} -> {e['params']:,} "
               f"params (target {h['target_params']:,}), {h['prune_seconds']:.2f} s spent pruning")
     print("peak state: weights + grads + AdamW state at the largest point of training (EcoSpa starts dense);"
-          " final state: the same at the end.")
+          " mean state: the same averaged over the steps; final state: the same at the end.")
     print(f"sample from the EcoSpa model: {result['ecospa_sample']!r}")
     print(f"\nwrote {cfg.out}/demo.json and {cfg.out}/demo.png ({result['total_seconds']:.0f} s in all)")
     return 0

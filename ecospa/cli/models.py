@@ -32,7 +32,7 @@ import torch.nn as nn
 import ecospa
 from ecospa.cli._common import CliError, need
 
-__all__ = ["Loaded", "load_model", "small_config_kwargs", "hf_inputs", "MODEL_HELP"]
+__all__ = ["Loaded", "load_model", "local_source", "gguf_config", "quiet_transformers", "small_config_kwargs", "hf_inputs", "MODEL_HELP"]
 
 MODEL_HELP = ("a transformers model type (gpt2, llama, bert, ...: small sizes, random weights), a config.json, "
               "a local pretrained folder or GGUF file, a Hub id (owner/name) already in the local Hugging Face "
@@ -79,6 +79,11 @@ def _transformers():
     transformers.logging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     return transformers
+
+
+def quiet_transformers():
+    """transformers, imported with its logging and progress bars quieted; CliError if not installed."""
+    return _transformers()
 
 
 def small_config_kwargs(config_class) -> dict[str, Any]:
@@ -156,11 +161,40 @@ def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def _check_overrides(cls, overrides: dict[str, Any], label: str) -> None:
+    """Refuse ``--set`` keys that ``cls`` (a transformers config class) does not have: a config
+    would keep an unknown key as a silent extra attribute. The message lists the valid keys."""
+    import inspect
+
+    if not overrides:
+        return
+    try:
+        default = cls()
+    except Exception:  # noqa: BLE001 - a config that needs arguments: nothing to check against
+        return
+    params = [p for p, v in inspect.signature(cls.__init__).parameters.items()
+              if p != "self" and v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)]
+    amap = getattr(cls, "attribute_map", {}) or {}
+    valid = set(params) | set(default.to_dict()) | set(amap)
+    unknown = [k for k in overrides if k not in valid and not hasattr(default, k)]
+    if not unknown:
+        return
+    from transformers import PretrainedConfig
+
+    generic = set(inspect.signature(PretrainedConfig.__init__).parameters)
+    own = sorted({p for p in params if p not in generic} | set(amap))
+    close = [c for k in unknown for c in difflib.get_close_matches(k, sorted(valid), n=2)]
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise CliError(f"--set {', '.join(unknown)}: not a field of {label}'s config ({cls.__name__}){hint}; its fields: "
+                   f"{', '.join(own)}")
+
+
 def _config_name(name: str, overrides: dict[str, Any], full_size: bool) -> Loaded:
     transformers = _transformers()
     from transformers import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[name]
+    _check_overrides(cls, overrides, name)
     kwargs = {} if full_size else small_config_kwargs(cls)
     kwargs.update(overrides)
     try:
@@ -181,11 +215,21 @@ def _config_file(path: Path, overrides: dict[str, Any]) -> Loaded:
     mt = data.get("model_type") if isinstance(data, dict) else None
     if mt not in CONFIG_MAPPING:
         raise CliError(f"{path} has no known transformers model_type (got {mt!r})")
+    _check_overrides(CONFIG_MAPPING[mt], overrides, str(path))
     try:
         config = CONFIG_MAPPING[mt].from_dict({**data, **overrides})
     except Exception as e:  # noqa: BLE001
         raise CliError(f"bad config in {path}: {type(e).__name__}: {_first_line(e)}") from None
     return _from_config(transformers, config, str(path))
+
+
+def gguf_config(transformers, gguf_file: str | None) -> dict[str, Any]:
+    """``from_pretrained`` keywords for a GGUF file: every weight dequantized at load (a plain dense
+    model, no quantizer attached: ``.float()``, pruning and saving work as on any model)."""
+    if gguf_file is None:
+        return {}
+    config = getattr(transformers, "GgufConfig", None)  # older transformers always dequantize GGUF
+    return {"gguf_file": gguf_file, **({"quantization_config": config(dequantize=True)} if config else {})}
 
 
 def _pretrained(source: str, gguf_file: str | None = None) -> Loaded:
@@ -196,7 +240,7 @@ def _pretrained(source: str, gguf_file: str | None = None) -> Loaded:
     try:
         config = transformers.AutoConfig.from_pretrained(source, gguf_file=gguf_file, local_files_only=True)
         cls = _model_class(transformers, config)
-        model = cls.from_pretrained(source, gguf_file=gguf_file, local_files_only=True)
+        model = cls.from_pretrained(source, local_files_only=True, **gguf_config(transformers, gguf_file))
     except Exception as e:  # noqa: BLE001
         what = f"GGUF file {Path(source) / gguf_file}" if gguf_file else f"pretrained model {source}"
         raise CliError(f"cannot load the {what}: {type(e).__name__}: {_first_line(e)}") from None
@@ -291,6 +335,40 @@ def _timm(name: str, explicit: bool) -> Loaded:
     return Loaded(model, (torch.randn(1, *size),), "timm", f"timm:{name} ({type(model).__name__}, random weights)")
 
 
+def local_source(spec: str) -> tuple[str, Path, str | None]:
+    """What a local pretrained ``MODEL`` is, without loading it: ``(kind, folder, gguf file name)``
+    with kind ``"checkpoint"``, ``"pretrained"`` or ``"gguf"`` (the choice :func:`load_model` makes).
+
+    Raises:
+        CliError: no such path, or a file or folder that is none of these.
+    """
+    path = Path(spec)
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf", path.parent, path.name
+        raise CliError(f"{spec} is a file: give a folder (save_pretrained or an ecospa checkpoint) or a .gguf file")
+    if not path.is_dir():
+        raise CliError(f"no such file or folder: {spec!r}")
+    if (path / "ecospa.json").is_file():
+        return "checkpoint", path, None
+    if (path / "config.json").is_file() and any((path / w).is_file() for w in PRETRAINED_WEIGHTS):
+        return "pretrained", path, None
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if len(ggufs) > 1:
+        raise CliError(f"{path} holds several GGUF files ({', '.join(ggufs)}): name one")
+    if ggufs:
+        return "gguf", path, ggufs[0]
+    raise CliError(f"{path} is neither a pretrained transformers folder (config.json + weights), a GGUF file or "
+                   "folder, nor an ecospa checkpoint")
+
+
+def _no_overrides(over: dict[str, Any], spec: str, what: str) -> None:
+    """``--set`` only changes a config that ecospa builds a model from: refuse it for anything else."""
+    if over:
+        raise CliError(f"--set {', '.join(over)}: {spec!r} is {what}, so there is no config to override; --set "
+                       "applies to a transformers model type (gpt2, llama, ...) or a config.json")
+
+
 def load_model(spec: str, *, overrides: list[str] | None = None, full_size: bool = False,
                factory: str | None = None) -> Loaded:
     """Resolve a ``MODEL`` argument (see the module docstring).
@@ -302,13 +380,16 @@ def load_model(spec: str, *, overrides: list[str] | None = None, full_size: bool
     path = Path(spec)
     if path.is_dir():
         if (path / "ecospa.json").is_file():
+            _no_overrides(over, spec, "an ecospa checkpoint")
             return _checkpoint(path, factory)
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
         if (path / "config.json").is_file() and any((path / w).is_file() for w in PRETRAINED_WEIGHTS):
+            _no_overrides(over, spec, "a pretrained folder")
             return _pretrained(str(path))
         if ggufs:
             if len(ggufs) > 1:
                 raise CliError(f"{path} holds several GGUF files ({', '.join(ggufs)}): name one")
+            _no_overrides(over, spec, "a GGUF folder")
             return _pretrained(str(path), ggufs[0])
         if (path / "config.json").is_file():
             return _config_file(path / "config.json", over)
@@ -316,15 +397,19 @@ def load_model(spec: str, *, overrides: list[str] | None = None, full_size: bool
                        "nor an ecospa checkpoint")
     if path.is_file():
         if path.suffix == ".gguf":
+            _no_overrides(over, spec, "a GGUF file")
             return _pretrained(str(path.parent), path.name)
         if path.suffix == ".json":
             return _config_file(path, over)
         raise CliError(f"{spec}: a file MODEL is a config .json or a .gguf file (a .py file needs :factory)")
     if spec.startswith("timm:"):
+        _no_overrides(over, spec, "a timm model")
         return _timm(spec[5:], explicit=True)
     if ":" in spec:
+        _no_overrides(over, spec, "your own code (module:factory)")
         return _factory(spec)
     if HUB_ID.match(spec) and not spec.endswith((".json", ".gguf", ".py")):
+        _no_overrides(over, spec, "a Hub model")
         return _hub_id(spec)
     if spec.endswith((".json", ".gguf", ".py")) or "/" in spec or "\\" in spec:
         raise CliError(f"no such file or directory: {spec!r}")
@@ -335,6 +420,7 @@ def load_model(spec: str, *, overrides: list[str] | None = None, full_size: bool
         types = None
     if types is not None and spec in types:
         return _config_name(spec, over, full_size)
+    _no_overrides(over, spec, "not a transformers model type")
     try:
         return _timm(spec, explicit=False)
     except CliError as e:

@@ -9,13 +9,17 @@ own code downstream (views into heads, rotary, repeat_kv, the attention scale) r
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator, Mapping
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ecospa.coupling.record import EcospaForward, module_record
+from ecospa.coupling.record import EcospaForward, ParamRecord, module_record
 
-__all__ = ["LinearAdapter", "MHAAdapter", "scatter_last", "source_index", "IN_INDEX", "OUT_INDEX", "OUT_SRC"]
+__all__ = ["LinearAdapter", "MHAAdapter", "DenseParamsForward", "dense_param", "scatter_last", "source_index",
+           "IN_INDEX", "OUT_INDEX", "OUT_SRC"]
 
 IN_INDEX = "_ecospa_in_index"
 OUT_INDEX = "_ecospa_out_index"
@@ -199,3 +203,79 @@ class MHAAdapter(EcospaForward):
             if unbatched:
                 attn = attn.squeeze(0)
         return out, attn
+
+
+def dense_param(p: torch.Tensor, rec: ParamRecord, dims) -> torch.Tensor:
+    """``p`` at its dense size along ``dims`` (zeros in the removed slices), differentiable:
+    gradients reach the kept entries of ``p``. Other dims stay as they are."""
+    for d in sorted(dims):
+        kept = rec.kept.get(d)
+        full = rec.dense_shape[d]
+        if kept is None or p.shape[d] == full:
+            continue
+        src = source_index(torch.as_tensor(kept, dtype=torch.long, device=p.device), full)
+        zero = p.new_zeros(p.shape[:d] + (1,) + p.shape[d + 1:])
+        p = torch.cat([p, zero], dim=d).index_select(d, src)
+    return p
+
+
+class DenseParamsForward(EcospaForward):
+    """Forward of the scope of a scatter coupling that slices parameters used outside linear
+    modules (raw ``nn.Parameter`` weights through ``einsum`` or ``@``, as research code writes
+    attention): for the duration of the call each such parameter is seen at its dense size along
+    its scatter dims, kept values in place and zeros in the removed slices, so the module's own
+    code (head counts, views, einsum equations) runs unchanged: the masked dense computation, exact
+    by construction. This is the exact fallback; a ``RegionForward`` on the same module runs the
+    narrow graph, which reads the sliced parameters.
+
+    Args:
+        module: the scope module.
+        params: ``{parameter name relative to module: dims to show dense}``.
+        inner: the forward installed before (None: the module's class forward).
+    """
+
+    def __init__(self, module: nn.Module, params: Mapping[str, frozenset], inner=None):
+        self.module = module
+        self.params = dict(params)
+        self.inner = inner
+
+    def __call__(self, *args, **kwargs):
+        with self.dense():
+            if self.inner is not None:
+                return self.inner(*args, **kwargs)
+            return type(self.module).forward(self.module, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def dense(self) -> Iterator[None]:
+        """Swap the dense views in (every module of the scope that holds the parameter), and back.
+        Narrow regions nested in the scope run their exact fallback meanwhile: their graphs read
+        the sliced parameters, and a capture of theirs would see the dense views."""
+        from ecospa.coupling.narrow import RegionForward
+
+        undo: list[tuple[dict, str, object]] = []
+        try:
+            for mod in self.module.modules():
+                fwd = mod.__dict__.get("forward")
+                if mod is not self.module and isinstance(fwd, RegionForward):
+                    undo.append((mod.__dict__, "forward", fwd))
+                    mod.__dict__["forward"] = fwd.run_fallback
+            for name, dims in self.params.items():
+                path, _, attr = name.rpartition(".")
+                owner = self.module.get_submodule(path) if path else self.module
+                p = owner._parameters.get(attr)
+                rec = module_record(owner)
+                r = rec.params.get(attr) if rec is not None else None
+                if p is None or r is None:
+                    continue
+                view = dense_param(p, r, dims)
+                if view is p:
+                    continue
+                holders = [(mod._parameters, a) for mod in self.module.modules()
+                           for a, q in mod._parameters.items() if q is p]
+                for store, a in holders:  # a parameter shared by several modules stays shared
+                    undo.append((store, a, p))
+                    store[a] = view
+            yield
+        finally:
+            for store, key, value in reversed(undo):
+                store[key] = value

@@ -16,12 +16,13 @@ returns, for every coupling it is given:
 - **input Gram matrices of the consumers** (``grams``): for every linear-like module that reads
   a coupling's units (a site with role ``"in"``), ``X^T X / tokens`` ``(n_in, n_in)`` float32
   and the input mean ``(n_in,)``, from a forward hook. They drive the least-squares
-  reconstruction of the consumers after removal (``compress(reconstruct=True)``). A module
-  whose input does not have the width of its weight (already gathered by an earlier prune) gets
-  no Gram; neither does one that runs inside a narrow region of an already pruned model (the
-  region's graph calls no module, so its hook sees only the first call's check against the
-  exact fallback: a consumer whose hook did not see every sample gets no Gram, and ``compress``
-  on a pruned model does not refit it); calls made while a graph is traced are skipped.
+  reconstruction of the consumers after removal (``compress(reconstruct=True)``). On a model
+  already pruned (``compress`` prunes after every round), the pruned attention runs its exact
+  path during calibration (the module's own code over scatter adapters, not the narrow graph,
+  which calls no module): a consumer there gets its input at the dense width, and the hook
+  keeps the columns its pruned weight still has, so its Gram matches its weight. A module whose
+  input has neither width gets no Gram, nor does one whose hook missed a sample; calls made
+  while a graph is traced are skipped.
 
 **Samples.** A batch that is a tensor (token ids, ``(B, T)``) is split into its ``B`` rows, one
 sample each (``per_sample=True``): the Fisher is a sum over samples, so more, smaller samples
@@ -43,11 +44,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ecospa.coupling.record import installed_forward, param_records
 from ecospa.errors import ConfigError, EcospaError
 from ecospa.graph.ir import Coupling
 
 __all__ = [
     "CalibrationError",
+    "split_samples",
     "LossFn",
     "Consumer",
     "CalibrationStats",
@@ -130,7 +133,7 @@ def resolve_loss_fn(model: nn.Module, loss_fn: LossFn | None) -> LossFn:
     return causal_lm_loss
 
 
-def _samples(batch: Any, per_sample: bool) -> list[Any]:
+def split_samples(batch: Any, per_sample: bool) -> list[Any]:
     if per_sample and isinstance(batch, torch.Tensor) and batch.dim() >= 2 and batch.shape[0] > 1:
         return list(batch.split(1))
     return [batch]
@@ -228,16 +231,27 @@ class _Readers:
 def _gram_hooks(model: nn.Module, consumers: Mapping[str, Consumer], grams, means, tokens, fired: set) -> list:
     mods = dict(model.named_modules())
     params = dict(model.named_parameters())
+    records = param_records(model)
     hooks = []
     for pname, cons in consumers.items():
         n_in = params[pname].shape[cons.in_dim]
+        rec = records.get(pname)
+        dense_in, kept = None, None
+        if rec is not None and rec.dense_shape[cons.in_dim] != n_in:  # its input columns were pruned
+            dense_in = rec.dense_shape[cons.in_dim]
+            kept = torch.as_tensor(rec.kept_or_all(cons.in_dim), dtype=torch.long)
 
-        def hook(mod, args, out, pname=pname, n_in=n_in):
+        def hook(mod, args, out, pname=pname, n_in=n_in, dense_in=dense_in, kept=kept):
             if torch.compiler.is_compiling():  # a trace (a narrow region capturing a pruned module): no data
                 return
-            if not args or not isinstance(args[0], torch.Tensor) or args[0].shape[-1] != n_in:
+            if not args or not isinstance(args[0], torch.Tensor):
                 return
-            x = args[0].detach().reshape(-1, n_in).float()
+            x = args[0].detach()
+            if x.shape[-1] == dense_in and dense_in is not None:  # dense-width input (exact path of a region)
+                x = x.index_select(-1, kept.to(x.device))
+            if x.shape[-1] != n_in:
+                return
+            x = x.reshape(-1, n_in).float()
             g = x.T @ x
             if pname in grams:
                 grams[pname].add_(g)
@@ -249,6 +263,26 @@ def _gram_hooks(model: nn.Module, consumers: Mapping[str, Consumer], grams, mean
 
         hooks.append(mods[cons.module].register_forward_hook(hook))
     return hooks
+
+
+def _exact_paths(model: nn.Module) -> list[tuple[nn.Module, Any]]:
+    """Route every narrow region of a pruned ``model`` to its exact path (until restored with
+    :func:`_restore`): ``[(module, its region forward)]``. The exact path calls the region's
+    modules, so their hooks see every sample; the narrow graph would call none."""
+    from ecospa.coupling.narrow import RegionForward
+
+    swapped = []
+    for m in model.modules():
+        fwd = installed_forward(m)
+        if isinstance(fwd, RegionForward):
+            swapped.append((m, fwd))
+            m.__dict__["forward"] = fwd.run_fallback
+    return swapped
+
+
+def _restore(swapped: list[tuple[nn.Module, Any]]) -> None:
+    for m, fwd in swapped:
+        m.__dict__["forward"] = fwd
 
 
 def calibrate(model: nn.Module, couplings: Sequence[Coupling], batches: Sequence[Any], loss_fn: LossFn, *,
@@ -287,9 +321,11 @@ def calibrate(model: nn.Module, couplings: Sequence[Coupling], batches: Sequence
     hooks = _gram_hooks(model, cons, g_acc, m_acc, tok, fired) if grams else []
     fisher = {c.name: torch.zeros(c.width, dtype=torch.float64) for c in couplings}
     grad = {c.name: torch.zeros(c.width, dtype=torch.float64) for c in couplings}
-    samples = [s for b in batches for s in _samples(b, per_sample)]
+    samples = [s for b in batches for s in split_samples(b, per_sample)]
     losses = []
+    swapped: list = []
     try:
+        swapped = _exact_paths(model) if grams else []
         model.eval()
         for n, p in params.items():
             p.grad = None
@@ -338,6 +374,7 @@ def calibrate(model: nn.Module, couplings: Sequence[Coupling], batches: Sequence
             if progress is not None:
                 progress("calibrate", i + 1, len(samples))
     finally:
+        _restore(swapped)
         for h in hooks:
             h.remove()
         for n, p in params.items():

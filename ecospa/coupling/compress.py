@@ -19,15 +19,20 @@ Rounds (``rounds``, default 4). In round ``r`` of ``R`` the model goes down to
    - ``"planner"``: EcoSpa's Algorithm 1 (``plan_round``: Eq. 6 ranks the couplings, the top
      ``top_k`` lose their lowest units by ``score`` while the kept mass stays above ``theta``),
      repeated until the round's size;
-3. **remove and reconstruct**: the units' slices are zeroed (the model keeps its shapes until
-   the end, so the next round calibrates the model as it now computes), and each consumer's
-   kept input columns (and bias) are refitted by least squares to give the outputs it gave
-   before the round: ``W_K += W_S G_SK (G_KK + damp * mean(diag G_KK) * I)^-1`` (the consumer
-   column update of OBS / SlimGPT, with the input Gram ``G`` from step 1).
+3. **remove and reconstruct**: each consumer's kept input columns (and bias) are refitted by
+   least squares to give the outputs it gave before the round: ``W_K += W_S G_SK (G_KK + damp *
+   mean(diag G_KK) * I)^-1`` (the consumer column update of OBS / SlimGPT, with the input Gram
+   ``G`` from step 1); then the round's units are **cut out physically** (``ecospa.prune``), so
+   the next round calibrates and refits the model as pruned so far, at its smaller size: later
+   rounds cost less than the first. (With ``physical=False`` they are only zeroed and the model
+   keeps its shapes: the same function, what the physical removal must equal, tested.)
 
-Then the removed units are cut out physically in one ``ecospa.prune`` (the result equals the
-masked model: tested), and ``recover_steps`` steps of recovery fine-tuning follow if asked
-(:mod:`ecospa.coupling.recovery`: distillation from the dense model's outputs by default).
+``recover_steps`` steps of recovery fine-tuning follow if asked (:mod:`ecospa.coupling.recovery`:
+distillation from the dense model's outputs by default).
+
+**Progress** (``progress(stage, done, total)``): ``"compress"`` counts the calibration samples of
+all rounds (an overall bar, whose rate gives the ETA); ``"round k/N calibrate"`` the samples of
+round ``k``; ``"round k/N refit"`` the consumers refitted after it; ``"recover"`` the recovery.
 
 Scores (``score``): ``"fisher"`` (default, the mask Fisher above); or any unit score of the
 registry (``"eq9"``, ``"magnitude"``, ``"taylor"``, ``"random"``, ...), read from an
@@ -50,10 +55,12 @@ import torch.nn as nn
 
 from ecospa.coupling.calibration import (CalibrationError, CalibrationStats, LossFn, as_batches,
                                          calibrate, consumers_of, resolve_loss_fn)
+from ecospa.coupling.calibration import split_samples
 from ecospa.coupling.reconstruction import consumer_columns as _consumer_columns
 from ecospa.coupling.reconstruction import reconstruct
 from ecospa.coupling.reconstruction import zero_units as _zero_units
 from ecospa.coupling.allocate import Allocation, allocate_global, allocate_planner, allocate_uniform
+from ecospa.coupling.sharded import refuse_sharded
 from ecospa.coupling.planner import ParamCounter, PlanConfig, resolve_target
 from ecospa.coupling.scores import COUPLING_SCORES, UNIT_SCORES, lookup, needed_stats
 from ecospa.errors import ConfigError, EcospaError
@@ -199,10 +206,14 @@ def compress(model: nn.Module, target: int | float, data: Iterable[Any], *, loss
         CalibrationError: empty data, no ``loss_fn`` for a non-LM model, a non-finite loss.
     """
     from ecospa.coupling.discovery import auto_couple
-    from ecospa.coupling.executor import prune
+    from ecospa.coupling.executor import prune_pass
 
     t_start = time.perf_counter()
     # ------------------------------------------------------------- validate everything first
+    if not isinstance(model, nn.Module):
+        raise CompressError(f"model should be a torch.nn.Module, got {type(model).__name__}: call "
+                            "ecospa.compress(model, target, data)")
+    refuse_sharded(model, "ecospa.compress")
     rounds = _check_int("rounds", rounds, 1)
     recover_steps = _check_int("recover_steps", recover_steps, 0)
     if allocation not in ("global", "uniform", "planner"):
@@ -249,71 +260,96 @@ def compress(model: nn.Module, target: int | float, data: Iterable[Any], *, loss
             progress(stage, done, total)
 
     # ------------------------------------------------------------- rounds
+    alive = {c.name: np.ones(c.width, dtype=bool) for c in C}  # dense numbering, for the report
+    orig = {c.name: np.arange(c.width) for c in C}  # current index -> dense index (physical)
+    cur_cg = cg  # the couplings of the model as it is now
     consumers = consumers_of(model, C)
-    alive = {c.name: np.ones(c.width, dtype=bool) for c in C}
-    dead_cols: dict[str, set[int]] = {p: set() for p in consumers}
+    dead_cols: dict[str, set[int]] = {p: set() for p in consumers}  # masked rounds only
     history: list[CompressRound] = []
     samples = 0
+    n_samples = sum(len(split_samples(b, per_sample)) for b in batches)
     log.info("ecospa compress: %d couplings, %d params (%d prunable), target %d", len(C), dense, prunable,
              target_params)
     for r in range(rounds):
         t0 = time.perf_counter()
-        counter = ParamCounter(shapes)
-        for c in C:
-            gone = np.nonzero(~alive[c.name])[0]
+        tag = f"round {r + 1}/{rounds}"
+        if physical:  # the model as pruned so far: calibrate and refit it at its current size
+            Cr = [c for c in cur_cg if c.exact and c.name in orig]
+            shapes_r = {n: tuple(p.shape) for n, p in model.named_parameters()}
+            alive_r = {c.name: np.ones(c.width, dtype=bool) for c in Cr}
+            cons_r = consumers_of(model, Cr) if r else consumers
+        else:  # the original shapes, removed units zeroed
+            Cr, shapes_r, alive_r, cons_r = C, shapes, alive, consumers
+        counter = ParamCounter(shapes_r)
+        for c in Cr:
+            gone = np.nonzero(~alive_r[c.name])[0]
             if gone.size:
                 counter.remove(c, gone)
         before = counter.total
         goal = int(round(dense - (r + 1) / rounds * (dense - target_params))) if r < rounds - 1 else target_params
         if before <= goal:
+            report_progress("compress", (r + 1) * n_samples, rounds * n_samples)
             continue
         imp = None
         need_imp = score != "fisher" or allocation == "planner"
         if need_imp:
             from ecospa.coupling.importance import Importance
             stats_needed = needed_stats(coupling_score if allocation == "planner" else "magnitude", cfg.unit_score)
-            imp = Importance(model, C, stats=stats_needed or ("sq",), seed=seed)
-        stats = calibrate(model, C, batches, loss, grams=reconstruct, per_sample=per_sample, consumers=consumers,
-                          on_backward=imp.accumulate if imp is not None else None, progress=report_progress)
+            imp = Importance(model, Cr, stats=stats_needed or ("sq",), seed=seed)
+
+        def calib_progress(stage: str, done: int, total: int, r=r, tag=tag) -> None:
+            report_progress(f"{tag} calibrate", done, total)
+            report_progress("compress", r * n_samples + done, rounds * n_samples)
+
+        stats = calibrate(model, Cr, batches, loss, grams=reconstruct, per_sample=per_sample, consumers=cons_r,
+                          on_backward=imp.accumulate if imp is not None else None, progress=calib_progress)
         samples = stats.samples
-        values = _unit_values(stats, imp, C, score, salt=r)
-        alloc = Allocation(C, shapes, alive, values, min_keep=cfg.min_keep, multiple=width_multiple,
+        values = _unit_values(stats, imp, Cr, score, salt=r)
+        alloc = Allocation(Cr, shapes_r, alive_r, values, min_keep=cfg.min_keep, multiple=width_multiple,
                            uniform_groups=head_widths == "uniform")
         if allocation == "global":
             removal = allocate_global(alloc, goal)
         elif allocation == "uniform":
             removal = allocate_uniform(alloc, goal)
         else:
-            removal = allocate_planner(alloc, goal, imp, cfg, cg, salt=r)
+            removal = allocate_planner(alloc, goal, imp, cfg, cur_cg, salt=r)
         removal = {n: sorted(int(u) for u in v) for n, v in removal.items() if len(v)}
-        by_name = {c.name: c for c in C}
-        cols = _consumer_columns(C, consumers, removal) if consumers else {}
-        if reconstruct:  # before zeroing: the update reads the removed columns' weights
+        by_name = {c.name: c for c in Cr}
+        params = dict(model.named_parameters())
+        cols = _consumer_columns(Cr, cons_r, removal) if cons_r else {}
+        if reconstruct:  # before removing: the update reads the removed columns' weights
+            todo = [pname for pname in cols if pname in stats.grams]
+            for k, pname in enumerate(todo):
+                reconstruct_fn(params, cons_r[pname], stats.grams[pname], stats.means[pname], cols[pname],
+                               set() if physical else dead_cols[pname], damp)
+                report_progress(f"{tag} refit", k + 1, len(todo))
+        dense_ids = {n: orig[n][np.asarray(u, dtype=np.int64)] for n, u in removal.items()}
+        for n, ids in dense_ids.items():
+            alive[n][ids] = False
+        if physical:
+            if removal:
+                cur_cg = prune_pass(model, removal, couplings=cur_cg).couplings
+            for n, u in removal.items():
+                orig[n] = np.delete(orig[n], np.asarray(u, dtype=np.int64))
+            after_total = _count(model)
+        else:
             for pname, removed in cols.items():
-                if pname in stats.grams:
-                    reconstruct_fn(params, consumers[pname], stats.grams[pname], stats.means[pname], removed,
-                                   dead_cols[pname], damp)
-        for pname, removed in cols.items():
-            dead_cols[pname] |= removed
-        for name, units in removal.items():
-            _zero_units(params, by_name[name], units)
-            alive[name][units] = False
-        after = ParamCounter(shapes)
-        for c in C:
-            gone = np.nonzero(~alive[c.name])[0]
-            if gone.size:
-                after.remove(c, gone)
-        rec = CompressRound(r, before, after.total, {n: tuple(v) for n, v in removal.items()}, stats.loss,
-                            stats.seconds, time.perf_counter() - t0)
+                dead_cols[pname] |= removed
+            for name, units in removal.items():
+                _zero_units(params, by_name[name], units)
+            after = ParamCounter(shapes)
+            for c in C:
+                gone = np.nonzero(~alive[c.name])[0]
+                if gone.size:
+                    after.remove(c, gone)
+            after_total = after.total
+        rec = CompressRound(r, before, after_total, {n: tuple(int(i) for i in np.sort(v)) for n, v in dense_ids.items()},
+                            stats.loss, stats.seconds, time.perf_counter() - t0)
         history.append(rec)
         log.info("ecospa compress: round %d/%d: %d units from %d couplings, params %d -> %d (calibration loss "
-                 "%.4f, %.1f s)", r + 1, rounds, rec.units_removed, len(removal), before, after.total, stats.loss,
+                 "%.4f, %.1f s)", r + 1, rounds, rec.units_removed, len(removal), before, after_total, stats.loss,
                  rec.seconds)
-    # ------------------------------------------------------------- physical removal
     removed_all = {c.name: tuple(int(u) for u in np.nonzero(~alive[c.name])[0]) for c in C}
-    plan = {name: list(u) for name, u in removed_all.items() if u}
-    if plan and physical:
-        prune(model, plan, couplings=cg)
     widths = {c.name: (c.width, int(alive[c.name].sum())) for c in C}
     # ------------------------------------------------------------- recovery
     losses: tuple[float, ...] = ()

@@ -63,6 +63,15 @@ class PlanConfig:
         "up with different widths, run padded); 'uniform': the couplings of one width group (the "
         "heads of one attention) lose the same number of units each, chosen per head by the unit "
         "scores: equal head widths, the fastest layout", "ragged")
+    end: int | float | None = _help(
+        "when the target is reached: an int optimizer step, or a float in (0, 1], that fraction of "
+        "total_steps. The rounds between start and end follow the cubic gradual-pruning schedule "
+        "size(t) = target + (dense - target) * (1 - (t - start) / (end - start))^3 (big rounds "
+        "first, so most steps run small); each round removes what it takes to reach size(t). "
+        "None: each round removes what top_k and theta select, until the target", None)
+    total_steps: int | None = _help(
+        "optimizer steps of the whole run: a float end is a fraction of it, and a run that reaches "
+        "it above the target warns (EcospaWarning). The trainer callbacks set it from max_steps", None)
 
     def __post_init__(self) -> None:
         # every knob is checked for its type and range; numpy scalars become Python numbers
@@ -101,6 +110,43 @@ class PlanConfig:
                 raise ConfigError(f"{name} should be one of {sorted(table)}, got {v!r}")
         if not isinstance(self.head_widths, str) or self.head_widths not in ("ragged", "uniform"):
             raise ConfigError(f"head_widths should be 'ragged' or 'uniform', got {self.head_widths!r}")
+        self._check_schedule(put)
+
+    def _check_schedule(self, put) -> None:
+        """``end`` and ``total_steps``: types, ranges, and an end the run can reach."""
+        if self.total_steps is not None:
+            put("total_steps", _knob_int("total_steps", self.total_steps, 1))
+        e = self.end
+        if e is None:
+            return
+        if isinstance(e, (bool, np.bool_)) or not isinstance(e, (int, float, np.integer, np.floating)):
+            raise ConfigError(f"end should be an int (optimizer step) or a float fraction in (0, 1] of "
+                              f"total_steps, got {type(e).__name__} {e!r}")
+        if isinstance(e, (float, np.floating)):
+            put("end", _knob_fraction("end", e))
+            if self.total_steps is None:
+                raise ConfigError(f"end={e!r} is a fraction of the run and total_steps is not given: pass "
+                                  "total_steps=<optimizer steps of the run>, or end as a step count (int)")
+        else:
+            put("end", _knob_int("end", e, 1))
+        start = self.start if isinstance(self.start, int) else 0
+        if self.end_step <= start:
+            raise ConfigError(f"end={self.end!r} (step {self.end_step}) should come after start={start}: "
+                              "the schedule runs from start to end")
+        if self.total_steps is not None and self.end_step > self.total_steps:
+            raise ConfigError(f"end={self.end!r} (step {self.end_step}) is after the last step of the run "
+                              f"(total_steps={self.total_steps}): the target would not be reached; ask for "
+                              "an end <= total_steps")
+
+    @property
+    def end_step(self) -> int | None:
+        """The step by which the target is reached (``end`` resolved against ``total_steps``), or
+        None when there is no schedule."""
+        if self.end is None:
+            return None
+        if isinstance(self.end, float):
+            return max(1, int(math.ceil(self.end * self.total_steps)))
+        return int(self.end)
 
     @property
     def min_keep(self) -> int:
@@ -108,7 +154,38 @@ class PlanConfig:
         m = self.width_multiple
         return int(math.ceil(self.min_units / m) * m)
 
+    def target_params(self, couplings, model) -> int:
+        """This config's ``target`` as a parameter count for ``model`` pruned through
+        ``couplings`` (inexact ones ignored): what a plan would aim at.
+
+        Raises:
+            ConfigError: the target is larger than the model, or below the smallest size the
+                couplings allow (the message gives that size).
+        """
+        from ecospa.coupling.planner import resolve_target
+
+        return resolve_target(self, [c for c in couplings if c.exact],
+                              {n: tuple(p.shape) for n, p in model.named_parameters()})
+
     @classmethod
-    def help(cls) -> dict[str, str]:
-        """``{field: help text}``."""
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+    def help(cls, show: bool = True) -> dict[str, str]:
+        """Print the knobs as a table (name, default, what it does; ``show=False``: print nothing)
+        and return ``{knob: help text}``."""
+        out = {f.name: f.metadata.get("help", "") for f in fields(cls)}
+        if show:
+            print(help_table(cls))
+        return out
+
+
+def help_table(cls=PlanConfig, width: int = 100) -> str:
+    """The knobs of ``cls`` as plain text: one entry per knob, ``name = default``, then its help
+    wrapped to ``width`` columns and indented."""
+    import textwrap
+
+    lines = [f"{cls.__name__} knobs: keywords of ecospa.EcoSpa(model, optimizer, **knobs) and "
+             f"ecospa.{cls.__name__}(**knobs); name = default", ""]
+    for f in fields(cls):
+        lines.append(f"  {f.name} = {f.default!r}")
+        lines += textwrap.wrap(f.metadata.get("help", ""), width, initial_indent=" " * 6,
+                               subsequent_indent=" " * 6)
+    return "\n".join(lines)

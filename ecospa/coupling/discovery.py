@@ -3,7 +3,8 @@
 A dense model is analysed as it is (``ecospa.graph.discover``). A pruned model is analysed as the
 dense model its removal record describes (``record.dense_view``: same graph, removed slices
 zero, none of ecospa's forwards installed), and the couplings are renumbered to what the model
-kept. Either way every coupling carries stamps of the model's state, which the executor checks.
+kept. Either way every coupling carries stamps of the model's state, which the executor checks,
+and the model is left exactly as it was (``ecospa.graph.state.preserved``).
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import torch.nn as nn
 from ecospa.coupling.record import dense_view, param_records
 from ecospa.coupling.renumber import renumber
 from ecospa.graph.discover import discover
+from ecospa.coupling.sharded import refuse_sharded
 from ecospa.graph.ir import CouplingGraph
+from ecospa.graph.state import preserved
 
 __all__ = ["auto_couple"]
 
@@ -35,6 +38,12 @@ def auto_couple(model: nn.Module, example_inputs=None, *, include_inexact: bool 
     Raises:
         CaptureError: the forward could not be captured (the message names the module at fault).
     """
+    refuse_sharded(model, "ecospa.auto_couple")
+    with preserved(model, values=False):  # each capture restores values; this, the rest
+        return _auto_couple(model, example_inputs, include_inexact)
+
+
+def _auto_couple(model: nn.Module, example_inputs, include_inexact: bool) -> CouplingGraph:
     records = param_records(model)
     if not records:
         return renumber(discover(model, example_inputs, include_inexact=include_inexact), {}, {})

@@ -10,7 +10,11 @@ Per module, from the sites of the pruned couplings (``Site``, decided by discove
 - on a *scatter* side (attention: channels reshaped into heads) the adapter scatters the output
   back to the dense width (zeros where units were removed) or gathers the kept input channels,
   so that the model's own code in between runs unchanged;
-- ``torch.nn.MultiheadAttention`` gets a :class:`~ecospa.coupling.adapters.MHAAdapter`.
+- ``torch.nn.MultiheadAttention`` gets a :class:`~ecospa.coupling.adapters.MHAAdapter`;
+- parameters used outside linear modules (``"direct"`` sites: raw ``nn.Parameter`` weights through
+  ``einsum``/``@``) on a scatter side are shown to the model's code at their dense size by a
+  :class:`~ecospa.coupling.adapters.DenseParamsForward` on the coupling's scope (the fallback of
+  its narrow region).
 
 Index tensors are non-persistent buffers computed from the removal record, so ``state_dict``
 holds only the smaller weights under their usual names.
@@ -24,7 +28,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ecospa.coupling.adapters import IN_INDEX, OUT_INDEX, OUT_SRC, LinearAdapter, MHAAdapter, source_index
+from ecospa.coupling.adapters import (IN_INDEX, OUT_INDEX, OUT_SRC, DenseParamsForward, LinearAdapter, MHAAdapter,
+                                      source_index)
 from ecospa.coupling.record import ModuleRecord, ParamRecord, installed_forward, module_record
 from ecospa.graph.ir import Coupling
 
@@ -92,6 +97,12 @@ class Transaction:
                 module._non_persistent_buffers_set.discard(name)
             self._undo.append(unregister)
         self.set_item(module._buffers, name, value)
+
+    def invalidate(self, forward) -> None:
+        """``forward.invalidate()``: an installed forward forgets what it built for the old widths
+        (a :class:`~ecospa.coupling.narrow.RegionForward`'s graphs); logged with the undo it
+        returns, so that a rollback gives them back."""
+        self._undo.append(forward.invalidate())
 
     def _record(self, module: nn.Module):
         """The removal record of ``module``, created if need be (removed again on rollback)."""
@@ -260,8 +271,38 @@ def update_forwards(model: nn.Module, resolved: Mapping[Coupling, np.ndarray], t
             _update_mha(mod, tx)
         else:
             _update_linear(mod, path, info, tx)
+    _update_direct(modules, resolved, tx)
     if narrow:
         _update_regions(model, modules, resolved, tx, group_heads=narrow == "grouped")
+
+
+def _update_direct(modules, resolved, tx: Transaction) -> None:
+    """A :class:`DenseParamsForward` on the scope of every coupling that slices a ``"direct"``
+    parameter on a scatter side (added to the one installed there, or to the fallback of the
+    scope's narrow region)."""
+    from ecospa.coupling.narrow import RegionForward
+
+    wanted: dict[str, dict[str, set[int]]] = defaultdict(dict)
+    for c in resolved:
+        for s in c.sites:
+            if s.role == "direct" and s.layout == "scatter":
+                wanted[c.scope].setdefault(_attr(c.scope, s.param), set()).add(s.dim)
+    for path, params in sorted(wanted.items()):
+        mod = modules.get(path)
+        if mod is None:
+            continue
+        fwd = installed_forward(mod)
+        holder = fwd.fallback if isinstance(fwd, RegionForward) else fwd
+        if isinstance(holder, DenseParamsForward):
+            merged = {n: frozenset(holder.params.get(n, frozenset()) | params.get(n, set()))
+                      for n in set(holder.params) | set(params)}
+            tx.set_attr_of(holder, "params", merged)
+            continue
+        new = DenseParamsForward(mod, {n: frozenset(d) for n, d in params.items()}, inner=holder)
+        if isinstance(fwd, RegionForward):
+            tx.set_attr_of(fwd, "fallback", new)
+        else:
+            tx.set_forward(mod, new)
 
 
 def _update_regions(model: nn.Module, modules, resolved, tx: Transaction, *, group_heads: bool = False) -> None:
@@ -287,4 +328,4 @@ def _update_regions(model: nn.Module, modules, resolved, tx: Transaction, *, gro
     for m in model.modules():  # a region containing the changed ones must rebuild too
         fwd = installed_forward(m)
         if isinstance(fwd, RegionForward):
-            fwd.invalidate()
+            tx.invalidate(fwd)

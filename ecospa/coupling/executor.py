@@ -3,7 +3,8 @@
 ``prune_pass(model, removal, optimizer)`` removes units of couplings in place, as a pass with a
 contract:
 
-1. **check** everything first (:func:`resolve`): known couplings, exact ones only, indices in
+1. **check** everything first (:func:`resolve`, which never captures the model: a removal keyed
+   by names, given no ``couplings=``, has them found by ``auto_couple`` just before): known couplings, exact ones only, indices in
    range and unique, stamps equal to the model's state (a stale coupling, or one found on a model
    in another state, is refused), an optimizer that holds the parameters it must slice;
 2. **transform** as one transaction: slice every affected parameter once per dimension (with its
@@ -29,12 +30,14 @@ import torch.nn as nn
 from ecospa.coupling.execution import Transaction, update_forwards
 from ecospa.coupling.record import ParamRecord, module_record, param_records, state_of
 from ecospa.coupling.renumber import renumber
-from ecospa.coupling.steps import Step, as_steps, couplings_for
+from ecospa.coupling.steps import Step, as_steps, couplings_for, keyed_by_names
 from ecospa.coupling.verify import masked_reference, outputs_match
 from ecospa.errors import ConfigError, PlanError, PruneError
+from ecospa.coupling.sharded import refuse_sharded
+from ecospa.export.guard import guard as guard_save_pretrained
 from ecospa.graph.ir import Coupling, CouplingGraph
 
-__all__ = ["Removal", "PruneResult", "prune", "prune_pass", "resolve", "remaining"]
+__all__ = ["Removal", "PruneResult", "prune", "prune_pass", "resolve", "remaining", "check_optimizer"]
 
 Removal = Mapping[Union[Coupling, str], Iterable[int]]
 """One removal: ``{coupling or coupling name: [unit indices]}``."""
@@ -63,6 +66,21 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _check_model(model) -> None:
+    """PlanError for a ``model`` that is not a module (``ecospa.prune("model.pt", ...)``)."""
+    if not isinstance(model, nn.Module):
+        raise PlanError(f"ecospa.prune's model should be a torch.nn.Module, got {type(model).__name__} "
+                        f"{model!r:.40}: call ecospa.prune(model, removal)")
+
+
+def _valid_range(c: Coupling) -> str:
+    """Which unit indices ``c`` takes, or, once emptied, that it has none and what to do."""
+    if c.width == 0:
+        return ("the coupling has no units left (every unit was pruned): leave it out of the removal "
+                "(a plan or EcoSpa with min_units >= 1 never empties a coupling)")
+    return f"indices are 0..{c.width - 1}"
+
+
 def _unit_list(c: Coupling, idx) -> np.ndarray:
     """``idx`` as a 1-D int64 array; PlanError naming ``c`` for anything that is not a flat
     collection of integers (bools, floats, strings, nested lists, dicts are refused, never
@@ -83,8 +101,8 @@ def _unit_list(c: Coupling, idx) -> np.ndarray:
             raise PlanError(f"units of {c.name!r} must be {how}; got {type(x).__name__} {x!r:.40} "
                             f"among {idx!r:.60}")
         if not -(1 << 62) < int(x) < (1 << 62):
-            raise PlanError(f"unit index {int(x)} out of range for {c.name!r} (width {c.width}); indices "
-                            f"are 0..{c.width - 1}")
+            raise PlanError(f"unit index {int(x)} out of range for {c.name!r} (width {c.width}); "
+                            f"{_valid_range(c)}")
         out.append(int(x))
     return np.asarray(out, dtype=np.int64)
 
@@ -93,8 +111,7 @@ def _units(c: Coupling, idx) -> np.ndarray:
     arr = _unit_list(c, idx)
     if arr.size and (arr.min() < 0 or arr.max() >= c.width):
         bad = arr[(arr < 0) | (arr >= c.width)].tolist()
-        raise PlanError(f"unit indices {bad} out of range for {c.name!r} (width {c.width}); indices "
-                        f"are 0..{c.width - 1}")
+        raise PlanError(f"unit indices {bad} out of range for {c.name!r} (width {c.width}); {_valid_range(c)}")
     if np.unique(arr).size != arr.size:
         vals, counts = np.unique(arr, return_counts=True)
         raise PlanError(f"duplicate unit indices {vals[counts > 1].tolist()} for {c.name!r}; "
@@ -123,23 +140,29 @@ def _check_stamps(c: Coupling, params: Mapping[str, torch.Tensor], state: Mappin
 
 
 def resolve(model: nn.Module, removal, couplings: CouplingGraph | None = None) -> list[tuple[CouplingGraph | None, dict[Coupling, np.ndarray]]]:
-    """Check a removal (a dict or an ``ecospa.Plan``) against ``model``; nothing is changed.
+    """Check a removal (a dict or an ``ecospa.Plan``) against ``model``; nothing is changed and
+    nothing is captured: names are looked up in ``couplings`` only (``prune_pass`` finds them
+    first when it is not given).
 
     Returns:
         ``[(couplings before the step or None, {Coupling: sorted unique unit indices})]``, one
         entry per step (one for a dict), entries with no units dropped.
 
     Raises:
-        PlanError: unknown name, inexact coupling, bad/duplicate/out-of-range index, a stale
-            coupling or one found on another model, a Plan that does not start from this model's
-            state, two couplings removing the same slice.
+        PlanError: unknown name (or names without ``couplings``), inexact coupling,
+            bad/duplicate/out-of-range index, a stale coupling or one found on another model, a
+            Plan that does not start from this model's state, two couplings removing the same slice.
     """
+    _check_model(model)
+    refuse_sharded(model, "ecospa.prune")
     steps: list[Step] = as_steps(removal)
     params = dict(model.named_parameters())
     state = state_of(model)
     cg = couplings
-    if any(isinstance(k, str) for s in steps for k in s.removals) and cg is None:
-        cg = couplings_for(model)
+    if cg is None and keyed_by_names(steps):
+        raise PlanError("the removal names couplings and no couplings= graph was given to look the names up "
+                        "in: pass couplings=ecospa.auto_couple(model, example_inputs), or key the removal by "
+                        "Coupling objects (ecospa.prune finds the couplings itself for models with dummy inputs)")
     out = []
     is_plan = not isinstance(removal, Mapping)
     for i, step in enumerate(steps):
@@ -229,9 +252,18 @@ def _keep(size: int, removed: np.ndarray) -> np.ndarray:
     return np.nonzero(mask)[0]
 
 
-def _check_optimizer(optimizer, model: nn.Module, sliced: Iterable[str]) -> None:
+def check_optimizer(optimizer, model: nn.Module, sliced: Iterable[str]) -> None:
+    """Refuse, before anything changes, an optimizer that would be left holding stale tensors.
+
+    Raises:
+        PruneError: ``optimizer`` (None passes) holds none of ``model``'s parameters, or misses a
+            trainable one among ``sliced`` (parameter names that the prune slices).
+    """
     if optimizer is None:
         return
+    if not (hasattr(optimizer, "param_groups") and hasattr(optimizer, "state")):
+        raise PruneError(f"optimizer= should be a torch.optim.Optimizer built on model.parameters() (or None), "
+                         f"got {type(optimizer).__name__} {optimizer!r:.40}")
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     params = dict(model.named_parameters())
     if not any(id(p) in held for p in params.values()):
@@ -276,7 +308,12 @@ def prune_pass(model: nn.Module, removal, optimizer: torch.optim.Optimizer | Non
     """
     if narrow not in (True, False, "grouped", "padded"):
         raise ConfigError(f"narrow should be True, False, 'grouped' or 'padded', got {narrow!r}")
-    steps = resolve(model, removal, couplings)
+    _check_model(model)
+    lookup = couplings
+    if lookup is None and keyed_by_names(as_steps(removal)):
+        refuse_sharded(model, "ecospa.prune")
+        lookup = couplings_for(model)  # the one capture of a prune: before the checks, which never capture
+    steps = resolve(model, removal, lookup)
     before = _count(model)
     removed_units: dict[str, int] = {}
     cg_after = None
@@ -286,7 +323,7 @@ def prune_pass(model: nn.Module, removal, optimizer: torch.optim.Optimizer | Non
             cg_after = cg
             continue
         removed = _removed(resolved)
-        _check_optimizer(optimizer, model, {p for p, _ in removed})
+        check_optimizer(optimizer, model, {p for p, _ in removed})
         reference = masked_reference(model, resolved, inputs) if verify else None
         with Transaction(model, optimizer) as tx:
             _apply(model, resolved, removed, optimizer, tx, narrow)
@@ -299,6 +336,12 @@ def prune_pass(model: nn.Module, removal, optimizer: torch.optim.Optimizer | Non
         for c, arr in resolved.items():
             removed_units[c.name] = removed_units.get(c.name, 0) + int(arr.size)
         cg_after = remaining(cg, resolved) if cg is not None else None
+    if verify:
+        from ecospa.coupling.narrow.forward import verify_narrow_calls  # (imports torch.export: lazily)
+
+        verify_narrow_calls(model)  # and every call signature the first time a narrow graph serves it
+    if removed_units:
+        guard_save_pretrained(model)  # save_pretrained writes the exported form (ecospa/export/guard.py)
     return PruneResult(model, cg_after if cg_after is not None else couplings if not removed_units else None,
                        removed_units, before, _count(model))
 

@@ -19,6 +19,12 @@ One round (``plan_round``), when the model has more parameters than the target:
    schedule stops when the size is ``<= target``; a round that cannot reach the target takes
    everything it selected.
 
+**Scheduled rounds** (``EcoSpa(..., end=...)``): the round's target is the size the cubic
+gradual-pruning schedule asks for at that step (:func:`schedule_target`), and steps 1-4 run
+again on the same scores, each time on the units the earlier passes kept, until the selection
+reaches it (``plan_round(..., passes=None)``); step 5 then takes the shortest prefix. A round
+that asks for less than one pass selects removes only that prefix.
+
 **Head widths.** With ``head_widths="ragged"`` (the paper's reading) each coupling is ranked and
 cut on its own, so the heads of one attention end with different widths; they run padded to the
 widest (``ecospa.coupling.narrow``). With ``"uniform"`` the couplings of one width group (the
@@ -57,7 +63,8 @@ from ecospa.graph.ir import Coupling
 
 # PlanConfig (ecospa.coupling.config) and Plan, PlanStep (ecospa.coupling.plan) are re-exported:
 # ``from ecospa.coupling.planner import Plan, PlanConfig`` keeps working.
-__all__ = ["PlanConfig", "PlanStep", "Plan", "plan_round", "resolve_target", "ParamCounter"]
+__all__ = ["PlanConfig", "PlanStep", "Plan", "plan_round", "resolve_target", "schedule_target",
+           "ParamCounter"]
 
 
 class ParamCounter:
@@ -141,10 +148,26 @@ def _theta_count(v: np.ndarray, theta: float) -> int:
     return int((kept_before > theta * v.sum()).sum())
 
 
+def schedule_target(step: int, *, start: int, end: int, dense_params: int, target_params: int) -> int:
+    """The size the cubic gradual-pruning schedule asks for after ``step`` optimizer steps.
+
+    ``size(t) = target + (dense - target) * (1 - (t - start) / (end - start))^3`` for ``start <=
+    t <= end`` (Zhu & Gupta's schedule, in parameters): ``dense`` at ``start``, ``target`` from
+    ``end`` on. Its slope is steepest at the start: the early rounds remove the most, so most
+    of the steps run on a small model.
+    """
+    if step <= start:
+        return int(dense_params)
+    if step >= end:
+        return int(target_params)
+    frac = 1.0 - (step - start) / (end - start)
+    return int(math.ceil(target_params + (dense_params - target_params) * frac ** 3))
+
+
 def plan_round(couplings: Sequence[Coupling], shapes: Mapping[str, Sequence[int]], *,
                coupling_scores: Mapping[str, float],
                unit_scores: Callable[[Coupling], torch.Tensor | np.ndarray],
-               config: PlanConfig, target_params: int) -> dict[str, list[int]]:
+               config: PlanConfig, target_params: int, passes: int | None = 1) -> dict[str, list[int]]:
     """One round of Algorithm 1 (see the module docstring).
 
     Args:
@@ -152,8 +175,13 @@ def plan_round(couplings: Sequence[Coupling], shapes: Mapping[str, Sequence[int]
         shapes: ``{param: shape}`` of every parameter of the current model.
         coupling_scores: ``{name: score}``, smaller = pruned first (Eq. 6).
         unit_scores: ``coupling -> (width,)`` scores, smaller = removed first (Eq. 9); only
-            called for the selected couplings.
-        config: the knobs; target_params: the target total parameter count.
+            called for the selected couplings (once each).
+        config: the knobs; target_params: the target total parameter count (of this round:
+            with a schedule, the size the schedule asks for now).
+        passes: how many times steps 1-4 may run on the same scores, each on the units the
+            earlier passes kept, while the selection does not reach ``target_params`` (1: the
+            paper's round; None: until it is reached, as a scheduled round does). The last pass
+            takes the shortest prefix that reaches the target (step 5).
 
     Returns:
         ``{coupling name: sorted unit indices}``; empty when the target is met or nothing can go.
@@ -163,35 +191,25 @@ def plan_round(couplings: Sequence[Coupling], shapes: Mapping[str, Sequence[int]
         return {}
     m, min_keep = config.width_multiple, config.min_keep
     blocks = _blocks(couplings, config.head_widths)
-    eligible = [(i, b) for i, b in enumerate(blocks) if min(c.width for c in b) > min_keep]
-    if not eligible:
-        return {}
-    missing = [c.name for _, b in eligible for c in b if c.name not in coupling_scores]
-    if missing:
-        raise PlanError(f"no coupling score for {missing[:3]} ({len(missing)} missing)")
-    eligible.sort(key=lambda ib: (float(np.mean([coupling_scores[c.name] for c in ib[1]])), ib[0]))
-    k = max(1, int(math.ceil(config.top_k * len(eligible))))
-    candidates: list[tuple[list[Coupling], list[np.ndarray], list[int]]] = []
-    for _, block in eligible[:k]:
-        orders, counts = [], []
-        for c in block:
+    scores: dict[str, np.ndarray] = {}
+    gone: dict[str, np.ndarray] = {}  # name -> bool (width,): removed by an earlier pass
+    out: dict[str, set[int]] = {}
+
+    def left(c: Coupling) -> int:
+        return c.width - int(gone[c.name].sum()) if c.name in gone else c.width
+
+    def values(c: Coupling) -> np.ndarray:
+        if c.name not in scores:
             v = np.asarray(torch.as_tensor(unit_scores(c)).double().cpu(), dtype=np.float64)
             if v.shape != (c.width,):
                 raise PlanError(f"unit scores of {c.name!r} have shape {v.shape}, expected ({c.width},)")
-            order = np.lexsort((np.arange(c.width), v))
-            orders.append(order)
-            counts.append(_theta_count(v[order], config.theta))
-        width = min(c.width for c in block)
-        r = min(int(round(float(np.mean(counts)))) or 1, width - min_keep)
-        kept = max(min_keep, ((width - r) // m) * m)
-        r = width - kept
-        if r <= 0:
-            continue
-        cuts = [s for s in range(1, r + 1) if (width - s) % m == 0]
-        candidates.append((block, orders, cuts))
+            scores[c.name] = v
+        return scores[c.name]
 
-    def take(block, orders, s) -> dict[str, list[int]]:
-        return {c.name: sorted(o[:s].tolist()) for c, o in zip(block, orders)}
+    def take(block, orders, s) -> None:
+        for c, o in zip(block, orders):
+            out.setdefault(c.name, set()).update(int(u) for u in o[:s])
+            gone.setdefault(c.name, np.zeros(c.width, dtype=bool))[o[:s]] = True
 
     def remove(counter_, block, orders, s) -> int:
         total = counter_.total
@@ -199,30 +217,61 @@ def plan_round(couplings: Sequence[Coupling], shapes: Mapping[str, Sequence[int]
             total = counter_.remove(c, o[:s])
         return total
 
-    full = counter.copy()
-    for block, orders, cuts in candidates:
-        remove(full, block, orders, cuts[-1])
-    out: dict[str, list[int]] = {}
-    if full.total > target_params:  # not the last round: take everything selected
+    done = 0
+    while passes is None or done < passes:
+        done += 1
+        eligible = [(i, b) for i, b in enumerate(blocks) if min(left(c) for c in b) > min_keep]
+        if not eligible:
+            break
+        missing = [c.name for _, b in eligible for c in b if c.name not in coupling_scores]
+        if missing:
+            raise PlanError(f"no coupling score for {missing[:3]} ({len(missing)} missing)")
+        eligible.sort(key=lambda ib: (float(np.mean([coupling_scores[c.name] for c in ib[1]])), ib[0]))
+        k = max(1, int(math.ceil(config.top_k * len(eligible))))
+        candidates: list[tuple[list[Coupling], list[np.ndarray], list[int]]] = []
+        for _, block in eligible[:k]:
+            orders, counts = [], []
+            for c in block:
+                v = values(c)
+                kept = np.nonzero(~gone[c.name])[0] if c.name in gone else np.arange(c.width)
+                order = kept[np.lexsort((kept, v[kept]))]
+                orders.append(order)
+                counts.append(_theta_count(v[order], config.theta))
+            width = min(left(c) for c in block)
+            r = min(int(round(float(np.mean(counts)))) or 1, width - min_keep)
+            kept_width = max(min_keep, ((width - r) // m) * m)
+            r = width - kept_width
+            if r <= 0:
+                continue
+            cuts = [s for s in range(1, r + 1) if (width - s) % m == 0]
+            candidates.append((block, orders, cuts))
+        if not candidates:
+            break
+        full = counter.copy()
         for block, orders, cuts in candidates:
-            out.update(take(block, orders, cuts[-1]))
-        return out
-    for block, orders, cuts in candidates:
-        trial = counter.copy()
-        if remove(trial, block, orders, cuts[-1]) > target_params:
-            counter = trial
-            out.update(take(block, orders, cuts[-1]))
+            remove(full, block, orders, cuts[-1])
+        if full.total > target_params:  # not the last pass: take everything selected
+            for block, orders, cuts in candidates:
+                take(block, orders, cuts[-1])
+            counter = full
             continue
-        lo, hi = 0, len(cuts) - 1  # smallest cut that reaches the target
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if remove(counter.copy(), block, orders, cuts[mid]) <= target_params:
-                hi = mid
-            else:
-                lo = mid + 1
-        out.update(take(block, orders, cuts[lo]))
+        for block, orders, cuts in candidates:
+            trial = counter.copy()
+            if remove(trial, block, orders, cuts[-1]) > target_params:
+                counter = trial
+                take(block, orders, cuts[-1])
+                continue
+            lo, hi = 0, len(cuts) - 1  # smallest cut that reaches the target
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if remove(counter.copy(), block, orders, cuts[mid]) <= target_params:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            take(block, orders, cuts[lo])
+            break
         break
-    return out
+    return {n: sorted(u) for n, u in out.items()}
 
 
 def _blocks(couplings: Sequence[Coupling], head_widths: str) -> list[list[Coupling]]:

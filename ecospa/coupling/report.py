@@ -24,6 +24,11 @@ class RegionReport:
             other pruned couplings are compact: they always run at their kept widths).
         kv_cache: for calls with a KV cache object (``generate()``), how the cache was stored:
             at the kept widths, or dense and why (None: no such call yet).
+        strategies: how the narrow graphs that served calls were built (rungs of the layout
+            ladder, ``narrow/forward.py``'s ``LADDER``, or ``"grouped"``), most calls first.
+        refusals: the kinds of the reasons calls fell back (``Refusal``: ``"unservable"``,
+            ``"specialised"``, ``"no-rule"``, ``"bug"``, ``"mismatch"``, ``"verify"``), most calls
+            first: tests and tools read these, not the text of ``reasons``.
     """
 
     path: str
@@ -33,6 +38,8 @@ class RegionReport:
     signatures: int
     couplings: tuple[str, ...] = ()
     kv_cache: str | None = None
+    strategies: tuple[str, ...] = ()
+    refusals: tuple[str, ...] = ()
 
     @property
     def narrow(self) -> bool:
@@ -55,13 +62,22 @@ def execution_report(model: nn.Module) -> list[RegionReport]:
         narrow = sum(r["calls"] for r in rows if r["path"] == "narrow")
         fallback = [r for r in rows if r["path"] == "fallback"]
         reasons: dict[str, int] = {}
+        kinds: dict[str, int] = {}
         for r in fallback:
             if r["calls"]:
                 reasons[r["reason"]] = reasons.get(r["reason"], 0) + r["calls"]
+                if r.get("kind"):
+                    kinds[r["kind"]] = kinds.get(r["kind"], 0) + r["calls"]
+        strategies: dict[str, int] = {}
+        for r in rows:
+            if r["path"] == "narrow" and r.get("strategy") and r["calls"]:
+                strategies[r["strategy"]] = strategies.get(r["strategy"], 0) + r["calls"]
         out.append(RegionReport(path, narrow, sum(r["calls"] for r in fallback),
                                 tuple(sorted(reasons, key=reasons.get, reverse=True)), len(fwd.entries),
                                 tuple(sorted(getattr(fwd, "couplings", ()))),
-                                fwd._kv.describe() if fwd._kv is not None else None))
+                                fwd.kv_summary(),
+                                tuple(sorted(strategies, key=strategies.get, reverse=True)),
+                                tuple(sorted(kinds, key=kinds.get, reverse=True))))
     return out
 
 

@@ -26,11 +26,25 @@ training the same (now smaller) parameters under the same names. So:
 
 Each pruning round is a :class:`PruneEvent` appended to ``sp.events`` and logged at INFO level
 on the ``"ecospa"`` logger; ``sp.plan`` is the :class:`~ecospa.coupling.planner.Plan` so far.
+
+**When the target is reached.** Without ``end``, every ``every`` steps from ``start`` a round
+removes what Algorithm 1 selects (``top_k`` couplings, ``theta`` of their unit mass) until the
+target: how many steps that takes depends on the model and the knobs. With ``end`` (a step, or
+a fraction of ``total_steps``) the rounds follow the cubic gradual-pruning schedule
+(``planner.schedule_target``): the model has ``target + (dense - target) * (1 - (t - start) /
+(end - start))^3`` parameters after the round at step ``t``, reaching the target at ``end`` (a
+round runs at ``end`` too); the first rounds remove the most, so most steps run on the small
+model. ``sp.summary()`` reports the peak and mean bytes of weights + gradients + optimizer state
+measured at every step, and a run that reaches ``total_steps`` (or ``sp.finish()``) above its
+target warns (:class:`~ecospa.EcospaWarning`) with how far::
+
+    sp = ecospa.EcoSpa(model, opt, target=0.5, every=50, end=0.5, total_steps=len(loader))
 """
 from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
@@ -39,12 +53,13 @@ import torch.nn as nn
 
 from ecospa.coupling.discovery import auto_couple
 from ecospa.coupling.distributed import broadcast_json, dist_group
-from ecospa.coupling.executor import _check_optimizer, prune_pass, resolve
+from ecospa.coupling.executor import check_optimizer, prune_pass, resolve
 from ecospa.coupling.first_forward import as_example, detached
 from ecospa.coupling.importance import Importance
 from ecospa.coupling.scores import needed_stats
-from ecospa.coupling.planner import Plan, PlanConfig, PlanStep, plan_round, resolve_target
-from ecospa.errors import ConfigError, EcospaError
+from ecospa.coupling.planner import Plan, PlanConfig, PlanStep, plan_round, resolve_target, schedule_target
+from ecospa.errors import ConfigError, EcospaError, EcospaWarning
+from ecospa.coupling.sharded import refuse_sharded
 from ecospa.graph.capture import default_inputs
 from ecospa.graph.ir import CouplingGraph
 
@@ -112,8 +127,8 @@ class EcoSpa:
             pre-hook, removed after that call; detached copies, kept in ``sp.inputs`` for
             ``verify`` and later captures) and finds the couplings at the first ``sp.step()``.
             Until then ``sp.couplings``, ``sp.importance``, ``sp.target_params`` and
-            ``sp.dense_widths`` raise :class:`~ecospa.EcospaError` if the model has not run yet
-            (after its first forward they capture on access), ``sp.done`` is False, and an
+            ``sp.dense_widths`` raise :class:`~ecospa.EcospaError` saying what to do (reading
+            them never captures the model), ``sp.done`` is False, and an
             unreachable target raises its :class:`~ecospa.ConfigError` at the first
             ``sp.step()`` rather than here. ``sp.capture(example_inputs)`` captures now.
         couplings: use these couplings instead of calling ``auto_couple``.
@@ -130,7 +145,11 @@ class EcoSpa:
             forwards per round. Needs example inputs (a :class:`~ecospa.ConfigError` otherwise).
         **knobs: the other fields of :class:`~ecospa.coupling.planner.PlanConfig` (``every``,
             ``start``, ``top_k``, ``theta``, ``min_units``, ``width_multiple``,
-            ``coupling_score``, ``unit_score``, ``seed``); or ``config=`` a whole PlanConfig.
+            ``coupling_score``, ``unit_score``, ``seed``, ``head_widths``, ``end``,
+            ``total_steps``); or ``config=`` a whole PlanConfig. ``end``: the step (int) or the
+            fraction of ``total_steps`` (float) at which the target is reached, on a cubic
+            schedule from ``start`` (module docstring); ``total_steps``: the run's length in
+            optimizer steps (a run that ends above the target warns at that step).
 
     Raises:
         ConfigError: a knob of the wrong type or out of range, an unreachable target (the message
@@ -145,11 +164,12 @@ class EcoSpa:
                  couplings: CouplingGraph | None = None, config: PlanConfig | None = None,
                  process_group=None, verify: bool = False, **knobs):
         _check_arguments(model, optimizer, config, verify)
+        refuse_sharded(model, "ecospa.EcoSpa")
         if target is not None:
             knobs["target"] = target
-        unknown = sorted(set(knobs) - set(PlanConfig.help()))
+        unknown = sorted(set(knobs) - set(PlanConfig.help(show=False)))
         if unknown:
-            raise ConfigError(f"unknown EcoSpa options {unknown}; valid: {sorted(PlanConfig.help())}")
+            raise ConfigError(f"unknown EcoSpa options {unknown}; valid: {sorted(PlanConfig.help(show=False))}")
         self.config = replace(config, **knobs) if config is not None else PlanConfig(**knobs)
         self.model, self.optimizer = model, optimizer
         self.verify = verify
@@ -161,6 +181,9 @@ class EcoSpa:
         self.rounds = 0
         self.events: list[PruneEvent] = []
         self._plan_steps: list[PlanStep] = []
+        self._bytes = {"initial": 0, "peak": 0, "sum": 0, "steps": 0, "final": 0, "time_sum": 0.0, "time": 0.0}
+        self._last_step_at: float | None = None
+        self._warned_short = False
         if couplings is None and example_inputs is None and default_inputs(model) is None:
             self._hook = model.register_forward_pre_hook(self._record, with_kwargs=True)
             log.info("ecospa: %s has no example inputs; the couplings are found from the inputs of "
@@ -194,7 +217,7 @@ class EcoSpa:
                 "can be removed (cg.summary() lists every coupling with its reason); give EcoSpa a model "
                 "with prunable blocks (FFNs, attention heads), or train it without EcoSpa")
         resolve(self.model, {c: () for c in exact})  # PlanError for stale couplings / another model
-        _check_optimizer(self.optimizer, self.model, {t.param for c in exact for t in c.tables})
+        check_optimizer(self.optimizer, self.model, {t.param for c in exact for t in c.tables})
         if self.verify and getattr(couplings, "inputs", None) is None and self.inputs is None \
                 and default_inputs(self.model) is None:
             raise ConfigError("EcoSpa(verify=True) checks every prune on example inputs and has none: pass "
@@ -247,11 +270,17 @@ class EcoSpa:
         return self.couplings
 
     def __getattr__(self, name: str):
-        # couplings, importance, target_params, dense_widths: found at the first use after the
-        # first forward when EcoSpa was built without example inputs
+        # couplings, importance, target_params, dense_widths exist once the couplings are known;
+        # reading them never captures the model (sp.step() and sp.capture() do, explicitly)
         if name in _LAZY and "_plan_steps" in self.__dict__:
-            self.capture()
-            return self.__dict__[name]
+            if self.inputs is None:
+                raise EcospaError(
+                    f"sp.{name} is not known yet: EcoSpa finds the couplings of {type(self.model).__name__} from "
+                    "the inputs of its first forward, and the model has not run yet: run a training step first, "
+                    "call sp.capture(example_inputs), or build EcoSpa(..., example_inputs=...)")
+            raise EcospaError(
+                f"sp.{name} is not known yet: EcoSpa finds the couplings of {type(self.model).__name__} (from the "
+                "recorded inputs of its first forward) at the first sp.step(); call sp.capture() to find them now")
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _shapes(self) -> dict[str, tuple[int, ...]]:
@@ -269,9 +298,9 @@ class EcoSpa:
 
     @property
     def done(self) -> bool:
-        """True once the model is at or below the target size (False before the first forward
-        of a model given no example inputs: the target is not known yet)."""
-        if not self.ready and self.inputs is None:
+        """True once the model is at or below the target size (False until the couplings are
+        known, at the first ``sp.step()`` of a model given no example inputs: no target yet)."""
+        if not self.ready:
             return False
         return self.num_params <= self.target_params
 
@@ -286,23 +315,155 @@ class EcoSpa:
         if not self.ready:
             self.capture()  # from the inputs of the first forward
         self.steps += 1
+        self._measure()
         if self.done:
             return None
         self.importance.accumulate()
-        every = self.config.every
-        if every != "epoch" and self.steps >= self.config.start and self.steps % every == 0:
-            return self.prune_now()
-        return None
+        event = self.prune_now() if self._due() else None
+        total = self.config.total_steps
+        if total is not None and self.steps >= total:
+            self._warn_if_short()
+        return event
+
+    def _due(self) -> bool:
+        """Whether this step ends a round: every ``every`` steps from ``start``; with a schedule,
+        after ``start`` and at ``end`` too."""
+        cfg = self.config
+        if cfg.every == "epoch" or self.steps < cfg.start:
+            return False
+        end = cfg.end_step
+        if end is None:
+            return self.steps % cfg.every == 0
+        return self.steps > cfg.start and (self.steps % cfg.every == 0 or self.steps == end)
+
+    def round_target(self) -> int:
+        """The size this step's round prunes to: the target, or with ``end`` the cubic schedule's
+        size at the current step (``planner.schedule_target``)."""
+        end = self.config.end_step
+        if end is None:
+            return self.target_params
+        return schedule_target(self.steps, start=self.config.start, end=end, dense_params=self.dense_params,
+                               target_params=self.target_params)
+
+    def set_schedule(self, *, total_steps: int | None, end: int | float | None) -> None:
+        """Set ``total_steps`` and ``end`` (as the keywords of the same names) once the run's
+        length is known; the trainer callbacks call it with the trainer's max_steps.
+
+        Raises:
+            ConfigError: a value out of range, or an end after the last step.
+        """
+        self.config = replace(self.config, total_steps=total_steps, end=end)
+
+    def state_bytes(self) -> int:
+        """Bytes of the model's weights, their allocated gradients and the optimizer's state for
+        them (every tensor ``optimizer.state`` holds per parameter)."""
+        total = 0
+        state = self.optimizer.state if self.optimizer is not None else {}
+        for p in self.model.parameters():
+            total += p.numel() * p.element_size()
+            if p.grad is not None:
+                total += p.grad.numel() * p.grad.element_size()
+            for v in state.get(p, {}).values():
+                if torch.is_tensor(v):
+                    total += v.numel() * v.element_size()
+        return total
+
+    def _measure(self) -> None:
+        """Record this step's training state bytes (weights + gradients + optimizer state)."""
+        now = time.perf_counter()
+        b, acc = self.state_bytes(), self._bytes
+        if acc["steps"] == 0:
+            acc["initial"] = b
+        acc["peak"] = max(acc["peak"], b)
+        acc["sum"] += b
+        acc["steps"] += 1
+        acc["final"] = b
+        if self._last_step_at is not None:  # weighted by the wall clock of the step it ends
+            dt = now - self._last_step_at
+            acc["time_sum"] += b * dt
+            acc["time"] += dt
+        self._last_step_at = now
+
+    def summary(self) -> dict[str, Any]:
+        """Where the run stands: sizes, rounds, seconds spent pruning, and the bytes of weights +
+        gradients + optimizer state measured at every ``sp.step()`` (``initial``: at the first
+        step; ``peak``; ``mean``: over steps; ``time_mean``: weighted by each step's wall clock;
+        ``final``: at the last step). Plain data (JSON-able)."""
+        acc = self._bytes
+        ready = self.ready
+        return {
+            "steps": self.steps,
+            "rounds": len(self.events),
+            "dense_params": self.dense_params,
+            "params": self.num_params,
+            "target_params": self.target_params if ready else None,
+            "reached": self.done,
+            "end_step": self.config.end_step,
+            "total_steps": self.config.total_steps,
+            "prune_seconds": sum(e.seconds for e in self.events),
+            "state_bytes": {
+                "initial": acc["initial"], "peak": acc["peak"], "final": acc["final"],
+                "mean": acc["sum"] / acc["steps"] if acc["steps"] else 0.0,
+                "time_mean": acc["time_sum"] / acc["time"] if acc["time"] > 0 else float(acc["final"]),
+            },
+        }
+
+    def report(self) -> str:
+        """:meth:`summary` as a few lines of text."""
+        s = self.summary()
+        b = s["state_bytes"]
+        mib = lambda x: f"{x / 2 ** 20:.2f} MiB"
+        ratio = lambda x: f" ({x / b['initial']:.2f}x the first step's)" if b["initial"] else ""
+        target = f"target {s['target_params']:,}" if s["target_params"] is not None else "target not known yet"
+        lines = [f"ecospa: {s['steps']} steps, {s['rounds']} pruning rounds ({s['prune_seconds']:.2f} s), params "
+                 f"{s['dense_params']:,} -> {s['params']:,} ({target}{', reached' if s['reached'] else ''})",
+                 f"training state (weights + gradients + optimizer state): peak {mib(b['peak'])}, mean "
+                 f"{mib(b['mean'])}{ratio(b['mean'])}, wall-clock mean {mib(b['time_mean'])}{ratio(b['time_mean'])}, "
+                 f"final {mib(b['final'])}"]
+        return "\n".join(lines)
+
+    def finish(self) -> dict[str, Any]:
+        """Call after the last optimizer step (the trainer callbacks do, at the end of training):
+        warns (:class:`~ecospa.EcospaWarning`) if the model is still above its target, with how
+        far; returns :meth:`summary`."""
+        self._warn_if_short()
+        return self.summary()
+
+    def _warn_if_short(self) -> None:
+        """Warn once that the run ends above its target, with how far."""
+        if self._warned_short or not self.ready or self.done:
+            return
+        self._warned_short = True
+        n, t, d = self.num_params, self.target_params, self.dense_params
+        way = (d - n) / (d - t) if d > t else 1.0
+        hint = ("pass end=<step or fraction of the run> (with total_steps) to reach it on schedule"
+                if self.config.end_step is None else
+                "the schedule's last rounds found nothing more to remove (min_units?)")
+        warnings.warn(
+            f"EcoSpa: the run ended at step {self.steps} with {n:,} parameters ({n / d:.1%} of the dense "
+            f"{d:,}), above its target {t:,} ({t / d:.1%}) by {n - t:,} ({(n - t) / d:.1%} of the dense "
+            f"model): {way:.0%} of the way there after {len(self.events)} rounds. {hint}",
+            EcospaWarning, stacklevel=3)
 
     def end_epoch(self) -> PruneEvent | None:
-        """Call at the end of each epoch; prunes when ``every="epoch"``."""
+        """Call at the end of each epoch; prunes when ``every="epoch"`` (with ``end``: to the
+        schedule's size at the current step)."""
         if self.config.every == "epoch" and self.steps >= self.config.start:
             return self.prune_now()
         return None
 
     def prune_now(self) -> PruneEvent | None:
-        """Run one round of Algorithm 1 now, on the statistics accumulated since the last round."""
+        """Run one round of Algorithm 1 now, on the statistics accumulated since the last round
+        (with ``end``: down to the schedule's size at this step; nothing when already there).
+        Captures first (``sp.capture()``) if the couplings are not known yet."""
+        if not self.ready:
+            self.capture()
         if self.done:
+            return None
+        goal = self.round_target()
+        if self.num_params <= goal:
+            log.debug("ecospa: step %d: the schedule asks for %d params, the model has %d", self.steps, goal,
+                      self.num_params)
             return None
         t0 = time.perf_counter()
         group = dist_group(self.process_group)
@@ -317,7 +478,7 @@ class EcoSpa:
         removals = plan_round(
             list(self.couplings), self._shapes(), coupling_scores=scores,
             unit_scores=lambda c: self.importance.unit_scores(c, self.config.unit_score, salt=salt),
-            config=self.config, target_params=self.target_params)
+            config=self.config, target_params=goal, passes=1 if self.config.end_step is None else None)
         if group is not None:  # and removes the same units: those of the group's first rank
             first = {k: list(v) for k, v in broadcast_json(removals, group).items()}
             if first != {k: list(v) for k, v in removals.items()}:
@@ -349,7 +510,7 @@ class EcoSpa:
     def state_dict(self) -> dict:
         """Steps, rounds, plan, events and the gradient statistics (save with the model)."""
         state = {"steps": self.steps, "rounds": self.rounds, "plan": self.plan.to_dict(),
-                 "seconds": [e.seconds for e in self.events],
+                 "seconds": [e.seconds for e in self.events], "state_bytes": dict(self._bytes),
                  "importance": self.importance.state_dict() if self.ready else None}
         if self.inputs is not None:  # recorded at the first forward: a resumed run captures with them
             state["inputs"] = self.inputs
@@ -378,5 +539,7 @@ class EcoSpa:
             self.events = [PruneEvent(s.step, dict(s.removals), s.params_before or 0, s.params_after or 0, t)
                            for s, t in zip(plan.steps, secs)]
         self.steps, self.rounds = int(state["steps"]), int(state["rounds"])
+        if isinstance(state.get("state_bytes"), dict):
+            self._bytes.update(state["state_bytes"])
         if state.get("importance") is not None:
             self.importance.load_state_dict(state["importance"])

@@ -53,7 +53,10 @@ class Stack:
         return self.keys[2:-1]
 
 
-def _signature(m: nn.Module) -> tuple:
+def _signature(m: nn.Module | None) -> tuple | None:
+    """Structure of a block (None for an empty slot of a container, which ends any run)."""
+    if m is None:
+        return None
     return (type(m),
             tuple((n, tuple(p.shape), p.dtype) for n, p in m.named_parameters()),
             tuple((n, tuple(b.shape)) for n, b in m.named_buffers()),
@@ -67,6 +70,9 @@ def _longest_run(children: list[tuple[str, nn.Module]]) -> list[str]:
     prev = None
     for key, child in children:
         sig = _signature(child)
+        if sig is None:  # ModuleList([block, None, ...]): a hole ends the run
+            run, prev = [], None
+            continue
         run = run + [key] if sig == prev else [key]
         prev = sig
         if len(run) > len(best) and sig[1]:
@@ -74,12 +80,22 @@ def _longest_run(children: list[tuple[str, nn.Module]]) -> list[str]:
     return best
 
 
+def _owned(model: nn.Module) -> dict[int, int]:
+    """How many places of the module tree hold each parameter (shared modules, tied weights)."""
+    counts: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    return counts
+
+
 def find_stacks(model: nn.Module) -> list[Stack]:
     """In the outermost containers, the longest run of at least ``MIN_BLOCKS`` structurally
-    identical children (same classes, parameter and buffer shapes all the way down) that share no
-    parameter."""
+    identical children (same classes, parameter and buffer shapes all the way down) whose
+    parameters live nowhere else: not shared between blocks, nor with a module outside the run
+    (thinning would rename or drop them). Empty slots (None) of a container end a run."""
     out: list[Stack] = []
     taken: list[str] = []
+    everywhere = _owned(model)
     for path, mod in model.named_modules():
         if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or len(mod) < MIN_BLOCKS:
             continue
@@ -91,6 +107,12 @@ def find_stacks(model: nn.Module) -> list[Stack]:
             continue
         ids = [{id(p) for p in mod._modules[k].parameters()} for k in run]
         if len(set().union(*ids)) != sum(len(s) for s in ids):
+            continue
+        inside: dict[int, int] = {}
+        for k in run:
+            for _, p in mod._modules[k].named_parameters(remove_duplicate=False):
+                inside[id(p)] = inside.get(id(p), 0) + 1
+        if any(everywhere.get(i, 0) != n for i, n in inside.items()):
             continue
         out.append(Stack(path, tuple(run), tuple(k for k, _ in children if k not in run)))
         taken.append(path)

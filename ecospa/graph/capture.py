@@ -3,7 +3,9 @@
 ``torch.export.export(strict=False)`` is used: it handles Hugging Face models, timm models and
 ``nn.TransformerEncoderLayer`` where ``torch.fx.symbolic_trace`` fails (see docs/ARCHITECTURE.md).
 The model is wrapped so that any output structure (``ModelOutput``, dicts, tuples) becomes a flat
-tuple of tensors, and captured in eval mode (restored afterwards); nothing in the model changes.
+tuple of tensors, and captured in eval mode (restored afterwards); nothing in the model changes: whatever the forward
+creates or changes on its modules (a lazily built cache, an attribute) is put back
+(``ecospa.graph.state.preserved``).
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from ecospa.errors import CaptureError
+from ecospa.graph.inline import inline_wrappers
+from ecospa.graph.state import preserved
 
 __all__ = ["Captured", "capture", "module_of", "default_inputs", "normalise_inputs"]
 
@@ -169,26 +173,32 @@ def capture(model: nn.Module, example_inputs=None) -> Captured:
     args, kwargs = _normalise_inputs(model, example_inputs)
     if _wants(model, "use_cache") and "use_cache" not in kwargs:
         kwargs["use_cache"] = False
-    was_training = model.training
-    model.eval()
-    tracker = _ModuleTracker(model)
-    try:
-        with torch.enable_grad():
-            ep = torch.export.export(_Flat(model), args, kwargs, strict=False)
-    except Exception as exc:  # re-raised as CaptureError with the module at fault
-        where = tracker.deepest[-1] if tracker.deepest else type(model).__name__
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CaptureError(
-            f"could not capture the forward of {type(model).__name__}: it failed inside module "
-            f"{where!r} with {type(exc).__name__}: {first[:300]}. Ways out: pass example inputs "
-            "that run the forward (ecospa.auto_couple(model, (x,))), or run auto_couple on a "
-            "submodule that avoids the failing code (data-dependent control flow, Python side "
-            "effects)."
-        ) from exc
-    finally:
-        tracker.close()
-        model.train(was_training)
+    with preserved(model):  # whatever the forward creates or changes is put back
+        was_training = model.training
+        model.eval()
+        tracker = _ModuleTracker(model)
+        try:
+            try:
+                with torch.enable_grad():
+                    ep = torch.export.export(_Flat(model), args, kwargs, strict=False)
+            except NotImplementedError:  # an op without autograd here (FlexAttention on CPU)
+                with torch.no_grad():
+                    ep = torch.export.export(_Flat(model), args, kwargs, strict=False)
+        except Exception as exc:  # re-raised as CaptureError with the module at fault
+            where = tracker.deepest[-1] if tracker.deepest else type(model).__name__
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CaptureError(
+                f"could not capture the forward of {type(model).__name__}: it failed inside module "
+                f"{where!r} with {type(exc).__name__}: {first[:300]}. Ways out: pass example inputs "
+                "that run the forward (ecospa.auto_couple(model, (x,))), or run auto_couple on a "
+                "submodule that avoids the failing code (data-dependent control flow, Python side "
+                "effects)."
+            ) from exc
+        finally:
+            tracker.close()
+            model.train(was_training)
 
+    inline_wrappers(ep.graph_module)  # autocast / no_grad blocks: their ops join the graph
     sig = ep.graph_signature
     canonical: dict[int, str] = {}
     aliases: dict[str, str] = {}

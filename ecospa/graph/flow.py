@@ -3,10 +3,12 @@
 Placeholders of parameters get fresh labels (one per index of every dimension); inputs and
 buffers carry none. Each op's rule computes the factors of its output and records edges, poison,
 tags and events in the :class:`LabelSpace`. Labels that reach the model's output are poisoned.
+In-place writes give the tensor written into the labels written (``ecospa.graph.mutation``), and
+labels a rule lets fall without a reason are lost with one (``ecospa.graph.accounting``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -15,19 +17,36 @@ import torch
 from ecospa.graph.capture import Captured, module_of
 from ecospa.graph.labels import LabelSpace
 from ecospa.graph.rules import lookup
+from ecospa.graph.accounting import ENDS, account, labels_of, silent_drops, value_args
+from ecospa.graph.mutation import apply_write
 from ecospa.graph.rules.base import Ctx, flat_factors, poison_value
+from ecospa.graph.rules.registry import op_name
 
 __all__ = ["FlowResult", "propagate", "coupled_factors"]
 
 
 @dataclass
 class FlowResult:
-    """Labels of every node and the facts collected about them."""
+    """Labels of every node and the facts collected about them.
+
+    ``drops`` lists the ops whose rule let labels fall without a reason, ``(node name, op,
+    number of labels)``: those labels are lost with a reason naming the op (an inexact coupling),
+    and the list is empty when the rules follow every op of the graph (tests check it).
+    ``used`` and ``ended`` mark the labels that entered some op, and that entered an op where
+    channels legitimately end (``ecospa.graph.accounting``).
+    """
 
     space: LabelSpace
     nodes: list[torch.fx.Node]
     values: dict[torch.fx.Node, Any]
     captured: Captured
+    drops: list[tuple[str, str, int]] = field(default_factory=list)
+    used: np.ndarray | None = None
+    ended: np.ndarray | None = None
+
+    def unaccounted(self) -> list:
+        """Weight channels that vanished without a reason (``ecospa.graph.accounting.account``)."""
+        return account(self.space, self.used, self.ended)
 
 
 def propagate(captured: Captured) -> FlowResult:
@@ -35,9 +54,26 @@ def propagate(captured: Captured) -> FlowResult:
     space = LabelSpace()
     nodes = list(captured.graph.nodes)
     ctx = Ctx(space=space, values={}, captured=captured, index={n: i for i, n in enumerate(nodes)})
+    drops: list[tuple[str, str, int]] = []
+    entered: list[np.ndarray] = []
+    ends: list[np.ndarray] = []
     for node in nodes:
         try:
+            mark = space.mark()
+            if node.op in ("call_function", "output"):
+                labs = labels_of([ctx.values.get(a) for a in value_args(node)] if node.op == "call_function"
+                               else _leaves(ctx, node.args))
+                entered.append(labs)
+                if node.op == "call_function" and op_name(node.target) in ENDS:
+                    ends.append(labs)
             ctx.values[node] = _run(ctx, node)
+            if node.op == "call_function":
+                apply_write(ctx, node)
+                lost = silent_drops(ctx, node, mark)
+                if lost.size:
+                    drops.append((node.name, op_name(node.target), int(lost.size)))
+                    space.lose(lost, f"dropped by op {op_name(node.target)} at {ctx.where(node)}, "
+                                     "whose rule does not pass these channels on", ctx.index[node])
         except Exception as exc:  # name the node at fault, keep the original error chained
             from ecospa.errors import CaptureError
 
@@ -46,7 +82,14 @@ def propagate(captured: Captured) -> FlowResult:
                 f"{module_of(node) or '<root>'!r}): {type(exc).__name__}: {exc}. This is a bug in "
                 "ecospa's op rules; please report it with the model."
             ) from exc
-    return FlowResult(space=space, nodes=nodes, values=ctx.values, captured=captured)
+    used = np.zeros(space.n, dtype=bool)
+    ended = np.zeros(space.n, dtype=bool)
+    for labs in entered:
+        used[labs] = True
+    for labs in ends:
+        ended[labs] = True
+    return FlowResult(space=space, nodes=nodes, values=ctx.values, captured=captured, drops=drops,
+                      used=used, ended=ended)
 
 
 def _run(ctx: Ctx, node: torch.fx.Node):

@@ -23,7 +23,9 @@ __all__ = ["LabelSpace", "Factors", "varying", "to_ndim", "merge_aligned", "conn
 
 Factors = list  # list[np.ndarray]; None for non-tensor values
 
-EVENTS = ("contract", "actact", "bmm", "gate", "nonlinear", "reader")
+EVENTS = ("contract", "actact", "bmm", "gate", "nonlinear", "reader", "lost")
+# "lost": labels an op does not follow (no rule, a write into storage it cannot track): they
+# become units of an inexact coupling with the reason, instead of vanishing
 
 
 def varying(f: np.ndarray) -> tuple[int, ...]:
@@ -130,6 +132,31 @@ class LabelSpace:
         lab = labels[labels >= 0]
         if lab.size:
             self._sites.append((np.unique(lab), node_index))
+
+    def lose(self, labels: np.ndarray, reason: str, node_index: int | None = None) -> None:
+        """``labels`` go where the analysis cannot follow them (at graph node ``node_index``):
+        poisoned with ``reason`` and marked ``lost``, so that they are reported (an inexact
+        coupling, placed in graph order where they were lost) even when no contraction of theirs
+        is seen."""
+        self.poison(labels, reason)
+        self.event("lost", labels)
+        if node_index is not None:
+            self.site(labels, node_index)
+
+    def mark(self) -> tuple[int, int, int, int]:
+        """A bookmark of the facts recorded so far (for :meth:`handled_since`)."""
+        return len(self._poison), len(self._sites), len(self._events.get("lost", ())), len(self._edges)
+
+    def handled_since(self, mark: tuple[int, int, int, int]) -> np.ndarray:
+        """Labels poisoned, contracted, lost or joined by an edge since ``mark`` (repeats included)."""
+        parts = [lab for lab, _ in self._poison[mark[0]:]] + [lab for lab, _ in self._sites[mark[1]:]]
+        parts += list(self._events.get("lost", [])[mark[2]:])
+        parts += [x for e in self._edges[mark[3]:] for x in e]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def poisoned_mask(self) -> np.ndarray:
+        """True for every label with a poison reason."""
+        return self.poison_array() >= 0
 
     # -- results ----------------------------------------------------------------------------
     def components(self, *, same_side: bool = False) -> tuple[int, np.ndarray]:

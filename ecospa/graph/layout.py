@@ -6,8 +6,11 @@ For every ``(param, dim)`` of a coupling this decides a :class:`~ecospa.graph.ir
   take reshapes: ``nn.Linear``, GPT-2's ``Conv1D``, a custom ``x @ self.w``) get their forward
   replaced by a small adapter; their weight rows are ``"out"``, columns ``"in"``, bias ``"bias"``;
 - ``torch.nn.MultiheadAttention`` parameters are ``"mha"`` (the module's forward is replaced);
-- any other parameter is ``"direct"``: it is only sliced, so its uses must see the smaller
-  tensor, which is only possible in a compact region.
+- any other parameter is ``"direct"`` (a raw ``nn.Parameter`` used through ``einsum``/``@``, a
+  norm's weight): it is sliced in place. In a compact region its uses simply see the smaller
+  tensor; in a scatter region the coupling's scope module gets a forward that shows it the
+  parameter at its dense shape, zeros in the removed slices (the exact fallback,
+  ``ecospa.coupling.adapters.DenseParamsForward``), and its narrow graph reads the sliced one.
 
 A coupling is *compact* when every op its channels pass through between producers and consumers
 is elementwise (or a product with a weight): the channels can simply disappear. Otherwise (heads
@@ -196,13 +199,15 @@ def assign_sites(flow: FlowResult, model: nn.Module, raws, comp: np.ndarray, gid
 
     seen: dict[tuple, int] = {}
     for g, rs in enumerate(roles):
-        for (_, _, role, owner, _) in rs:
+        for (param, dim, role, owner, _) in rs:
             if role in ("out", "in", "bias", "mha"):
                 key = (owner, "in" if role == "in" else "out")
-                if key in seen:
-                    parent[find(g)] = find(seen[key])
-                else:
-                    seen[key] = g
+            else:  # every use of a direct parameter sees a dim dense or sliced: one layout per dim
+                key = ("param", param, dim)
+            if key in seen:
+                parent[find(g)] = find(seen[key])
+            else:
+                seen[key] = g
     scatter_root = {find(g) for g in range(len(raws)) if not compact[g]}
     results = []
     for g, rs in enumerate(roles):
@@ -212,12 +217,6 @@ def assign_sites(flow: FlowResult, model: nn.Module, raws, comp: np.ndarray, gid
         if mha_bad:
             problem = (f"MultiheadAttention {mha_bad[0][3]!r} uses bias_k/bias_v, add_zero_attn or "
                        "separate kdim/vdim projections, which ecospa cannot prune yet")
-        elif layout == "scatter":
-            bad = [r for r in rs if r[2] == "direct"]
-            if bad:
-                problem = (f"parameter {bad[0][0]!r} (dim {bad[0][1]}) is used outside a linear "
-                           "module on a path that reshapes these channels; ecospa can only slice "
-                           "it where the channels flow elementwise")
         sites = tuple(Site(p, d, role, owner, layout, tr) for (p, d, role, owner, tr) in rs)
         results.append((sites, problem))
     return results

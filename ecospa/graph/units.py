@@ -1,6 +1,8 @@
 """From labels to couplings: connected components become units, units group into couplings.
 
-Two units belong to the same coupling when they touch the same ``(param, dim)`` pairs, sit at the
+A unit is a component whose labels are contracted somewhere, or lost (an op the analysis
+cannot follow them through: they are reported as an inexact coupling with the reason rather than
+vanishing; ``ecospa.graph.accounting``). Two units belong to the same coupling when they touch the same ``(param, dim)`` pairs, sit at the
 same heads of batched products (tags), and are both exact or both not. Everything here is
 vectorised with numpy so that a LLaMA-7B-sized graph (millions of slices) groups in seconds.
 """
@@ -55,6 +57,9 @@ def group_units(flow: FlowResult) -> tuple[list[RawCoupling], np.ndarray, np.nda
     contracted = space.event_mask("contract")
     is_unit = np.zeros(ncomp, dtype=bool)
     is_unit[comp[contracted]] = True
+    # labels lost where the analysis cannot follow them are units too (of an inexact coupling,
+    # poisoned with the reason): their contraction, if any, happens where it cannot be seen
+    is_unit[comp[space.event_mask("lost")]] = True
 
     reason = np.full(ncomp, -1, dtype=np.int64)
     pl = np.nonzero(poison >= 0)[0][::-1]

@@ -9,7 +9,9 @@ import torch.nn as nn
 
 from ecospa.errors import EcospaError
 
-__all__ = ["unwrap_optimizer", "attach_optimizer", "optimizer_for"]
+__all__ = ["unwrap_optimizer", "attach_optimizer", "optimizer_for", "schedule_run", "DEFAULT_END"]
+
+DEFAULT_END = "halfway"  # the callbacks' default end: halfway between start and the last step
 
 log = logging.getLogger("ecospa")
 
@@ -56,3 +58,37 @@ def attach_optimizer(sp, optimizer) -> None:
             log.info("ecospa: the trainer's optimizer changed (%s); EcoSpa follows the new one",
                      type(opt).__name__)
         sp.optimizer = opt
+
+
+def schedule_run(sp, end, total_steps: int | None, max_steps: int | None, global_step: int = 0) -> None:
+    """Give ``sp`` the run's length and the step that reaches the target, once the trainer
+    knows its ``max_steps``.
+
+    Args:
+        end: the user's ``end`` (a step, a fraction of the run, or None: no schedule), or
+            :data:`DEFAULT_END`: halfway between ``start`` and the last step.
+        total_steps: the user's ``total_steps`` (None: from ``max_steps``).
+        max_steps: the trainer's last optimizer step (0 or less, or None, when unknown or endless).
+        global_step: the trainer's step now (after a resume: the checkpoint's). ``sp.steps``
+            may be ahead of it when the same callback fits a second time: that fit's steps count
+            from ``sp.steps - global_step`` on.
+
+    Raises:
+        ConfigError: an ``end`` the run cannot reach (after the last step, before ``start``).
+    """
+    begin = max(0, sp.steps - int(global_step))
+    total = total_steps if total_steps is not None else (
+        begin + int(max_steps) if max_steps is not None and max_steps > 0 else None)
+    if end == DEFAULT_END:
+        start = max(sp.config.start, begin)
+        if total is None or total <= start + 1:
+            if total is None:
+                log.info("ecospa: the trainer does not know its number of steps; pruning at Algorithm 1's "
+                         "own pace (pass end= and total_steps= for a schedule)")
+            end = None
+        else:
+            end = start + (total - start + 1) // 2
+    sp.set_schedule(total_steps=total, end=end)
+    if end is not None:
+        log.info("ecospa: target %r by step %d of %s (cubic schedule from step %d, a round every %s steps)",
+                 sp.config.target, sp.config.end_step, total, sp.config.start, sp.config.every)

@@ -14,6 +14,13 @@ What it does, at the Trainer's events:
   has rebuilt it, EcoSpa follows the new one. A prune slices the same optimizer object in place,
   so the Trainer's LR scheduler, which holds that optimizer, keeps working;
 - ``on_epoch_end``: ``sp.end_epoch()`` (for ``every="epoch"``);
+- the schedule: at ``on_train_begin`` the callback reads the Trainer's ``max_steps`` (known by then,
+  also for ``num_train_epochs``) and gives EcoSpa ``total_steps`` and ``end``: by default the
+  target is reached halfway between ``start`` and the last step, on the cubic schedule
+  (``end=`` a step or a fraction of the run changes it; ``end=None`` keeps Algorithm 1's own
+  pace, which may end above the target); ``on_train_end`` calls ``sp.finish()``, which warns
+  (:class:`ecospa.EcospaWarning`) when the model ended above its target and logs
+  ``sp.report()`` (rounds, sizes, peak and mean training-state bytes);
 - ``on_save``: writes ``ecospa_state.json`` + ``ecospa_state.safetensors`` (plan, counters,
   Eq. 6 statistics; no pickle) into the checkpoint folder the Trainer has just written.
 
@@ -46,7 +53,7 @@ from transformers import TrainerCallback
 
 from ecospa.coupling.training import EcoSpa
 from ecospa.errors import ConfigError, EcospaError
-from ecospa.integrations._common import attach_optimizer
+from ecospa.integrations._common import DEFAULT_END, attach_optimizer, schedule_run
 from ecospa.integrations._state import load_state, read_json, save_state
 
 __all__ = ["EcoSpaCallback"]
@@ -66,7 +73,10 @@ class EcoSpaCallback(TrainerCallback):
         resume_from: a checkpoint folder whose EcoSpa state to restore when the Trainer loads a
             pruned state dict (default: found automatically, see the module docstring).
         **knobs: :class:`ecospa.PlanConfig` fields (``every``, ``top_k``, ``theta``, ...) and
-            other :class:`ecospa.EcoSpa` keywords.
+            other :class:`ecospa.EcoSpa` keywords. ``end``: the step (int) or fraction of the run
+            (float) at which the target is reached, on the cubic schedule (default: halfway
+            between ``start`` and ``max_steps``; None: no schedule); ``total_steps``: default
+            the Trainer's ``max_steps``.
 
     Attributes:
         sp: the :class:`ecospa.EcoSpa` (None before training starts): ``sp.events``, ``sp.plan``.
@@ -74,6 +84,8 @@ class EcoSpaCallback(TrainerCallback):
 
     def __init__(self, target: int | float | None = 0.5, *, example_inputs=None, resume_from: str | None = None,
                  **knobs):
+        self.end = knobs.pop("end", DEFAULT_END)
+        self.total_steps = knobs.pop("total_steps", None)
         self.target, self.example_inputs, self.resume_from, self.knobs = target, example_inputs, resume_from, knobs
         self.sp: EcoSpa | None = None
         self.model: nn.Module | None = None
@@ -124,10 +136,12 @@ class EcoSpaCallback(TrainerCallback):
             if read_json(folder) is not None:
                 self.sp.load_state_dict(load_state(folder))  # same plan: counters and statistics
                 self._restored_step = state.global_step
+        schedule_run(self.sp, self.end, self.total_steps, state.max_steps, state.global_step)
 
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.sp is None:
             self.sp = self._build(model, optimizer)
+            schedule_run(self.sp, self.end, self.total_steps, state.max_steps, state.global_step)
         attach_optimizer(self.sp, optimizer)
         self.sp.step()
 
@@ -145,9 +159,9 @@ class EcoSpaCallback(TrainerCallback):
         save_state(self.sp, folder, extra={"global_step": int(state.global_step)})
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.sp is not None and self.sp.events:
-            log.info("ecospa: %d pruning rounds, %d -> %d parameters", len(self.sp.events),
-                     self.sp.dense_params, self.sp.num_params)
+        if self.sp is not None and self.sp.ready:
+            self.sp.finish()  # warns when the model ended above its target
+            log.info("%s", self.sp.report())
 
     # ---------------------------------------------------------------- resume
     def _candidates(self) -> list[str]:

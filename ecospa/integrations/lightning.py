@@ -18,6 +18,12 @@ does, at Lightning's hooks:
   wrapped again (:func:`ecospa.integrations.ddp.rewrap`); EcoSpa averages its statistics over
   the ranks (docs/distributed.md);
 - ``on_train_epoch_end``: ``sp.end_epoch()`` (for ``every="epoch"``);
+- the schedule: at ``on_train_start`` the callback reads ``trainer.max_steps`` (or, when it is
+  -1, ``trainer.estimated_stepping_batches``) and gives EcoSpa ``total_steps`` and ``end``: by
+  default the target is reached halfway between ``start`` and the last step, on the cubic
+  schedule (``end=`` a step or a fraction of the run; ``end=None``: Algorithm 1's own pace);
+  ``on_train_end`` calls ``sp.finish()``, which warns (:class:`ecospa.EcospaWarning`) when the
+  module ended above its target, and logs ``sp.report()``;
 - ``state_dict``: the plan, counters and statistics go into Lightning's checkpoint (JSON text
   and tensors only, loadable with ``weights_only=True``);
 - **resume**: Lightning loads the checkpoint's (pruned) weights into the module before any
@@ -40,7 +46,7 @@ import torch.nn as nn
 
 from ecospa.coupling.training import EcoSpa
 from ecospa.errors import EcospaError
-from ecospa.integrations._common import attach_optimizer, optimizer_for
+from ecospa.integrations._common import DEFAULT_END, attach_optimizer, optimizer_for, schedule_run
 from ecospa.integrations._state import state_from_files, state_to_files
 
 try:  # the unified package first, then the standalone one
@@ -76,6 +82,9 @@ def make_callback_class(base: type) -> type:
             module: attribute path of the submodule to prune; None: the LightningModule.
             example_inputs: as :class:`ecospa.EcoSpa` (else: the inputs of the first forward).
             **knobs: :class:`ecospa.PlanConfig` fields and other :class:`ecospa.EcoSpa` keywords.
+                ``end``: the step (int) or fraction of the run (float) at which the target is
+                reached, on the cubic schedule (default: halfway between ``start`` and the
+                trainer's last step; None: no schedule); ``total_steps``: default the trainer's.
 
         Attributes:
             sp: the :class:`ecospa.EcoSpa` (None before ``fit``).
@@ -84,6 +93,10 @@ def make_callback_class(base: type) -> type:
         def __init__(self, target: int | float | None = 0.5, *, module: str | None = None,
                      example_inputs=None, **knobs):
             super().__init__()
+            self.end = knobs.pop("end", DEFAULT_END)
+            self.total_steps = knobs.pop("total_steps", None)
+            self._max_steps: int | None = None  # known at on_train_start
+            self._global_step = 0
             self.target, self.module_path, self.example_inputs, self.knobs = target, module, example_inputs, knobs
             self.sp: EcoSpa | None = None
             self._stepped = False
@@ -105,7 +118,30 @@ def make_callback_class(base: type) -> type:
                 self.sp = None
             if self.sp is None:
                 self.sp = EcoSpa(module, None, self.target, example_inputs=self.example_inputs, **self.knobs)
+                if self._max_steps is not None:
+                    schedule_run(self.sp, self.end, self.total_steps, self._max_steps, self._global_step)
             return self.sp
+
+        @staticmethod
+        def _run_steps(trainer) -> int:
+            """The trainer's optimizer steps in this fit (0 when unknown or endless)."""
+            steps = getattr(trainer, "max_steps", -1)
+            if steps is None or steps < 0:
+                try:
+                    steps = trainer.estimated_stepping_batches
+                except Exception:  # noqa: BLE001 - no estimate: no schedule
+                    return 0
+            return int(steps) if steps is not None and steps == steps and steps != float("inf") else 0
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            sp = self._ensure(pl_module)
+            self._max_steps, self._global_step = self._run_steps(trainer), int(trainer.global_step)
+            schedule_run(sp, self.end, self.total_steps, self._max_steps, self._global_step)
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            if self.sp is not None and self.sp.ready:
+                self.sp.finish()  # warns when the module ended above its target
+                log.info("%s", self.sp.report())
 
         # ------------------------------------------------------------ hooks
         def setup(self, trainer, pl_module, stage: str) -> None:

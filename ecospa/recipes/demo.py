@@ -45,6 +45,7 @@ class DemoConfig:
     threads: int = 1
     every: int | None = None  # None: steps // 40
     start: int | None = None  # None: 15% of steps
+    end: float | None = None  # fraction of the steps by which EcoSpa reaches the target (cubic schedule); None: Algorithm 1's pace
     top_k: float = 0.3
     theta: float = 0.9
     n_layer: int = 4
@@ -87,6 +88,9 @@ class DemoConfig:
             raise ConfigError(f"seed should be a non-negative int, got {self.seed!r}")
         if self.every is not None and self.every < 1:
             raise ConfigError(f"every should be a positive int, got {self.every!r}")
+        if self.end is not None and (isinstance(self.end, bool) or not isinstance(self.end, (int, float))
+                                     or not 0.0 < float(self.end) <= 1.0):
+            raise ConfigError(f"end should be a fraction of the steps in (0, 1], got {self.end!r}")
         if self.start is not None and not 0 <= self.start < self.steps:
             raise ConfigError(f"start should be in [0, steps={self.steps}), got {self.start!r}")
 
@@ -115,17 +119,19 @@ def _mib(b: float) -> str:
 def format_table(result: dict[str, Any]) -> str:
     """The printed table: one row per run and one of EcoSpa / dense ratios."""
     runs = result["runs"]
-    head = ["run", "val loss", "val ppl", "params", "train wall clock", "peak state", "final state",
+    head = ["run", "val loss", "val ppl", "params", "train wall clock", "peak state", "mean state", "final state",
             "fwd tokens/s", "gen tokens/s"]
     rows = []
     for r in runs:
         rows.append([r["name"], f"{r['val_loss']:.4f}", f"{r['val_ppl']:.2f}", f"{r['params']:,}",
-                     f"{r['train_seconds']:.1f} s", _mib(r["peak_state_bytes"]), _mib(r["final_state_bytes"]),
+                     f"{r['train_seconds']:.1f} s", _mib(r["peak_state_bytes"]), _mib(r["mean_state_bytes"]),
+                     _mib(r["final_state_bytes"]),
                      f"{r['forward_tokens_per_s']:,.0f}", f"{r['generate_tokens_per_s']:,.0f}"])
     d, e = runs[0], runs[1]
     rows.append(["ecospa/dense", f"{e['val_loss'] / d['val_loss']:.3f}x", f"{e['val_ppl'] / d['val_ppl']:.3f}x",
                  f"{e['params'] / d['params']:.3f}x", f"{e['train_seconds'] / d['train_seconds']:.3f}x",
                  f"{e['peak_state_bytes'] / d['peak_state_bytes']:.3f}x",
+                 f"{e['mean_state_bytes'] / d['mean_state_bytes']:.3f}x",
                  f"{e['final_state_bytes'] / d['final_state_bytes']:.3f}x",
                  f"{e['forward_tokens_per_s'] / d['forward_tokens_per_s']:.2f}x",
                  f"{e['generate_tokens_per_s'] / d['generate_tokens_per_s']:.2f}x"])
@@ -168,8 +174,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     sparse_model = GPT(gcfg)  # the same initial weights
     example = (torch.zeros(1, cfg.block_size, dtype=torch.long),)
+    schedule = {} if cfg.end is None else {"end": float(cfg.end), "total_steps": cfg.steps}
     hook = ecospa_hook(cfg.target, example, every=cfg.prune_every, start=cfg.prune_start,
-                       top_k=cfg.top_k, theta=cfg.theta, seed=cfg.seed)
+                       top_k=cfg.top_k, theta=cfg.theta, seed=cfg.seed, **schedule)
     runs = [Run("dense", dense_model, tcfg), Run("ecospa", sparse_model, tcfg, hook)]
     sp = runs[1].hook.sp
     if cfg.progress:
@@ -197,7 +204,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                                              else f" ({cfg.final_eval_windows} windows)"),
             "train_seconds": "sum of per-step wall clock (forward, backward, optimizer, pruning) plus "
                              "coupling discovery; evaluation excluded",
-            "state_bytes": "weights + gradients + AdamW state, from tensor sizes; peak over steps and final",
+            "state_bytes": "weights + gradients + AdamW state, from tensor sizes; peak over steps, mean over "
+                           "steps, and final",
             "tokens_per_s": "median over interleaved rounds; forward: batch of 8 x block_size in eval "
                             f"mode; generate: 4 prompts x {cfg.generate_tokens} new tokens",
         },

@@ -19,7 +19,7 @@ from ecospa.checkpoint.load import read_checkpoint
 from tests.checkpoint import crash_train
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+pytestmark = [pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL"), pytest.mark.slow]
 
 
 def _run(ckpt: Path, final: Path, *, pause: str | None = None, kill_after: float | None = None,

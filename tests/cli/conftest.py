@@ -76,17 +76,19 @@ GGUF_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "sel
               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 
 
-@pytest.fixture(scope="session")
-def gguf_file(llama_dir, tmp_path_factory) -> Path:
-    """The tiny Llama written as an F32 GGUF file with the gguf package (metadata and tensors only:
-    transformers reads the config from the metadata; q/k are stored unpermuted, which does not
-    matter for the couplings)."""
+def write_gguf(path: Path, llama_dir: Path, tokenizer: bool = False) -> Path:
+    """The tiny Llama of ``llama_dir`` written as an F32 GGUF file with the gguf package (metadata
+    and tensors, and with ``tokenizer`` its byte-level BPE tokenizer as llama.cpp stores a GPT-2
+    style one: tokenizer.ggml.model "gpt2", tokens, token types, merges). transformers reads the
+    config (and the tokenizer) from the metadata; q/k are stored unpermuted, which does not
+    matter for the couplings."""
     gguf = pytest.importorskip("gguf")
+    import json
+
     import transformers
 
     cfg = transformers.AutoConfig.from_pretrained(llama_dir)
     sd = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).state_dict()
-    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -97,6 +99,15 @@ def gguf_file(llama_dir, tmp_path_factory) -> Path:
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
+    if tokenizer:
+        model = json.loads((llama_dir / "tokenizer.json").read_text())["model"]
+        tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_types([gguf.TokenType.NORMAL] * len(tokens))
+        w.add_token_merges(merges)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     for i in range(cfg.num_hidden_layers):
@@ -108,6 +119,18 @@ def gguf_file(llama_dir, tmp_path_factory) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+@pytest.fixture(scope="session")
+def gguf_file(llama_dir, tmp_path_factory) -> Path:
+    """The tiny Llama as a GGUF file without a tokenizer (:func:`write_gguf`)."""
+    return write_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf", llama_dir)
+
+
+@pytest.fixture(scope="session")
+def gguf_with_tokenizer(llama_dir, tmp_path_factory) -> Path:
+    """The tiny Llama and its tokenizer as one GGUF file (what llama.cpp's files hold)."""
+    return write_gguf(tmp_path_factory.mktemp("gguf-tok") / "tiny-llama-tok.gguf", llama_dir, tokenizer=True)
 
 
 FACTORY = '''

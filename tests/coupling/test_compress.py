@@ -214,17 +214,54 @@ def test_errors():
 
 
 def test_compress_again_a_pruned_model(tmp_path):
-    """A pruned model (here saved and loaded back: its narrow regions are built during the
-    calibration) compresses further. A consumer inside a narrow region is not called as a module
-    on the narrow path, so its hook sees only the first call's check: it gets no Gram (no refit)
-    rather than a Gram of one sample; none is a traced (fake) tensor."""
+    """A pruned model (here saved and loaded back) calibrates and compresses further. Its pruned
+    attention runs the exact path during calibration, so a consumer inside a narrow region
+    (``o_proj``) gets a Gram of its kept input columns: equal to the masked dense model's Gram
+    restricted to those columns; none is a traced (fake) tensor."""
+    from ecospa.coupling.record import param_records
+
     model, data = _llama(), _tokens()
+    masked, _ = compress(copy.deepcopy(model), 0.8, data, rounds=1, physical=False)
     model, first = compress(model, 0.8, data, rounds=1)
     ecospa.save(model, tmp_path / "ck")
     loaded = ecospa.load(tmp_path / "ck", _llama())
     C = [c for c in ecospa.auto_couple(loaded) if c.exact]
+    loaded(input_ids=data[0])  # the narrow graphs are built: calibration must not use them
     stats = calibrate(loaded, C, as_batches(data), causal_lm_loss)
     assert stats.grams and all(type(g) is torch.Tensor for g in stats.grams.values())
-    assert not any("o_proj" in p for p in stats.grams) and any("down_proj" in p for p in stats.grams)
+    assert any("o_proj" in p for p in stats.grams) and any("down_proj" in p for p in stats.grams)
+    params = dict(loaded.named_parameters())
+    for p, g in stats.grams.items():
+        n_in = params[p].shape[1]
+        assert g.shape == (n_in, n_in), p
+    dense_C = [c for c in ecospa.auto_couple(masked) if c.exact]
+    ref = calibrate(masked, dense_C, as_batches(data), causal_lm_loss)
+    records = param_records(loaded)
+    for p, g in stats.grams.items():
+        kept = torch.as_tensor(records[p].kept_or_all(1)) if p in records else torch.arange(g.shape[0])
+        torch.testing.assert_close(g, ref.grams[p][kept][:, kept], rtol=1e-4, atol=1e-5, msg=p)
     loaded, again = compress(loaded, first.params_after - 600, data, rounds=1)
     assert param_count(loaded) == again.params_after <= first.params_after - 600
+
+
+def test_rounds_calibrate_the_model_as_pruned_so_far():
+    """Every round calibrates the model at its size after the rounds before it (pruned
+    physically, not zeroed), so later rounds are cheaper; progress names the round and counts
+    all rounds' samples on one overall stage."""
+    from ecospa.coupling.calibration import causal_lm_loss as lm_loss
+
+    sizes, stages = [], {}
+
+    def loss(m, b):
+        sizes.append(param_count(m))
+        return lm_loss(m, b)
+
+    data = _tokens()
+    model, rep = compress(_llama(), 0.5, data, rounds=3, loss_fn=loss,
+                          progress=lambda stage, done, total: stages.__setitem__(stage, (done, total)))
+    seen = sorted(set(sizes), reverse=True)
+    assert len(seen) == 3 and seen[0] == rep.params_before
+    assert seen[1:] == [r.params_before for r in rep.rounds[1:]]  # round k calibrates round k-1's result
+    samples = sum(b.shape[0] for b in data)
+    assert stages["compress"] == (3 * samples, 3 * samples)
+    assert {"round 1/3 calibrate", "round 3/3 calibrate", "round 1/3 refit"} <= set(stages)

@@ -237,3 +237,20 @@ def test_plan_errors_when_applied_name_the_step(subject):
         {"step": 1, "removals": {cg[0].name: [0]}}, {"step": 2, "removals": {"h.7.attn.qk.head0": [1]}}]})
     with pytest.raises(ecospa.PlanError, match="step 1"):
         ecospa.prune(model, plan, optimizer=opt, couplings=cg)
+
+
+def test_pruning_an_emptied_coupling_says_it_has_no_units_left():
+    """A coupling emptied by a previous prune (min_units=0 allows it): asking for one of its units
+    says the coupling has no units left and what to do, not "indices are 0..-1"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    x = torch.randn(2, 4)
+    cg = ecospa.auto_couple(model, (x,))
+    c = cg[0]
+    ecospa.prune(model, {c.name: list(range(c.width))}, couplings=cg)
+    for now in (ecospa.auto_couple(model, (x,)), ecospa.remaining(cg, {c.name: list(range(c.width))})):
+        assert now[0].width == 0
+        with pytest.raises(ecospa.PlanError) as e:
+            ecospa.prune(model, {now[0].name: [0]}, couplings=now)
+        msg = str(e.value)
+        assert "0..-1" not in msg and "has no units left" in msg and "leave it out of the removal" in msg, msg

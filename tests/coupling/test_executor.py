@@ -169,6 +169,73 @@ def test_verify_passes_on_a_correct_prune_and_restores_on_a_wrong_one(monkeypatc
     _assert_unchanged(model, snap, opt)
 
 
+def test_a_rollback_gives_the_narrow_regions_back_what_they_had_built(monkeypatch):
+    """Installing the new forwards makes every narrow region forget its graphs; a transaction
+    undone afterwards gives them back (same graphs, same call counts: no rebuild on the next call)."""
+    model, inputs = build("nanogpt_block")
+    cg = ecospa.auto_couple(model, inputs)
+    first = {c: u for c, u in random_plan(cg, random.Random(7)).items() if c.kind == "qk"}
+    cg = ecospa.prune_pass(model, first, couplings=cg).couplings
+    model(*inputs)
+    before = ecospa.execution_report(model)
+    assert before and all(r.narrow_calls == 1 and r.signatures == 1 for r in before), before
+    real = execution.update_forwards
+
+    def fail_after(*args, **kw):
+        real(*args, **kw)
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr("ecospa.coupling.executor.update_forwards", fail_after)
+    with pytest.raises(RuntimeError, match="injected"):
+        ecospa.prune(model, random_plan(cg, random.Random(8)), couplings=cg)
+    assert ecospa.execution_report(model) == before
+    model(*inputs)
+    after = ecospa.execution_report(model)
+    assert [(r.narrow_calls, r.signatures) for r in after] == [(2, 1)] * len(before), after
+
+
+class _CarriesInputs(torch.nn.Module):
+    """An MLP that carries its own example inputs (as Hugging Face models do: ``dummy_inputs``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)
+        self.dummy_inputs = {"x": torch.randn(2, 4)}
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_resolve_never_captures_and_prune_finds_the_couplings_of_names_first(monkeypatch):
+    """The checks are pure: names without ``couplings=`` are refused by ``resolve``, not looked up
+    by a capture inside it; ``prune`` (the public contract) captures once, before the checks."""
+    from ecospa.coupling import discovery
+    from ecospa.coupling.executor import resolve
+
+    model = _CarriesInputs()
+    (name,) = [c.name for c in ecospa.auto_couple(model)]
+    captures = []
+    real = discovery.auto_couple
+    monkeypatch.setattr(discovery, "auto_couple", lambda *a, **k: captures.append(a) or real(*a, **k))
+    with pytest.raises(ecospa.PlanError, match="couplings="):
+        resolve(model, {name: [0]})
+    assert captures == []
+    [(cg, units)] = resolve(model, {name: [0]}, real(model))
+    assert cg is not None and [c.name for c in units] == [name] and captures == []
+    assert ecospa.prune_pass(model, {name: [0, 1]}).removed == {name: 2}
+    assert len(captures) == 1 and model.up.out_features == 6
+
+
+def test_a_plan_is_read_by_its_steps_and_anything_else_refused():
+    model, inputs = build("mlp")
+    cg = ecospa.auto_couple(model, inputs)
+    plan = ecospa.Plan((ecospa.PlanStep(0, {cg[0].name: (0,)}, widths={cg[0].name: cg[0].width}),))
+    ecospa.prune(model, plan, couplings=cg)
+    for bad in (3, [("a", [0])], ecospa.EcoSpa(build("mlp")[0], None, 0.5)):
+        with pytest.raises(ecospa.PlanError, match="a removal is a dict"):
+            ecospa.prune(model, bad, couplings=cg)
+
+
 def test_verify_needs_inputs_for_a_plain_module():
     model, inputs = build("mlp")
     c = ecospa.auto_couple(model, inputs)[0]

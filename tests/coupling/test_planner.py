@@ -272,3 +272,55 @@ def test_uniform_head_widths_keep_equal_widths_per_group():
     assert sp.done and len(sp.events) >= 2
     with pytest.raises(ecospa.ConfigError, match="head_widths"):
         ecospa.PlanConfig(head_widths="equal")
+
+
+# ----------------------------------------------------------------------------- schedule (end=...)
+
+
+def test_schedule_knobs_are_checked():
+    assert PlanConfig(end=0.5, total_steps=30).end_step == 15
+    assert PlanConfig(end=12).end_step == 12 and PlanConfig().end_step is None
+    with pytest.raises(ConfigError, match="total_steps"):
+        PlanConfig(end=0.5)  # a fraction of an unknown run
+    with pytest.raises(ConfigError, match="after start"):
+        PlanConfig(end=10, start=10)
+    with pytest.raises(ConfigError, match="after the last step"):
+        PlanConfig(end=40, total_steps=30)
+    for bad in (dict(end="half"), dict(end=0), dict(end=1.5, total_steps=9), dict(total_steps=0), dict(end=True)):
+        with pytest.raises(ConfigError):
+            PlanConfig(**bad)
+
+
+def test_schedule_target_is_cubic_from_start_to_end():
+    from ecospa.coupling.planner import schedule_target
+
+    kw = dict(start=10, end=40, dense_params=1000, target_params=400)
+    sizes = [schedule_target(t, **kw) for t in range(0, 50)]
+    assert sizes[:11] == [1000] * 11 and sizes[40:] == [400] * 10
+    assert all(a >= b for a, b in zip(sizes, sizes[1:]))  # never grows
+    assert sizes[20] == 400 + int(np.ceil(600 * (2 / 3) ** 3 - 1e-9))  # a third of the way: 70% removed
+    steps = [sizes[t] - sizes[t + 1] for t in range(10, 40)]
+    assert steps[0] > steps[-1] * 10, "the first steps remove the most"
+
+
+def test_one_scheduled_round_reaches_a_size_one_pass_cannot():
+    cs, shapes = chain([16, 16, 16, 16])
+    v = {c.name: np.linspace(0.01, 1.0, 16) for c in cs}
+    scores = {"c0": 0.1, "c1": 0.2, "c2": 0.3, "c3": 0.4}
+    cfg = PlanConfig(target=1, top_k=0.25, theta=0.9)
+    total = ParamCounter(shapes).total
+    goal = total // 2
+    one = plan_round(cs, shapes, coupling_scores=scores, unit_scores=scores_from(v), config=cfg, target_params=goal)
+    counter = ParamCounter(shapes)
+    for c in cs:
+        counter.remove(c, one.get(c.name, ()))
+    assert counter.total > goal  # the paper's round: top_k couplings, theta of their mass
+    out = plan_round(cs, shapes, coupling_scores=scores, unit_scores=scores_from(v), config=cfg, target_params=goal,
+                     passes=None)
+    counter = ParamCounter(shapes)
+    for c in cs:
+        assert len(set(out.get(c.name, ()))) == len(out.get(c.name, ())) and len(out.get(c.name, ())) <= 15
+        counter.remove(c, out.get(c.name, ()))
+    unit = max(int(c.unit_numel(shapes).max()) for c in cs)
+    assert goal - unit < counter.total <= goal  # reached, undershooting by less than one unit
+    assert set(one["c0"]) <= set(out["c0"])  # the first pass is the paper's round

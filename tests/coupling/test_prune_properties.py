@@ -1,7 +1,8 @@
 """Property tests: random removals from random models give pruned == masked dense."""
 from __future__ import annotations
 
-from hypothesis import given, note
+import pytest
+from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
 import ecospa
@@ -51,6 +52,8 @@ def test_random_mlp_stack_prune(gen, data):
     assert_pruned_equals_masked(gen.model, gen.inputs, _draw_plan(data, cg))
 
 
+@pytest.mark.slow
+@settings(max_examples=10)  # the long run of this property: python bench/fuzz.py --only prune_attention
 @given(attention_blocks(), st.data(), st.sampled_from(["ragged", "uniform"]))
 def test_random_attention_block_prune(gen, data, heads):
     """Any removal from a random attention block (ragged heads, or equal widths per head) is

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 
 import pytest
 import torch
@@ -249,3 +250,75 @@ def test_min_units_zero_may_empty_a_coupling():
     loss = model.loss(x[:, :-1], x[:, 1:])
     loss.backward()
     assert torch.isfinite(loss)
+
+
+# ----------------------------------------------------------------------------- schedule (end=...)
+
+
+def test_end_reaches_the_target_on_the_cubic_schedule():
+    """every=5 over 30 steps with end=0.5: rounds at 5, 10, 15, each down to the schedule's size;
+    at step 15 the model is at the target (today's pace would end far above it)."""
+    from ecospa.coupling.planner import schedule_target
+
+    model = tiny_gpt(torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sp = EcoSpa(model, opt, 0.5, example_inputs=example(), every=5, end=0.5, total_steps=30)
+    unit = max(int(c.unit_numel(dict(sp.couplings.shapes)).max()) for c in sp.couplings)
+    train(model, opt, sp, batches(30))
+    assert [e.step for e in sp.events] == [5, 10, 15]
+    for e in sp.events:
+        goal = schedule_target(e.step, start=0, end=15, dense_params=sp.dense_params, target_params=sp.target_params)
+        assert goal - unit < e.params_after <= goal, (e.step, e.params_after, goal)
+    assert sp.done and sp.target_params - unit < sp.num_params <= sp.target_params
+    # the first round removes the most: most steps run on the small model
+    removed = [e.params_before - e.params_after for e in sp.events]
+    assert removed[0] > removed[1] > removed[2]
+    # a round is forced at end even when every does not land on it
+    model = tiny_gpt(torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sp = EcoSpa(model, opt, 0.5, example_inputs=example(), every=4, end=6)
+    train(model, opt, sp, batches(8))
+    assert [e.step for e in sp.events] == [4, 6] and sp.done
+
+
+def test_a_run_that_ends_above_its_target_warns_with_how_far():
+    model = tiny_gpt(torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sp = EcoSpa(model, opt, 0.5, example_inputs=example(), every=5, total_steps=10, top_k=0.1)
+    with pytest.warns(ecospa.EcospaWarning, match=r"above its target .* by [\d,]+ \([\d.]+% of the dense"):
+        train(model, opt, sp, batches(10))
+    assert not sp.done
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sp.finish()  # warned once already
+    # a run that reaches its target does not warn
+    model = tiny_gpt(torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sp = EcoSpa(model, opt, 0.5, example_inputs=example(), every=5, end=10, total_steps=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(model, opt, sp, batches(10))
+        assert sp.finish()["reached"]
+
+
+def test_summary_reports_peak_and_mean_training_state_bytes():
+    model = tiny_gpt(torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sp = EcoSpa(model, opt, 0.5, example_inputs=example(), every=3, end=6)
+    train(model, opt, sp, batches(12))
+    s = sp.summary()["state_bytes"]
+    fp32, tensors = 4, len(list(model.parameters()))
+
+    def expected(n_params):  # weights + grads + AdamW exp_avg, exp_avg_sq (fp32) + a scalar step each
+        return n_params * fp32 * 4 + tensors * fp32
+
+    assert s["initial"] == s["peak"] == expected(sp.dense_params)  # at step 1, before any round
+    assert s["final"] == expected(sp.num_params) == sp.state_bytes()
+    assert s["final"] < s["mean"] < s["peak"] and s["final"] <= s["time_mean"] < s["peak"]
+    assert "peak" in sp.report() and "mean" in sp.report()
+    # the accounting survives a resume
+    state = sp.state_dict()
+    fresh = tiny_gpt(torch.float32)
+    sp2 = EcoSpa(fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-3), 0.5, example_inputs=example(), every=3, end=6)
+    sp2.load_state_dict(state)
+    assert sp2.summary()["state_bytes"]["peak"] == s["peak"] and sp2.summary()["steps"] == 12

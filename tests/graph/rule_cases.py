@@ -93,6 +93,43 @@ def _sdpa_attn(q, k, v):
     return _merge(F.scaled_dot_product_attention(_split(q), _split(k), _split(v)))
 
 
+def _kv_append_attn(q, k, v):
+    """SDPA over keys/values appended to a cache's past (ecospa::kv_append, as a cached call's
+    capture holds it); the past is zeros here, with the dense widths."""
+    from ecospa.coupling.narrow.cached import kv_append  # noqa: F401  (registers ecospa::kv_append)
+
+    q, k, v = _split(q), _split(k), _split(v)
+    past = torch.zeros(k.shape[0], 2, 2, 4)
+    k, v = torch.ops.ecospa.kv_append(past, k), torch.ops.ecospa.kv_append(past, v)
+    return _merge(F.scaled_dot_product_attention(q, k, v))
+
+
+def _softcap(score, b, h, q_idx, kv_idx):  # a score_mod: scalar scores and indices only
+    return torch.tanh(score / 4) * 4
+
+
+class FlexCore(nn.Module):
+    """FlexAttention (2 heads of 4) with a causal block mask and a soft-cap score_mod; with
+    ``capture``, the score_mod also reads the q tensor itself (its channels enter the scores)."""
+
+    def __init__(self, capture=False, t=3):
+        super().__init__()
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        self.mask = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, t, t, device="cpu")
+        self.capture = capture
+
+    def forward(self, q, k, v):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        q, k, v = _split(q), _split(k), _split(v)
+        mod = _softcap
+        if self.capture:
+            def mod(score, b, h, q_idx, kv_idx):
+                return score + q[b, h, q_idx, 0]
+        return _merge(flex_attention(q, k, v, score_mod=mod, block_mask=self.mask))
+
+
 class WeightProduct(nn.Module):
     """A linear-like module written with another product op: ``how(x, w, b)``, weight (D, HID)."""
 
@@ -320,6 +357,12 @@ CASES: dict[str, Case] = {
     "matmul": Case(lambda: (ProductPair(_matmul), _x()), True, "ffn", param="a.w", dim=1),
     "sdpa_qk": attn(_sdpa_attn),
     "sdpa_vo": attn(_sdpa_attn, "v.weight", "vo"),
+    "flex_attention_qk": Case(lambda: (Attn(FlexCore()), _x()), True, "qk", param="q.weight"),
+    "flex_attention_vo": Case(lambda: (Attn(FlexCore()), _x()), True, "vo", param="v.weight"),
+    "flex_attention_captures_q": Case(lambda: (Attn(FlexCore(capture=True)), _x()), False,
+                                      reason="captured by the score_mod of flex_attention", param="q.weight"),
+    "kv_append_qk": attn(_kv_append_attn),
+    "kv_append_vo": attn(_kv_append_attn, "v.weight", "vo"),
     "bmm_qk": attn(_bmm_attn),
     "bmm_vo": attn(_bmm_attn, "v.weight", "vo"),
     "baddbmm_qk": attn(_baddbmm_attn),
@@ -333,4 +376,9 @@ CASES: dict[str, Case] = {
     "grouped_mm_experts": Case(lambda: (Experts(torch._grouped_mm, torch.bfloat16, 16), (_x(6, D)[0].to(torch.bfloat16),)), True,
                                "linear", tol=1e-2),
     "grouped_mm_fallback_experts": Case(lambda: (Experts(_fallback_grouped_mm), _x(6, D)), True, "linear"),
+    # where / masked_fill in the overloads ATen does not tag pointwise (a Python scalar, a 0-d mask value)
+    "where_scalar_other": ok(lambda h: torch.where(h > 0, h, 0.0), "ffn"),
+    "masked_fill_tensor_value": ok(lambda h: h.masked_fill(h < 0, torch.tensor(0.0)), "ffn"),
+    # an in-place write into a tensor of fixed width (created in the forward): followed, not exact
+    "copy_into_fresh_tensor": bad(lambda h: torch.zeros_like(h).copy_(h), "written into"),
 }

@@ -58,8 +58,12 @@ def test_first_forward_inputs_are_recorded_detached_and_the_hook_removed():
     assert len(model._forward_pre_hooks) == 0
     (got,), kwargs = sp.inputs
     assert torch.equal(got, x) and got is not x and kwargs == {}
+    assert not sp.ready and not sp.done
+    for attr in ("couplings", "importance", "target_params", "dense_widths"):  # reading never captures
+        with pytest.raises(EcospaError, match=r"sp\.capture\(\)"):
+            getattr(sp, attr)
     assert not sp.ready
-    assert len(sp.couplings) > 0 and sp.ready  # captured on first use
+    assert len(sp.capture()) > 0 and sp.ready and sp.couplings is sp.capture()
 
 
 def test_recorded_inputs_hold_no_autograd_graph():
@@ -71,7 +75,7 @@ def test_recorded_inputs_hold_no_autograd_graph():
     body(h).sum().backward()
     (rec,), _ = sp.inputs
     assert rec.grad_fn is None and not rec.requires_grad
-    assert [c.kind for c in sp.couplings] == ["ffn"]
+    assert [c.kind for c in sp.capture()] == ["ffn"]
 
 
 @pytest.mark.parametrize("opt_kind", ["adamw", "sgd"])
@@ -116,7 +120,7 @@ def test_positional_and_keyword_inputs_are_bound_by_name():
     m = Gated()
     sp = ecospa.EcoSpa(m, None, 0.5)
     m(torch.randn(2, 6), scale=torch.tensor(2.0))
-    assert [c.kind for c in sp.couplings] == ["ffn"]
+    assert [c.kind for c in sp.capture()] == ["ffn"]
 
 
 def test_explicit_capture_and_saved_inputs_restore_a_fresh_model(tmp_path):

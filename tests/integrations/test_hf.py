@@ -99,7 +99,7 @@ def test_trainer_prunes_llama_with_its_own_optimizer(tmp_path):  # GPT-2: the re
 
 def test_rebuilt_optimizer_is_followed(tmp_path):
     model = gpt2()
-    cb = EcoSpaCallback(target=0.5, every=2, top_k=0.5, theta=0.8)
+    cb = EcoSpaCallback(target=0.5, every=2, top_k=0.5, theta=0.8, end=None)  # Algorithm 1's pace: not done at 4
     t = trainer(model, tmp_path, cb, max_steps=4, save_strategy="no")
     t.train()
     first_opt, rounds = cb.sp.optimizer, len(cb.sp.events)
@@ -110,9 +110,10 @@ def test_rebuilt_optimizer_is_followed(tmp_path):
     assert_optimizer_follows(model, t.optimizer)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", [gpt2, PlainLM], ids=["gpt2", "plain_module"])
 def test_resume_mid_pruning_replays_the_plan_and_matches(build, tmp_path):
-    kw = dict(target=0.5, every=2, top_k=0.5, theta=0.8)
+    kw = dict(target=0.5, every=2, top_k=0.5, theta=0.8, end=1.0)  # the schedule ends at the last step
     model = build()
     dense = sum(p.numel() for p in model.parameters())
     cb = EcoSpaCallback(**kw)
@@ -137,3 +138,22 @@ def test_resume_mid_pruning_replays_the_plan_and_matches(build, tmp_path):
     diff = max(float((want[n] - got[n]).abs().max()) for n in want)
     print(f"max abs diff resumed vs uninterrupted: {diff:.3e}")
     assert diff < 1e-5, diff
+
+
+def test_the_trainers_max_steps_sets_the_schedule_and_a_short_run_warns(tmp_path):
+    """target=0.5, every=5 over 30 steps: the callback reads max_steps and reaches the target by
+    step 15 (halfway); with end=None (Algorithm 1's own pace) the run ends above the target and
+    says so with an EcospaWarning."""
+    import ecospa
+
+    model = gpt2()
+    cb = EcoSpaCallback(target=0.5, every=5)
+    trainer(model, tmp_path / "a", cb, max_steps=30, save_strategy="no").train()
+    assert cb.sp.config.total_steps == 30 and cb.sp.config.end_step == 15
+    assert cb.sp.done and max(e.step for e in cb.sp.events) <= 15
+    assert cb.sp.summary()["state_bytes"]["mean"] < cb.sp.summary()["state_bytes"]["peak"]
+    model = gpt2()
+    cb = EcoSpaCallback(target=0.5, every=5, end=None, top_k=0.1)
+    with pytest.warns(ecospa.EcospaWarning, match="above its target"):
+        trainer(model, tmp_path / "b", cb, max_steps=10, save_strategy="no").train()
+    assert not cb.sp.done

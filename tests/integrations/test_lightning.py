@@ -56,7 +56,7 @@ def params(m):
 
 
 def test_lightning_prunes_and_resumes_mid_pruning(tmp_path):
-    kw = dict(target=0.5, module="net", every=2, top_k=0.5, theta=0.8)
+    kw = dict(target=0.5, module="net", every=2, top_k=0.5, theta=0.8, end=1.0)  # schedule over the whole run
     model = LitGPT()
     dense = sum(p.numel() for p in model.parameters())
     cb = EcoSpaLightningCallback(**kw)
@@ -84,3 +84,11 @@ def test_gradient_accumulation_steps_once_per_optimizer_step(tmp_path):
     cb = EcoSpaLightningCallback(target=0.5, module="net", every=1000)
     fit(tmp_path, cb, LitGPT(), epochs=1, accumulate=2)
     assert cb.sp.steps == 2  # 4 batches, 2 optimizer steps
+
+
+def test_max_steps_sets_the_schedule(tmp_path):
+    """max_epochs=2 over 4 batches: Lightning's estimated 8 steps, the target by step 4."""
+    cb = EcoSpaLightningCallback(target=0.5, module="net", every=2)
+    fit(tmp_path, cb, LitGPT(), epochs=2)
+    assert cb.sp.config.total_steps == 8 and cb.sp.config.end_step == 4
+    assert cb.sp.done and max(e.step for e in cb.sp.events) <= 4

@@ -5,19 +5,25 @@
 with a new signature captures the *dense* module for it (``record.dense_view`` + ``torch.export``,
 shared between structurally identical modules), rewrites the graph to the kept widths
 (``layout.analyse`` + ``rewrite.rewrite``) and checks it once against the exact fallback on the
-call's own inputs. Later calls with that signature run the narrow graph; everything else (a call
-with a KV cache object, an op without a narrow rule, a failed check) runs the fallback: the
-module's own forward over scatter adapters, exact but at the dense head width. Nothing is
-silent: :meth:`RegionForward.report` says, per signature, which path runs and why.
+call's own inputs. Later calls with that signature (and the module state the capture read, see
+program.py's table of guards) run the narrow graph. A call with a KV cache object runs a graph
+that reads and writes the cache at the kept widths (``cached``), else the fallback with the cache
+stored narrow (``kvcache``). Everything else (an op without a narrow rule, a failed check, a
+graph that fails later) runs the fallback: the module's own forward over scatter adapters, exact
+but at the dense head width. Layouts are tried as a ladder (:data:`LADDER`); each refusal has a
+kind (:class:`Refusal`). Nothing is silent: :meth:`RegionForward.report` says, per signature,
+which path runs, which rung built it and why.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -26,14 +32,16 @@ import torch.utils._pytree as pytree
 from ecospa.coupling.narrow.groups import GroupSum, head_groups, output_biases
 from ecospa.coupling.narrow.kvcache import KVNarrower, find_cache
 from ecospa.coupling.narrow.layout import analyse
-from ecospa.coupling.narrow.program import CallNotServable, Program, Signature, export_call, signature
+from ecospa.coupling.narrow.program import (MISSING, CallNotServable, Program, Signature, export_call, getter,
+                                            placeholder_feeds, plain_output, signature)
 from ecospa.coupling.narrow.rewrite import rewrite
 from ecospa.coupling.narrow.rules import NarrowError
 from ecospa.coupling.record import EcospaForward, dense_view, param_records
+from ecospa.errors import EcospaWarning
 from ecospa.graph.capture import Captured
 from ecospa.graph.flow import propagate
 
-__all__ = ["RegionForward", "ProgramCache", "Entry"]
+__all__ = ["RegionForward", "ProgramCache", "Entry", "Refusal", "Strategy", "LADDER", "verify_narrow_calls"]
 
 log = logging.getLogger("ecospa")
 
@@ -50,20 +58,87 @@ class ProgramCache:
         self.programs: dict[tuple, list[Program]] = {}
 
     def key(self, module: nn.Module, sig: Signature) -> tuple:
-        shapes = tuple((n, tuple(r.dense_shape)) for n, r in sorted(param_records(module).items()))
-        own = tuple((n, tuple(p.shape)) for n, p in module.named_parameters())
-        return (type(module), shapes, own, sig)
+        """Class, *dense* parameter shapes and signature: a capture of the dense view does not
+        depend on the widths kept, so pruning again never exports again."""
+        records = param_records(module)
+        dense = tuple((n, tuple(records[n].dense_shape) if n in records else tuple(p.shape))
+                      for n, p in module.named_parameters())
+        return (type(module), dense, sig)
+
+
+class Refusal:
+    """Why a call runs the fallback: the kind of each reason (tests and retries read the kind,
+    never the text)."""
+
+    UNSERVABLE = "unservable"  # the call cannot be a graph (Python-side state, export failed)
+    SPECIALISED = "specialised"  # the capture specialised on something this call does not match
+    NO_RULE = "no-rule"  # an op without a narrow rule, or a layout the rules cannot express
+    BUG = "bug"  # building the narrow graph raised: a bug in a narrow rule
+    MISMATCH = "mismatch"  # the narrow graph was checked against the exact path and differed
+    VERIFY = "verify"  # under verify, a later call of the signature differed
+    LIMIT = "limit"  # too many shape variants
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One rung of the ladder of layouts a narrow graph is built with, tried in order until one
+    builds and checks: heads whose units all went are left out (``drop``) where the graph allows
+    it, and the projections of ragged heads run at their exact kept widths with only the head
+    views padded (``exact``); each later rung pads more (the weights too, then every head)."""
+
+    name: str
+    drop: bool
+    exact: bool
+
+    def redundant(self, prev) -> str | None:
+        """Why this rung would build the same layout as the previous one (then it is skipped)."""
+        if prev is None:
+            return None
+        strategy, layout = prev
+        if not self.drop and strategy.drop and not layout.dropped:
+            return "same layout: no head was left out"
+        if not self.exact and strategy.exact and not layout.problem and layout.padded == {}:
+            return "same layout: nothing ran at exact widths"
+        return None
+
+
+LADDER = (Strategy("dropped-heads exact-projections", True, True), Strategy("dropped-heads padded", True, False),
+          Strategy("kept-heads exact-projections", False, True), Strategy("kept-heads padded", False, False))
 
 
 @dataclass
 class Entry:
-    """One shape variant of one signature: its dense program and narrow graph, or why not."""
+    """One shape variant of one signature: its dense program and narrow graph, or why not.
+
+    ``state`` holds, per module attribute the capture read, ``(attribute dict, name, kind, value,
+    version)`` as the live module had them when the entry was built: the entry serves only calls
+    made while they are unchanged (see program.py's table of guards)."""
 
     program: Program | None
     gm: torch.fx.GraphModule | None = None
     reason: str | None = None
     calls: int = 0
     feeds: list = field(default_factory=list)  # per placeholder before the inputs: a getter
+    refusal: str | None = None  # a Refusal kind when gm is None
+    state: tuple = ()
+    buffers: tuple = ()  # (getter, shape) of every buffer the graph reads
+    verified: set = field(default_factory=set)  # input shapes checked under verify
+    strategy: str | None = None  # the LADDER rung (or "grouped") that built gm
+    tried: tuple = ()  # (strategy, Refusal kind or why skipped) of the rungs before it
+
+    def state_ok(self) -> bool:
+        """True while the module attributes and buffer shapes the capture depends on are unchanged."""
+        for d, name, kind, value, version in self.state:
+            v = d.get(name, MISSING)
+            if kind == "tensor":
+                if v is not value or v._version != version:
+                    return False
+            elif v is not value and (type(v) is not type(value) or v != value):
+                return False
+        for get, shape in self.buffers:
+            if get().shape != shape:
+                return False
+        return True
 
 
 def _random(program: Program) -> bool:
@@ -83,6 +158,7 @@ def _random(program: Program) -> bool:
 def _tensors(out) -> list[torch.Tensor]:
     if hasattr(out, "to_tuple"):
         out = out.to_tuple()
+    out, _ = plain_output(out)
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
@@ -128,12 +204,14 @@ class RegionForward(EcospaForward):
         self.couplings: frozenset[str] = frozenset()  # names of the pruned couplings it runs
         self._subtree: list[nn.Module] | None = None
         self._kv: KVNarrower | None = None
+        self.verify_calls = False  # prune(..., verify=True): check every new input shape once
+        self._flows: dict[int, tuple] = {}  # id(dense graph) -> (graph, its label flow)
 
     @property
     def kv(self) -> KVNarrower:
         """Stores the KV cache of calls that run the fallback at the kept widths (``kvcache``)."""
         if self._kv is None:
-            self._kv = KVNarrower(self.module, self._fallback)
+            self._kv = KVNarrower(self.module, self.run_fallback)
         return self._kv
 
     @property
@@ -144,12 +222,32 @@ class RegionForward(EcospaForward):
         return self._subtree
 
     # ----------------------------------------------------------------- bookkeeping
-    def invalidate(self) -> None:
-        """Forget the narrow graphs (the pruned state changed); dense captures are kept."""
-        self.entries.clear()
-        self.refused.clear()
-        if self._kv is not None:
-            self._kv.reset()
+    def invalidate(self) -> Callable[[], None]:
+        """Forget the narrow graphs (the pruned state changed); dense captures are kept.
+
+        Returns:
+            a function that gives back what was forgotten (the graphs, the call counts and the KV
+            layouts): :meth:`Transaction.invalidate <ecospa.coupling.execution.Transaction.invalidate>`
+            logs it, so that a rollback to the old widths finds the graphs built for them.
+        """
+        entries, refused = self.entries, self.refused
+        self.entries, self.refused = {}, Counter()
+        kv = self._kv
+        layouts = dict(kv.layouts) if kv is not None else None
+        if kv is not None:
+            kv.reset()
+
+        def restore() -> None:
+            self.entries, self.refused, self._kv = entries, refused, kv
+            if kv is not None:
+                kv.layouts.clear()
+                kv.layouts.update(layouts)
+        return restore
+
+    def kv_summary(self) -> str | None:
+        """How calls with a KV cache stored it (one line for ``execution_report``), or None
+        before any such call."""
+        return self._kv.describe() if self._kv is not None else None
 
     def __deepcopy__(self, memo):
         """A copy for the copied module, without the narrow graphs (rebuilt at its first calls)."""
@@ -162,56 +260,104 @@ class RegionForward(EcospaForward):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.update(entries={}, refused=Counter(), cache=ProgramCache(), _subtree=None, _kv=None)
+        state.update(entries={}, refused=Counter(), cache=ProgramCache(), _subtree=None, _kv=None, _flows={})
         return state
 
     def report(self) -> list[dict[str, Any]]:
         """Per signature seen: ``{"path": "narrow" | "fallback", "reason", "calls"}``."""
-        rows = [{"path": "narrow" if e.gm is not None else "fallback", "reason": e.reason, "calls": e.calls}
+        rows = [{"path": "narrow" if e.gm is not None else "fallback", "reason": e.reason, "calls": e.calls,
+                 "kind": e.refusal, "strategy": e.strategy, "tried": e.tried}
                 for es in self.entries.values() for e in es]
-        rows += [{"path": "fallback", "reason": r, "calls": n} for r, n in self.refused.items()]
+        rows += [{"path": "fallback", "reason": r, "calls": n, "kind": Refusal.UNSERVABLE}
+                 for r, n in self.refused.items()]
         return rows
 
     # ----------------------------------------------------------------- calls
-    def _fallback(self, *args, **kwargs):
+    def run_fallback(self, *args, **kwargs):
+        """The exact path: the module's own forward over the scatter adapters (dense head width)."""
         if self.fallback is not None:
             return self.fallback(*args, **kwargs)
         return type(self.module).forward(self.module, *args, **kwargs)
 
     def __call__(self, *args, **kwargs):
         if torch.compiler.is_compiling():
-            return self._fallback(*args, **kwargs)
+            return self.run_fallback(*args, **kwargs)
+        cache = find_cache(args, kwargs)
+        if cache is not None:  # (checked first: a decode step computes its signature once)
+            return self._cached_call(cache, args, kwargs)
         try:
-            sig, tensors = signature(self._mods, args, kwargs)
+            sig, tensors = signature(self._mods, args, kwargs, hooks=self._mods[1:])
         except CallNotServable as e:
             self.refused[str(e)] += 1
-            cache = find_cache(args, kwargs)
-            if cache is not None:
-                return self.kv(cache, args, kwargs)
-            return self._fallback(*args, **kwargs)
+            return self.run_fallback(*args, **kwargs)
         entry = self._entry(sig, tensors, args, kwargs)
         if entry is None or entry.gm is None:
             if entry is not None:
                 entry.calls += 1
-            return self._fallback(*args, **kwargs)
-        entry.calls += 1
+            return self.run_fallback(*args, **kwargs)
+        if self.verify_calls and not self._verified(entry, sig, tensors, args, kwargs):
+            entry.calls += 1
+            return self.run_fallback(*args, **kwargs)
         feeds = [f() for f in entry.feeds]
-        out = entry.gm(*feeds, *tensors)
-        return pytree.tree_unflatten(list(out), entry.program.out_spec)
+        try:
+            out = entry.gm(*feeds, *tensors)
+        except Exception as e:  # a graph that cannot run this call must cost speed, never the forward
+            entry.gm, entry.refusal = None, Refusal.BUG
+            entry.reason = f"the narrow graph failed on a later call: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            log.warning("ecospa: %s: %s; it runs on the exact fallback from now on. Please report this with "
+                        "the model.", self.path or "<root>", entry.reason)
+            entry.calls += 1
+            return self.run_fallback(*args, **kwargs)
+        entry.calls += 1
+        return entry.program.output(out)
+
+    def _verified(self, entry: Entry, sig: Signature, tensors, args, kwargs) -> bool:
+        """Under ``verify``: the first call of every new input shape served by ``entry`` is
+        compared with the exact path; a mismatch sends the entry to the fallback for good (with
+        a warning) instead of returning a wrong result."""
+        key = tuple(tuple(t.shape) for t in tensors)
+        if key in entry.verified:
+            return True
+        problem = self._compare(entry, tensors, args, kwargs)
+        if problem is None:
+            entry.verified.add(key)
+            return True
+        entry.gm, entry.refusal = None, Refusal.VERIFY
+        entry.reason = f"verify: a call of shapes {list(key)} differed from the exact path: {problem}"
+        warnings.warn(f"ecospa: {self.path or '<root>'}: {entry.reason}; it runs on the exact fallback from now "
+                      "on. Please report this with the model.", EcospaWarning, stacklevel=3)
+        return False
+
+    def _cached_call(self, cache, args, kwargs):
+        """A call with a KV cache object: a narrow graph that reads and writes the cache at the
+        kept widths (``cached``), else the fallback with the cache stored narrow (``kvcache``)."""
+        from ecospa.coupling.narrow.cached import CachedGraphs, NotServed, RegionParts
+
+        kv = self.kv
+        if kv.graphs is None:
+            kv.graphs = CachedGraphs(self, kv, RegionParts(self.run_fallback, self._mods, self._state, _close, _random,
+                                                           _outside_inference_mode))
+        try:
+            return kv.graphs(cache, args, kwargs)
+        except NotServed as e:
+            self.refused[str(e)] += 1
+        return kv(cache, args, kwargs)
 
     def _entry(self, sig: Signature, tensors, args, kwargs) -> Entry | None:
         variants = self.entries.setdefault(sig, [])
         for v in variants:
-            if v.program is None or v.program.guard(tensors):
+            if v.program is None or (v.program.guard(tensors) and v.state_ok()):
                 return v
         if len(variants) >= MAX_VARIANTS:
-            self.refused[f"more than {MAX_VARIANTS} shape variants of one signature"] += 1
+            self.refused[f"more than {MAX_VARIANTS} shape variants or module states of one signature"] += 1
             return None
         with _outside_inference_mode(tensors, args, kwargs) as (tensors, args, kwargs):
             entry = self._build(sig, tensors, args, kwargs, shared=True)
-            if entry.gm is None and entry.program is not None and entry.reason and "differ" in entry.reason:
+            if entry.refusal == Refusal.MISMATCH and entry.program is not None and entry.program.shared:
                 entry = self._build(sig, tensors, args, kwargs, shared=False)  # a twin's capture misled
         variants.append(entry)
+        if entry.gm is not None and self.check:
+            entry.verified.add(tuple(tuple(t.shape) for t in tensors))  # checked while it was built
         if entry.gm is None:
             log.info("ecospa: %s runs on the exact fallback for this call: %s", self.path or "<root>", entry.reason)
         return entry
@@ -219,9 +365,13 @@ class RegionForward(EcospaForward):
     def _program(self, sig: Signature, tensors, shared: bool) -> Program:
         key = self.cache.key(self.module, sig)
         if shared:
-            for p in self.cache.programs.get(key, ()):
-                if p.guard(tensors) and not any(k[0] == "const" for k in p.kinds):
-                    return p
+            found = [p for p in self.cache.programs.get(key, ())
+                     if p.guard(tensors) and not any(k[0] == "const" for k in p.kinds)]
+            if found:
+                with dense_view(self.module):
+                    for p in found:
+                        if p.fits_module(self.module):
+                            return dataclasses.replace(p, shared=True)
         with dense_view(self.module):
             program = export_call(self.module, sig, tensors)
         self.cache.programs.setdefault(key, []).append(program)
@@ -231,60 +381,57 @@ class RegionForward(EcospaForward):
         try:
             program = self._program(sig, tensors, shared)
         except CallNotServable as e:
-            return Entry(None, reason=str(e))
+            return Entry(None, reason=str(e), refusal=Refusal.UNSERVABLE)
         if not program.guard(tensors):
-            return Entry(None, reason="the capture specialised a dimension these inputs do not match")
+            return Entry(None, reason="the capture specialised a dimension these inputs do not match",
+                         refusal=Refusal.SPECIALISED)
+        state, buffers = self._state(program)
         kept = {n: dict(r.kept) for n, r in param_records(self.module).items()}
-        placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
-        params, consts, feeds = {}, {}, []
-        for node, kind in zip(placeholders, program.kinds):
-            if kind[0] == "param":
-                params[node.name] = kind[1]
-                feeds.append(_getter(self.module, "_parameters", kind[1]))
-            elif kind[0] == "buffer":
-                consts[node.name] = self.module.get_buffer(kind[1])
-                feeds.append(_getter(self.module, "_buffers", kind[1]))
-            elif kind[0] == "const":
-                consts[node.name] = kind[1]
-                dev = tensors[0].device if tensors else None
-                value = kind[1].to(dev) if dev is not None else kind[1]
-                feeds.append(lambda v=value: v)
+        params, consts, feeds = placeholder_feeds(program, self.module, tensors[0].device if tensors else None)
         captured = Captured(graph=program.graph, params=params, buffers=consts, shapes=program.shapes)
-        flow = propagate(captured)  # the labels depend on the graph only: one analysis for every layout
+        # the labels depend on the dense graph only: one analysis for every layout and every later
+        # round of pruning (a new set of widths rewrites the same graph)
+        flow = self._flows.get(id(program.graph))
+        if flow is None or flow[0] is not program.graph:
+            flow = self._flows[id(program.graph)] = (program.graph, propagate(captured))
+        flow = flow[1]
         grouped = self._grouped(program, captured, flow, kept, consts, feeds, sig, tensors, args, kwargs)
         if grouped is not None:
             return grouped
-        entry, dropped = None, True
-        # heads whose units all went are left out where the graph allows it, and the projections
-        # of ragged heads run at their exact widths (only the head views padded); if a layout
-        # cannot be built or checked, the next one pads more: the weights too, then every head
-        for drop, exact in ((True, True), (True, False), (False, True), (False, False)):
-            if not drop and not dropped:
-                break  # the first layouts left nothing out: the others would fail the same way
-            if not exact and not layout.problem and layout.padded == {}:
-                continue  # nothing ran at exact widths: the all-padded layout is the same one
-            layout = analyse(captured, kept, pad_multiple=self.pad_multiple, drop_blocks=drop,
-                             exact_flat=exact, flow=flow)
-            if drop:
-                dropped = layout.dropped
+        entry, prev, tried = None, None, []
+        for strategy in LADDER:
+            skip = strategy.redundant(prev)
+            if skip:
+                tried.append((strategy.name, skip))
+                continue
+            layout = analyse(captured, kept, pad_multiple=self.pad_multiple, drop_blocks=strategy.drop,
+                             exact_flat=strategy.exact, flow=flow)
+            prev = (strategy, layout)
             try:
                 gm = rewrite(program, layout, kept, consts)
             except NarrowError as e:
-                entry = Entry(program, reason=str(e))
+                entry = Entry(program, reason=str(e), refusal=Refusal.NO_RULE)
+                tried.append((strategy.name, Refusal.NO_RULE))
                 continue
             except Exception as e:  # a bug in a narrow rule must cost speed, never the forward
-                entry = Entry(program, reason=f"building the narrow graph failed: {type(e).__name__}: {e}")
+                entry = Entry(program, reason=f"building the narrow graph failed: {type(e).__name__}: {e}",
+                              refusal=Refusal.BUG)
+                tried.append((strategy.name, Refusal.BUG))
                 continue
             if tensors:
                 gm = gm.to(tensors[0].device)
-            entry = Entry(program, gm, feeds=feeds)
+            entry = Entry(program, gm, feeds=feeds, state=state, buffers=buffers, strategy=strategy.name,
+                          tried=tuple(tried))
             if self.check:
                 problem = self._check(entry, sig, tensors, args, kwargs)
                 if problem:
-                    entry = Entry(program, reason=f"checked against the exact path: {problem}")
+                    entry = Entry(program, reason=f"checked against the exact path: {problem}",
+                                  refusal=Refusal.MISMATCH, state=state, buffers=buffers)
+                    tried.append((strategy.name, Refusal.MISMATCH))
                     continue
             return entry
-        if entry.reason.startswith("building the narrow graph failed"):
+        entry = dataclasses.replace(entry, tried=tuple(tried))
+        if entry.refusal == Refusal.BUG:
             log.warning("ecospa: %s of %s; it runs on the exact fallback. Please report this with the model.",
                         entry.reason, self.path or "<root>")
         return entry
@@ -314,10 +461,24 @@ class RegionForward(EcospaForward):
             return None
         if tensors:
             gm = gm.to(tensors[0].device)
-        entry = Entry(program, gm, feeds=feeds)
+        state, buffers = self._state(program)
+        entry = Entry(program, gm, feeds=feeds, state=state, buffers=buffers, strategy="grouped")
         if self.check and self._check(entry, sig, tensors, args, kwargs):
             return None
         return entry
+
+    def _state(self, program: Program) -> tuple[tuple, tuple]:
+        """What an entry of ``program`` on this module guards: the live values of the attributes
+        the capture read and the shapes of the buffers the graph reads."""
+        buffers = tuple((getter(self.module, "_buffers", n), torch.Size(shape))
+                        for n, shape in program.buffer_shapes.items())
+        if program.reads is None:
+            return (), buffers
+        mods = dict(self.module.named_modules(remove_duplicate=False))
+        state = []
+        for path, name, kind, value, version in program.reads.values(self.module):
+            state.append((mods[path].__dict__, name, kind, value, version))
+        return tuple(state), buffers
 
     def _check(self, entry: Entry, sig, tensors, args, kwargs) -> str | None:
         """Compare the narrow graph with the fallback on this call's inputs (no gradients). A graph
@@ -327,21 +488,37 @@ class RegionForward(EcospaForward):
             try:
                 for m in self._mods:
                     m.training = False
-                sig_eval, _ = signature(self._mods, args, kwargs)
+                sig_eval, _ = signature(self._mods, args, kwargs, hooks=self._mods[1:])
                 twin = self._build(sig_eval, tensors, args, kwargs, shared=True)
                 self.entries.setdefault(sig_eval, []).append(twin)
                 return twin.reason if twin.gm is None else None
             finally:
                 for m, t in zip(self._mods, modes):
                     m.training = t
+        return self._compare(entry, tensors, args, kwargs)
+
+    def _compare(self, entry: Entry, tensors, args, kwargs) -> str | None:
+        """The narrow graph against the fallback on this call's inputs (no gradients); None when
+        they agree."""
         with torch.no_grad():
             feeds = [f() for f in entry.feeds]
             try:
-                got = pytree.tree_unflatten(list(entry.gm(*feeds, *tensors)), entry.program.out_spec)
+                got = entry.program.output(entry.gm(*feeds, *tensors))
             except Exception as e:  # a wrong narrow graph must cost speed, never a forward
                 return f"the narrow graph failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            want = self._fallback(*args, **kwargs)
+            want = self.run_fallback(*args, **kwargs)
         return _close(got, want)
+
+
+def verify_narrow_calls(model: nn.Module, on: bool = True) -> None:
+    """Make every installed :class:`RegionForward` of ``model`` compare the first call of each new
+    input shape it serves with the exact path (``prune(..., verify=True)``)."""
+    from ecospa.coupling.record import installed_forward
+
+    for m in model.modules():
+        fwd = installed_forward(m)
+        if isinstance(fwd, RegionForward):
+            fwd.verify_calls = on
 
 
 @contextlib.contextmanager
@@ -356,12 +533,4 @@ def _outside_inference_mode(tensors, args, kwargs):
     with torch.inference_mode(False), torch.no_grad():
         yield pytree.tree_map_only(torch.Tensor, lambda t: t.clone() if t.is_inference() else t,
                                    (tensors, args, kwargs))
-
-
-def _getter(root: nn.Module, store: str, name: str):
-    """A function returning ``root``'s parameter or buffer ``name`` as it is when called."""
-    path, _, attr = name.rpartition(".")
-    owner = root.get_submodule(path) if path else root
-    table = getattr(owner, store)
-    return lambda: table[attr]
 

@@ -23,7 +23,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from ecospa.coupling.narrow.layout import _blocked, _channel_dim, _rows, kept_labels, part_dims
+from ecospa.coupling.narrow.layout import blocked_factors, channel_dim, factor_rows, kept_labels, part_dims
 from ecospa.graph.capture import Captured
 from ecospa.graph.flow import propagate
 
@@ -61,9 +61,9 @@ def head_groups(captured: Captured, kept: Mapping[str, Mapping[int, np.ndarray]]
     np.logical_and.at(kept_comp, comp, keep_lab)
     uf = _UF()
     rows_of: list[tuple[int, dict]] = []  # per blocked factor: (factor id, {head key: kept count})
-    for fi, f in enumerate(_blocked(flow)):
-        n = _channel_dim(f, comp)
-        rows, sel = _rows(f, n)
+    for fi, f in enumerate(blocked_factors(flow)):
+        n = channel_dim(f, comp)
+        rows, sel = factor_rows(f, n)
         c = np.where(rows >= 0, comp[np.maximum(rows, 0)], -1)
         parts = part_dims(f, comp, sel)
         blocks = [d for d in sel if d not in parts]

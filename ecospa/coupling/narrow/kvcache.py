@@ -1,4 +1,9 @@
-"""KV caches at the kept widths, for calls the narrow graph cannot serve (``generate()``).
+"""KV caches at the kept widths, for calls with a cache that no narrow graph serves.
+
+Calls with a ``DynamicCache`` run narrow graphs that read and write the cache at the kept widths
+(``cached``); this module covers the rest (a ``StaticCache``, sliding-window or encoder-decoder
+caches, a failed capture or check) and keeps, per cache and layer, the layout a layer is stored
+at (:attr:`KVNarrower.narrow_layers`), which both paths read and write.
 
 A call that passes a KV cache object (Hugging Face ``Cache``: anything with ``update(key, value,
 layer_idx, ...)`` and ``get_seq_length(layer_idx)``) runs the exact fallback: the module's own
@@ -38,7 +43,7 @@ from ecospa.coupling.adapters import LinearAdapter
 from ecospa.coupling.narrow import ops
 from ecospa.coupling.record import installed_forward
 
-__all__ = ["KVNarrower", "find_cache", "KVIndex"]
+__all__ = ["KVNarrower", "find_cache", "KVIndex", "ProbeStop"]
 
 
 def _is_cache(v: Any) -> bool:
@@ -107,7 +112,7 @@ def _index_from_probe(x: torch.Tensor) -> KVIndex | str:
     return KVIndex(None if heads.numel() == h else heads, torch.stack(rows), h, d)
 
 
-class _Stop(Exception):
+class ProbeStop(Exception):
     """Ends the probe forward once the cache update was seen."""
 
 
@@ -120,13 +125,13 @@ class _ProbeCache:
 
     def update(self, key, value, *args, **kwargs):
         self.seen = (key.detach(), value.detach())
-        raise _Stop
+        raise ProbeStop
 
     def get_seq_length(self, *args, **kwargs):
         return self._real.get_seq_length(*args, **kwargs)
 
     def __getattr__(self, name):  # anything else could read or write the real cache: stop
-        raise _Stop
+        raise ProbeStop
 
 
 def _poisoned(module: nn.Module):
@@ -144,7 +149,11 @@ class KVNarrower:
     def __init__(self, module: nn.Module, fallback: Callable):
         self.module, self.fallback = module, fallback
         self.layouts: dict[tuple, tuple[KVIndex, KVIndex] | str] = {}
+        # per cache: {layer index: (keys, values) layout} of the layers stored at the kept widths,
+        # by this fallback or by a narrow graph (``cached``): both read and write that layout
         self.narrow_layers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.preferred: tuple | None = None  # the narrow graphs' layout: fresh layers use it too
+        self.graphs = None  # the region's ``cached.CachedGraphs`` (narrow graphs for cached calls)
         self.stored = 0  # updates stored narrow
         self.dense = 0  # updates stored at the dense width
         self.why_dense: str | None = None
@@ -152,6 +161,8 @@ class KVNarrower:
     def reset(self) -> None:
         """Forget layouts (the pruned state changed). Caches written before stay as they are."""
         self.layouts.clear()
+        self.preferred = None
+        self.graphs = None
 
     # ----------------------------------------------------------------- probe
     def _probe(self, cache, args: tuple, kwargs: dict) -> tuple[KVIndex, KVIndex] | str:
@@ -164,7 +175,7 @@ class KVNarrower:
                 a.poison = True
             with torch.no_grad():
                 self.fallback(*args, **kwargs)
-        except _Stop:
+        except ProbeStop:
             pass
         except Exception as e:  # the probe is an optimisation: a failure keeps the cache dense
             return f"the probe forward failed ({type(e).__name__})"
@@ -183,12 +194,19 @@ class KVNarrower:
         """Run the fallback for a call with ``cache``, storing its entries narrow where possible."""
         first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
         key = None if first is None else (first.dim(), first.shape[-1], first.dtype)
-        if key not in self.layouts:
-            self.layouts[key] = self._probe(cache, args, kwargs)
-        lay = self.layouts[key]
-        if isinstance(lay, str) or "update" in getattr(cache, "__dict__", {"update": None}):
+        if self.preferred is not None:
+            lay = self.preferred
+        else:
+            if key not in self.layouts:
+                self.layouts[key] = self._probe(cache, args, kwargs)
+            lay = self.layouts[key]
+        held = bool(self.narrow_layers.get(cache))  # layers held narrow must be read narrow
+        if (isinstance(lay, str) and not held) or "update" in getattr(cache, "__dict__", {"update": None}):
             self.why_dense = lay if isinstance(lay, str) else "the cache object cannot be wrapped"
             return self.fallback(*args, **kwargs)
+        if isinstance(lay, str):
+            self.why_dense = lay
+            lay = (lay, lay)
         real = cache.update
         try:
             cache.update = self._wrap(cache, real, lay)
@@ -207,11 +225,11 @@ class KVNarrower:
         return out
 
     def _wrap(self, cache, real: Callable, lay: tuple[KVIndex | str, KVIndex | str]):
-        ki, vi = lay
-        layers = self.narrow_layers.setdefault(cache, set())
+        layers = self.narrow_layers.setdefault(cache, {})
 
         def update(key, value, layer_idx, *args, **kwargs):
             fresh = layer_idx not in layers
+            ki, vi = lay if fresh else layers[layer_idx]
             if fresh and cache.get_seq_length(layer_idx) != 0:  # history written by someone else
                 self.dense += 1
                 self.why_dense = "the cache already held dense entries for this layer"
@@ -227,7 +245,7 @@ class KVNarrower:
                     return real(key, value, layer_idx, *args, **kwargs)
                 raise RuntimeError("ecospa: a KV-cache position stored narrow became non-zero; "
                                    "please report this with the model")
-            layers.add(layer_idx)
+            layers[layer_idx] = (ki, vi)
             self.stored += 1
             k_all, v_all = real(k_n, v_n, layer_idx, *args, **kwargs)
             return (k_all if isinstance(ki, str) else ki.grow(k_all),
@@ -239,8 +257,21 @@ class KVNarrower:
         """One line for the execution report, or None before any call with a cache."""
         if not self.stored and not self.dense:
             return None
-        lay = next((v for v in self.layouts.values() if not isinstance(v, str)), ())
+        lay = self.preferred or next((v for v in self.layouts.values() if not isinstance(v, str)), ())
         fr = [f"{name} {x.fraction:.0%}" for name, x in zip(("keys", "values"), lay) if isinstance(x, KVIndex)]
         if self.stored and not self.dense:
-            return f"KV cache stored at the kept widths ({', '.join(fr)} of dense)"
-        return f"KV cache at the dense width: {self.why_dense}"
+            return f"KV cache stored at the kept widths ({', '.join(fr)} of dense){self._graph_calls()}"
+        return f"KV cache at the dense width: {self.why_dense}{self._graph_calls()}"
+
+    def _graph_calls(self) -> str:
+        """How many calls with a cache the narrow graphs served, prefill and decode apart."""
+        if self.graphs is None:
+            return ""
+        pre = dec = 0
+        for key, entries in self.graphs.region.entries.items():
+            if isinstance(key, tuple) and key and key[0] == "kv":
+                n = sum(e.calls for e in entries if e.gm is not None)
+                pre, dec = (pre + n, dec) if key[2] else (pre, dec + n)
+        if not pre and not dec:
+            return ""
+        return f"; narrow graph calls: {pre} with an empty past (prefill), {dec} continuing a cache (decode)"

@@ -28,7 +28,8 @@ from ecospa.graph.capture import Captured, module_of
 from ecospa.graph.flow import FlowResult, propagate
 from ecospa.graph.labels import to_ndim, varying
 
-__all__ = ["Narrowing", "Layout", "analyse"]
+__all__ = ["Narrowing", "Layout", "analyse", "blocked_factors", "channel_dim", "factor_rows", "kept_labels",
+           "part_dims"]
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class Layout:
     blocked: frozenset = frozenset()  # the nodes whose channels are laid out in heads
 
 
-def _rows(f: np.ndarray, n: int) -> tuple[np.ndarray, tuple[int, ...]]:
+def factor_rows(f: np.ndarray, n: int) -> tuple[np.ndarray, tuple[int, ...]]:
     """``(rows x positions along dim n, selector dims)`` of a factor varying along several dims:
     one row per position of its other varying dims (the selectors)."""
     vd = varying(f)
@@ -96,20 +97,22 @@ def _keep(rows: np.ndarray, comp: np.ndarray, retained: np.ndarray) -> tuple[np.
     return c, (c < 0) | retained[np.maximum(c, 0)]
 
 
-def _channel_dim(f: np.ndarray, comp: np.ndarray) -> int:
+def channel_dim(f: np.ndarray, comp: np.ndarray) -> int:
     """The dim of ``f`` to narrow: its last varying dim along which the units change (a head's
     channels). Dims along which a row stays inside one unit (the two halves of a rotary pair
     stacked on a new dim) hold parts of a unit, not channels; the heads come before."""
     vd = varying(f)
     for n in reversed(vd):
-        rows = _rows(f, n)[0]
+        rows = factor_rows(f, n)[0]
         c = np.where(rows >= 0, comp[np.maximum(rows, 0)], -1)
         if (c[:, 1:] != c[:, :-1]).any():
             return n
     return vd[-1]
 
 
-def _blocked(flow: FlowResult) -> list[np.ndarray]:
+def blocked_factors(flow: FlowResult) -> list[np.ndarray]:
+    """The label factors of every tensor of ``flow`` laid out in blocks: those varying along two
+    or more dims (heads x channels), whose blocks need equal retained widths."""
     out = []
     for node in flow.nodes:
         v = flow.values.get(node)
@@ -128,8 +131,8 @@ def _pad(blocked: list[np.ndarray], comp: np.ndarray, retained: np.ndarray, mult
     while changed:
         changed = False
         for f in blocked:
-            n = _channel_dim(f, comp)
-            rows, sel = _rows(f, n)  # ragged heads: pad each head's channels to the same width
+            n = channel_dim(f, comp)
+            rows, sel = factor_rows(f, n)  # ragged heads: pad each head's channels to the same width
             c, mask = _keep(rows, comp, retained)
             counts = mask.sum(1)
             live = counts > 0 if drop else np.ones(len(counts), dtype=bool)
@@ -155,7 +158,7 @@ def part_dims(f: np.ndarray, comp: np.ndarray, sel) -> set[int]:
 def _empty_blocks(f: np.ndarray, comp: np.ndarray, retained: np.ndarray):
     """Where a blocked factor lost whole blocks: ``(selector dims, head dim or None, empty head
     positions)``; None when its empty rows are not whole positions of one selector dim."""
-    rows, sel = _rows(f, _channel_dim(f, comp))
+    rows, sel = factor_rows(f, channel_dim(f, comp))
     empty = (_keep(rows, comp, retained)[1].sum(1) == 0).reshape([f.shape[d] for d in sel])
     if not empty.any():
         return sel, None, frozenset()
@@ -193,8 +196,8 @@ def _narrowing(f: np.ndarray, comp: np.ndarray, retained: np.ndarray) -> list[Na
     """The narrowings of one factor that loses positions: its channels, and its blocks (heads)
     when whole blocks lost every position (then the channel index is per kept block)."""
     vd = varying(f)
-    n = _channel_dim(f, comp)
-    rows, sel = _rows(f, n)
+    n = channel_dim(f, comp)
+    rows, sel = factor_rows(f, n)
     m = _keep(rows, comp, retained)[1]
     if len(vd) == 1:
         return [Narrowing(n, f.shape[n], np.nonzero(m.reshape(-1))[0])]
@@ -259,6 +262,15 @@ def kept_labels(space, kept: Mapping[str, Mapping[int, np.ndarray]]) -> np.ndarr
     return keep
 
 
+def _input_labels(space) -> np.ndarray:
+    """Per label of ``space``: True for the labels of the call's inputs (``<input ...>``)."""
+    out = np.zeros(space.n, dtype=bool)
+    for i, (name, _) in enumerate(space.pd_names):
+        if name.startswith("<"):
+            out[space.pd_start[i]: space.pd_start[i] + space.pd_size[i]] = True
+    return out
+
+
 def _is_blocked(fs) -> bool:
     return any(len(varying(f)) >= 2 for f in fs)
 
@@ -285,16 +297,22 @@ def analyse(captured: Captured, kept: Mapping[str, Mapping[int, np.ndarray]], *,
     space = flow.space
     ncomp, comp = space.components()
     keep_label = kept_labels(space, kept)
+    # the call's inputs carry labels too (``<input ...>``: never sliced); one that meets removed
+    # channels at the same positions (a rotary table times a single k head, MQA) follows them:
+    # the narrow graph gathers it at the retained positions (``rewrite``)
+    param = ~_input_labels(space)
+    has_param = np.zeros(ncomp, dtype=bool)
+    has_param[comp[param]] = True
     all_kept = np.ones(ncomp, dtype=bool)
-    any_kept = np.zeros(ncomp, dtype=bool)
-    np.logical_and.at(all_kept, comp, keep_label)
-    np.logical_or.at(any_kept, comp, keep_label)
+    any_kept = ~has_param
+    np.logical_and.at(all_kept, comp[param], keep_label[param])
+    np.logical_or.at(any_kept, comp[param], keep_label[param])
     mixed = np.nonzero(all_kept != any_kept)[0]
     if mixed.size:
         lab = int(np.nonzero(comp == mixed[0])[0][0])
         pd = int(np.searchsorted(space.pd_start, lab, side="right") - 1)
         return Layout({}, {}, flow, f"a unit of {space.pd_names[pd][0]} is only partly removed")
-    blocked = _blocked(flow)
+    blocked = blocked_factors(flow)
     retained = all_kept.copy()
     _pad(blocked, comp, retained, max(1, int(pad_multiple)), drop=drop_blocks)
     dropped = drop_blocks and _droppable(blocked, comp, retained)

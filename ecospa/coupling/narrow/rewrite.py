@@ -231,6 +231,13 @@ def rewrite(program: Program, layout: Layout, kept: Mapping[str, Mapping[int, np
                         src = _param_src(kept.get(kind[1], {}).get(dim), ret, shape[dim])
                         if src is not None:
                             new = b.call(ops.expand_param, (new, dim, b.index(src)))
+                elif kind[0] == "input" and b.layout(node):
+                    # an input whose channels meet removed ones elementwise (a rotary table times
+                    # a single k head): gathered at the retained positions; they are not zero
+                    ndim = len(b.shape(node))
+                    for dim, nar in sorted(b.layout(node).items()):
+                        new = b.gather(new, dim, nar.index, nar.selectors, ndim)
+                    b.zero[node] = False
                 b.env[node] = new
             elif node.op == "output":
                 b.graph.output(torch.fx.node.map_arg(node.args[0], b.dense))
@@ -251,4 +258,31 @@ def rewrite(program: Program, layout: Layout, kept: Mapping[str, Mapping[int, np
     root = nn.Module()
     for name, t in b.buffers.items():
         root.register_buffer(name, t, persistent=False)
+    _copy_attrs(program.graph, root)
     return torch.fx.GraphModule(root, b.graph)
+
+
+def _copy_attrs(graph: torch.fx.Graph, root: nn.Module) -> None:
+    """The submodules and constants the captured graph reads by ``get_attr`` (the ``score_mod``
+    and ``mask_mod`` subgraphs of FlexAttention), put on ``root`` under the same names."""
+    owner = graph.owning_module
+    for node in graph.nodes:
+        if node.op != "get_attr" or owner is None:
+            continue
+        *path, last = node.target.split(".")
+        value = owner
+        for part in node.target.split("."):
+            value = getattr(value, part, None)
+        parent = root
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        if hasattr(parent, last) or value is None:
+            continue
+        if isinstance(value, nn.Module):
+            parent.add_module(last, value)
+        elif isinstance(value, torch.Tensor):
+            parent.register_buffer(last, value, persistent=False)
+        else:
+            setattr(parent, last, value)

@@ -49,8 +49,13 @@ def narrow_rule(*targets):
 
 
 def rule_for(target) -> Callable | None:
-    """The narrow rule of ``target`` (pointwise ops share one), or None."""
-    hit = NARROW_RULES.get(getattr(target, "overloadpacket", target))
+    """The narrow rule of ``target`` (pointwise ops share one; a custom op may be registered by
+    its qualified name, ``"namespace::name"``), or None."""
+    key = getattr(target, "overloadpacket", target)
+    hit = NARROW_RULES.get(key)
+    if hit is None:
+        name = getattr(key, "_qualified_op_name", None)
+        hit = NARROW_RULES.get(name) if name is not None else None
     if hit is None and is_pointwise(target):
         return pointwise
     return hit
@@ -58,13 +63,15 @@ def rule_for(target) -> Callable | None:
 
 # ----------------------------------------------------------------------------- copies
 def _all_zero(b, node) -> bool:
-    return all(b.zero.get(a, True) for a in node.all_input_nodes)
+    """Every tensor input's dropped positions are zero (symbolic sizes are no operands)."""
+    return all(b.zero.get(a, True) for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor))
 
 
 @narrow_rule(aten.clone, aten.contiguous, aten.alias, aten.detach, aten._to_copy, aten.to,
              aten.type_as, aten.lift_fresh_copy, aten.dropout, aten.feature_dropout,
              aten.alpha_dropout, aten.native_dropout, aten.permute, aten.transpose, aten.t,
-             aten.unsqueeze, aten.squeeze, aten.flatten, aten.cat, aten.concat, aten.stack,
+             aten.numpy_T, aten.concatenate, aten.view_as, aten.expand_as, aten.unsqueeze,
+             aten.squeeze, aten.flatten, aten.cat, aten.concat, aten.stack,
              aten.repeat_interleave, aten.repeat, operator.getitem, aten.sym_size,
              aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax)
 def same(b, node):
@@ -84,7 +91,7 @@ def drop(b, node):
 
 
 @narrow_rule(aten.linear, aten.addmm, aten.mm, aten.matmul, aten.bmm, aten.baddbmm, aten.dot,
-             aten.einsum)
+             aten.einsum, aten._grouped_mm, "transformers::grouped_mm_fallback")
 def contraction(b, node):
     """Products: narrow inputs give the narrow product. A sum over dropped positions must have
     a zero operand there (weights always are)."""
@@ -184,6 +191,19 @@ def _pointwise_zero(b, node, out) -> bool:
 
 
 # ----------------------------------------------------------------------------- sizes
+def _narrow_size_of(b, size: torch.fx.Node, nar: Narrowing) -> bool:
+    """True when the symbolic ``size`` is ``sym_size(x, d)`` of a tensor ``x`` narrowed along ``d``
+    to ``nar``'s width (a rotary table gathered at the kept channels, say): in the narrow graph
+    it is that width."""
+    if size.op != "call_function" or op_name(size.target) != "sym_size" or len(size.args) < 2:
+        return False
+    x, d = size.args[0], size.args[1]
+    if not isinstance(x, torch.fx.Node) or not isinstance(d, int):
+        return False
+    have = b.layout(x).get(d % len(b.shape(x)))
+    return have is not None and have.width == nar.width and have.size == nar.size
+
+
 def _sized(b, node, pos: int, offset: int = 0):
     """Copy ``node`` with its size list (argument ``pos``) set to the narrow sizes of the output
     dims ``offset..`` (``-1`` entries stay)."""
@@ -193,6 +213,8 @@ def _sized(b, node, pos: int, offset: int = 0):
         i = d - offset
         if 0 <= i < len(sizes):
             if isinstance(sizes[i], torch.fx.Node):
+                if _narrow_size_of(b, sizes[i], nar):
+                    continue  # read from a tensor narrowed alike: the narrow graph reads the narrow size
                 raise NarrowError(f"a narrowed dim given by a symbolic size {sizes[i].name}")
             if sizes[i] != -1:
                 sizes[i] = nar.width
@@ -202,7 +224,7 @@ def _sized(b, node, pos: int, offset: int = 0):
     return b.copy(node, args=tuple(args))
 
 
-@narrow_rule(aten.view, aten.reshape, aten._unsafe_view, aten.expand, aten._reshape_alias)
+@narrow_rule(aten.view, aten.reshape, aten._unsafe_view, aten.expand, aten._reshape_alias, aten.broadcast_to)
 def view(b, node):
     return _sized(b, node, 1)
 
@@ -350,3 +372,66 @@ def index_select(b, node):
     out_pos = nout.index if nout is not None else np.arange(src.size)
     b.zero[node] = b.zero.get(x, True)
     return _select_positions(b, node, x, dim, _positions(nin, src[out_pos]))
+
+
+# ----------------------------------------------------------------------------- flex attention
+def _subgraph(b, arg) -> torch.fx.GraphModule | None:
+    """The ``score_mod`` / ``mask_mod`` subgraph a ``get_attr`` argument names, or None."""
+    owner = b.program.graph.owning_module
+    if not isinstance(arg, torch.fx.Node) or arg.op != "get_attr" or owner is None:
+        return None
+    try:
+        mod = owner.get_submodule(arg.target)
+    except AttributeError:
+        return None
+    return mod if isinstance(mod, torch.fx.GraphModule) else None
+
+
+def _reads_arg(gm: torch.fx.GraphModule | None, pos: int) -> bool:
+    """True unless ``gm`` is known not to use its placeholder number ``pos``."""
+    if gm is None:
+        return True
+    ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return pos < len(ph) and len(ph[pos].users) > 0
+
+
+def _flex_heads_free(b, node) -> bool:
+    """The head index reaches nothing in ``score_mod``, ``mask_mod`` or the block mask: heads may
+    be left out (renumbered) without changing what the kept ones compute."""
+    mask = node.args[4] if len(node.args) > 4 else ()
+    mask_mod = mask[-1] if isinstance(mask, (tuple, list)) and mask else None
+    if _reads_arg(_subgraph(b, node.args[3]), 2) or (mask_mod is not None and _reads_arg(_subgraph(b, mask_mod), 1)):
+        return False
+    tensors = [a for a in (mask if isinstance(mask, (tuple, list)) else ()) if isinstance(a, torch.fx.Node)
+               and isinstance(a.meta.get("val"), torch.Tensor)]
+    return all(a.meta["val"].dim() < 2 or a.meta["val"].shape[1] == 1 for a in tensors)
+
+
+def _flex(b, node):
+    """FlexAttention: as SDPA, q.k sums over the narrowed head dims (one of q, k must be zero
+    where dropped) and v's channels pass through; the scale was fixed from the dense head width
+    when the call was captured (pinned here if not). ``score_mod`` and ``mask_mod`` see scalar
+    scores and indices only; whole heads are left out only where the head index reaches neither
+    of them nor the block mask. The logsumexp output is not narrowed."""
+    q, k, v = node.args[:3]
+    nd = len(b.shape(q))
+    if any(d != nd - 1 for x in (q, k, v) for d in b.layout(x)) and not _flex_heads_free(b, node):
+        raise NarrowError("flex_attention whose score_mod, mask_mod or block mask reads the head index, "
+                          "with whole heads left out")
+    if b.layout(q) and not (b.zero.get(q, True) or b.zero.get(k, True)):
+        raise NarrowError("attention scores over dropped channels that are not zero")
+    b.zero[node] = b.zero.get(v, True)
+    args = list(node.args)
+    if len(args) > 5 and args[5] is None:
+        args[5] = pin_scale(int(b.shape(q)[-1]))
+    return b.copy(node, args=tuple(args))
+
+
+def _register_flex() -> None:
+    from ecospa.graph.rules.flex import FLEX
+
+    if FLEX is not None:
+        narrow_rule(FLEX)(_flex)
+
+
+_register_flex()

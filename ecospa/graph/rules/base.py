@@ -131,11 +131,16 @@ def tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
     return out
 
 
-def poison_value(ctx: Ctx, node: torch.fx.Node, why: str):
-    """Default for ops without a rule: labels that enter are poisoned; the output is label-free."""
+def poison_value(ctx: Ctx, node: torch.fx.Node, why: str, *, lost: bool = True):
+    """Default for ops without a rule: labels that enter are lost (poisoned and reported as an
+    inexact coupling even when no contraction of theirs is seen; with ``lost=False`` only
+    poisoned, for a rule that passes the labels on itself); the output is label-free."""
     for a in tensor_args(node):
         for f in ctx.factors(a):
-            ctx.space.poison(f, f"{why} at {ctx.where(node)}")
+            if lost:
+                ctx.space.lose(f, f"{why} at {ctx.where(node)}", ctx.index.get(node))
+            else:
+                ctx.space.poison(f, f"{why} at {ctx.where(node)}")
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
         return []

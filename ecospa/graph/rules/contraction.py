@@ -20,7 +20,7 @@ from ecospa.graph.rules.registry import register
 
 aten = torch.ops.aten
 
-__all__ = ["contract"]
+__all__ = ["contract", "attention"]
 
 _LETTERS = string.ascii_letters
 
@@ -264,6 +264,15 @@ def sdpa(ctx: Ctx, node: torch.fx.Node):
     """``softmax(q @ k^T * scale + mask) @ v``: q·k pairs head dims, v's channels pass through."""
     q, k, v = node.args[:3]
     mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    masks = [] if mask is None else [(mask, "used as an attention mask")]
+    return attention(ctx, node, q, k, v, masks)
+
+
+def attention(ctx: Ctx, node: torch.fx.Node, q, k, v, masks) -> list:
+    """The factors of ``softmax(f(q @ k^T)) @ v`` for ``(B.., H, L, E)`` operands (k and v may have
+    fewer heads: grouped queries), where ``f`` sees only the scores: q·k pairs head dims, v's
+    channels pass through. ``masks``: ``[(tensor node, how it is used)]``, tensors that enter the
+    scores (masks, biases): whatever labels they carry are poisoned."""
     sq, sk, sv = shape_of(q), shape_of(k), shape_of(v)
     nd = len(sq)
     fq, fk, fv = ctx.factors(q, nd), ctx.factors(k, nd), ctx.factors(v, nd)
@@ -273,9 +282,9 @@ def sdpa(ctx: Ctx, node: torch.fx.Node):
         fv = [np.repeat(f, rep, axis=-3) if f.shape[-3] > 1 else f for f in fv]
         sk = sk[:-3] + (sq[-3],) + sk[-2:]
         sv = sv[:-3] + (sq[-3],) + sv[-2:]
-    if mask is not None:
+    for mask, how in masks:
         for f in ctx.factors(mask):
-            ctx.space.poison(f, f"used as an attention mask at {ctx.where(node)}")
+            ctx.space.poison(f, f"{how} at {ctx.where(node)}")
     bl = _fresh(nd - 2, "lsev")
     sizes = {**_sizes(bl + "le", sq), **_sizes(bl + "se", sk)}
     scores = contract(ctx, node, [(q, fq, bl + "le"), (k, fk, bl + "se")], bl + "ls", sizes)

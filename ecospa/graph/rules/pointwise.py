@@ -12,7 +12,7 @@ from ecospa.graph.rules.registry import OpInfo, has, op_name, register
 
 aten = torch.ops.aten
 
-__all__ = ["pointwise", "pointwise_info", "identity"]
+__all__ = ["pointwise", "pointwise_info", "identity", "copy", "where"]
 
 # Facts of the pointwise ops that have more than the default ("compact"), by op name.
 _LINEAR = {"add", "sub", "neg", "mul", "div", "_to_copy", "to", "clone", "where", "rsub",
@@ -27,6 +27,8 @@ _ADDITIVE = {"add", "sub", "rsub"}
 
 @lru_cache(maxsize=None)
 def _pointwise_facts(name: str) -> frozenset[str]:
+    if name.endswith("_") and not name.endswith("__") and name[:-1] in _LINEAR | _ZERO | _GATE | _ADDITIVE:
+        name = name[:-1]  # add_, mul_, relu_: the facts of add, mul, relu
     facts = {"compact"}
     if name in _LINEAR:
         facts.add("linear")
@@ -93,6 +95,23 @@ def identity(ctx: Ctx, node: torch.fx.Node):
     if shape_of(node) is None:
         return None
     return ctx.factors(node.args[0])
+
+
+@register(aten.where, aten.masked_fill, facts=tuple(_pointwise_facts("where")))
+def where(ctx: Ctx, node: torch.fx.Node):
+    """``where(cond, x, y)`` and ``masked_fill(x, mask, value)`` in every overload (ATen tags
+    only the all-tensor ones pointwise; ``where(cond, x, 0.0)`` is ``where.ScalarOther``)."""
+    return pointwise(ctx, node)
+
+
+@register(aten.copy_, facts=("linear", "zero"))
+def copy(ctx: Ctx, node: torch.fx.Node):
+    """``dst.copy_(src)``: the result holds ``src``'s values, broadcast to ``dst``'s shape (the
+    write into ``dst`` and the tensor it views is followed by ``ecospa.graph.mutation``)."""
+    shape = shape_of(node)
+    if shape is None:
+        return None
+    return ctx.factors(node.args[1], len(shape))
 
 
 @register(aten.dropout, aten.feature_dropout, aten.alpha_dropout, facts=("compact", "linear", "zero"))

@@ -158,7 +158,7 @@ def other_norm(ctx: Ctx, node: torch.fx.Node):
     ecospa does not slice) or mix a group's channels, so every label that enters is poisoned;
     the input's labels flow on (poisoned), so the reason names this op."""
     name = node.target.overloadpacket.__name__
-    out = poison_value(ctx, node, f"{name} normalises channels")
+    out = poison_value(ctx, node, f"{name} normalises channels", lost=False)
     fs = ctx.factors(node.args[0], len(shape_of(node.args[0])))
     return (fs, *out[1:]) if isinstance(out, tuple) else fs
 

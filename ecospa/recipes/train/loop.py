@@ -225,6 +225,7 @@ class EcoSpaHook:
                         "units_removed": e.units_removed, "seconds": e.seconds,
                         "removed": {n: len(v) for n, v in e.removals.items()}} for e in sp.events],
             "kept_widths": {c.name: c.width for c in sp.couplings},
+            "summary": sp.summary() if hasattr(sp, "summary") else None,
         }
 
 

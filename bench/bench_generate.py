@@ -1,0 +1,206 @@
+"""Decoding with the default KV cache: ``generate()`` tokens/s of pruned models against dense.
+
+    python bench/bench_generate.py                      # writes bench/results/generate.{json,md}
+    python bench/bench_generate.py --quick              # 2 layers, short prompt: a smoke run
+
+Subjects, built from their configs (random weights, eval, fp32, ``use_cache`` on as the configs
+default): the GPT-2-small shape (``GPT2Config``: 12 layers, width 768, 12 heads, FFN 3072) and a
+SmolLM2-135M-shaped Llama (``LlamaConfig``: 30 layers, width 576, 9 query / 3 KV heads of 64,
+FFN 1536, tied embeddings). Variants: dense; ``uniform`` (half of every coupling removed, the
+same units in every head); ``ragged`` (``bench/speed/plans.ragged_plan``: half of all units, per
+head a random 25-75 %); for the Llama also ``kept-width dense``, a dense ``LlamaConfig`` built at
+the uniform plan's widths (``head_dim`` 32, FFN 768): what a model trained at that size runs.
+
+Timed (variants interleaved round by round, ``--threads`` torch threads, median of per-round
+ratios): greedy ``generate(max_new_tokens=n, min_new_tokens=n)`` after a ``--prompt``-token
+prompt at batch ``--batch``, and the prefill alone (``max_new_tokens=1``); decode tokens/s is
+``batch * (n - 1) / (t(n) - t(1))``. Also a default-config forward (``model(x)``, cache on) of
+the pruned model against ``model(x, use_cache=False)``. Every variant's tokens are checked against
+the dense model's masked copy (greedy tokens equal) and ``execution_report`` is recorded.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ecospa  # noqa: E402
+from bench.speed.plans import masked_copy, ragged_plan, uniform_plan  # noqa: E402
+from bench.speed.timing import interleaved, paired  # noqa: E402
+
+OUT = Path(os.environ.get("ECOSPA_BENCH_OUT", Path(__file__).resolve().parent / "results"))
+
+
+def gpt2(layers: int):
+    import transformers
+
+    cfg = transformers.GPT2Config(n_layer=layers, n_embd=768, n_head=12, n_inner=3072, vocab_size=50257,
+                                  n_positions=1024)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def smollm2(layers: int, head_dim: int = 64, ffn: int = 1536):
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=ffn,
+                                   num_hidden_layers=layers, num_attention_heads=9, num_key_value_heads=3,
+                                   head_dim=head_dim, max_position_embeddings=2048, rope_theta=100000.0,
+                                   tie_word_embeddings=True, rms_norm_eps=1e-5)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _gen(model, x, n: int):
+    def run():
+        with torch.inference_mode():
+            return model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, pad_token_id=0)
+    return run
+
+
+def _fwd(model, x, **kw):
+    def run():
+        with torch.inference_mode():
+            return model(x, **kw).logits
+    return run
+
+
+def _regions(model) -> list[dict]:
+    return [dict(path=r.path, narrow_calls=r.narrow_calls, fallback_calls=r.fallback_calls,
+                 reasons=list(r.reasons), kv_cache=r.kv_cache) for r in ecospa.execution_report(model)]
+
+
+def _cache_bytes(model, x) -> int:
+    with torch.inference_mode():
+        cache = model(x).cache
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def subject(name: str, a) -> dict:
+    torch.manual_seed(0)
+    layers = a.layers or (12 if name == "gpt2" else 30)
+    build = gpt2 if name == "gpt2" else smollm2
+    dense = build(layers)
+    vocab = dense.config.vocab_size
+    x = torch.randint(3, vocab, (a.batch, a.prompt), generator=torch.Generator().manual_seed(1))
+    models = {"dense": dense}
+    check = {}
+    for kind, make in (("uniform", uniform_plan), ("ragged", ragged_plan)):
+        m = copy.deepcopy(dense)
+        cg = ecospa.auto_couple(m, {"input_ids": x[:, :8]})
+        plan = make(cg)
+        check[kind] = masked_copy(dense, cg, plan)
+        ecospa.prune(m, plan, couplings=cg)
+        models[kind] = m
+    if name == "smollm2":
+        torch.manual_seed(0)
+        models["kept-width dense"] = smollm2(layers, head_dim=32, ffn=768)
+    row: dict = {"layers": layers, "prompt": a.prompt, "new_tokens": a.new_tokens, "batch": a.batch,
+                 "params": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}}
+    # exactness of the timed path: greedy tokens of each pruned model equal its masked copy's
+    n_check = min(a.new_tokens, 16)
+    row["tokens_equal_masked_dense"] = {k: bool(torch.equal(_gen(models[k], x, n_check)(), _gen(ref, x, n_check)()))
+                                        for k, ref in check.items()}
+    t0 = time.perf_counter()
+    for m in models.values():  # builds every narrow graph (prefill and decode variants) before timing
+        _gen(m, x, 3)()
+    row["warm_s"] = time.perf_counter() - t0
+    fns = {}
+    for k, m in models.items():
+        fns[f"{k} n"] = _gen(m, x, a.new_tokens)
+        fns[f"{k} 1"] = _gen(m, x, 1)
+    loads: list = []
+    t = interleaved(fns, rounds=a.rounds, warmup=1, loads=loads)
+    for clock in ("wall", "cpu"):  # cpu: this process's CPU seconds, less sensitive to a loaded machine
+        decode = {k: [a.batch * (a.new_tokens - 1) / (tn - t1)
+                      for tn, t1 in zip(t[f"{k} n"][clock], t[f"{k} 1"][clock])] for k in models}
+        sfx = "" if clock == "wall" else "_cpu"
+        row[f"decode_tokens_per_s{sfx}"] = {k: statistics.median(v) for k, v in decode.items()}
+        row[f"decode_speedup_vs_dense{sfx}"] = {k: paired([1 / r for r in decode["dense"]], [1 / r for r in v])
+                                                for k, v in decode.items()}
+        row[f"generate_speedup_vs_dense{sfx}"] = {k: paired(t["dense n"][clock], t[f"{k} n"][clock]) for k in models}
+        row[f"prefill_speedup_vs_dense{sfx}"] = {k: paired(t["dense 1"][clock], t[f"{k} 1"][clock]) for k in models}
+    row["generate_s"] = {k: statistics.median(t[f"{k} n"]["wall"]) for k in models}
+    row["loads"] = loads
+    row["kv_cache_bytes_prompt"] = {k: _cache_bytes(m, x) for k, m in models.items()}
+    row["regions"] = {k: _regions(models[k]) for k in ("uniform", "ragged")}
+    # a default-config forward (cache on) against use_cache=False, pruned uniform and dense
+    ff = {"dense cache": _fwd(dense, x), "uniform cache": _fwd(models["uniform"], x),
+          "uniform no-cache": _fwd(models["uniform"], x, use_cache=False),
+          "ragged cache": _fwd(models["ragged"], x), "ragged no-cache": _fwd(models["ragged"], x, use_cache=False)}
+    tf = interleaved(ff, rounds=a.rounds, warmup=1)
+    row["forward_speedup_vs_dense"] = {k: paired(tf["dense cache"]["wall"], v["wall"]) for k, v in tf.items()}
+    row["forward_speedup_vs_dense_cpu"] = {k: paired(tf["dense cache"]["cpu"], v["cpu"]) for k, v in tf.items()}
+    row["forward_s"] = {k: statistics.median(v["wall"]) for k, v in tf.items()}
+    return row
+
+
+def markdown(res: dict) -> str:
+    lines = ["# generate() with the default KV cache", "",
+             f"Command: `{res['command']}`. CPU, fp32, {res['threads']} thread(s), variants interleaved "
+             "round by round, median of per-round ratios; decode tokens/s = batch x (n - 1) / (t(n) - t(1)).",
+             ""]
+    for name, row in res["subjects"].items():
+        lines += [f"## {name} ({row['layers']} layers, batch {row['batch']}, prompt {row['prompt']}, "
+                  f"{row['new_tokens']} new tokens)", "",
+                  "Wall clock / this process's CPU time (the CPU figure is less sensitive to other jobs on "
+                  "the machine).", "",
+                  "| variant | params | decode tok/s | decode vs dense | generate vs dense | prefill vs dense | KV bytes (prompt) |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for k in row["decode_tokens_per_s"]:
+            lines.append(f"| {k} | {row['params'][k] / 1e6:.1f}M | {row['decode_tokens_per_s'][k]:.1f} / "
+                         f"{row['decode_tokens_per_s_cpu'][k]:.1f} | {row['decode_speedup_vs_dense'][k]:.2f}x / "
+                         f"{row['decode_speedup_vs_dense_cpu'][k]:.2f}x | {row['generate_speedup_vs_dense'][k]:.2f}x / "
+                         f"{row['generate_speedup_vs_dense_cpu'][k]:.2f}x | {row['prefill_speedup_vs_dense'][k]:.2f}x / "
+                         f"{row['prefill_speedup_vs_dense_cpu'][k]:.2f}x | {row['kv_cache_bytes_prompt'][k] / 1e6:.2f} MB |")
+        lines += ["", "Forward of the prompt (`model(x)`), speedup vs the dense model with its cache on (wall / CPU): " +
+                  ", ".join(f"{k} {v:.2f}x / {row['forward_speedup_vs_dense_cpu'][k]:.2f}x"
+                            for k, v in row["forward_speedup_vs_dense"].items()), "",
+                  f"Greedy tokens equal to the masked dense model's: {row['tokens_equal_masked_dense']}. "
+                  f"Load averages during the rounds: {row['loads']}.", ""]
+        for k, regs in row["regions"].items():
+            nar = sum(r["narrow_calls"] for r in regs)
+            fb = sum(r["fallback_calls"] for r in regs)
+            why = sorted({w for r in regs for w in r["reasons"]})
+            lines.append(f"- {k}: {nar} narrow calls, {fb} fallback calls{(': ' + '; '.join(why)) if why else ''}; "
+                         f"{regs[0]['kv_cache'] if regs else ''}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--subjects", default="gpt2,smollm2")
+    ap.add_argument("--layers", type=int, default=0, help="0: the real depth (12 / 30)")
+    ap.add_argument("--prompt", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="2 layers, 32-token prompt, 8 new tokens, 2 rounds")
+    ap.add_argument("--out", default="generate", help="file stem under bench/results")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.layers, a.prompt, a.new_tokens, a.rounds = 2, 32, 8, 2
+    torch.set_num_threads(a.threads)
+    res = {"command": "python bench/bench_generate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "threads": a.threads, "torch": torch.__version__, "subjects": {}}
+    for name in a.subjects.split(","):
+        res["subjects"][name] = subject(name, a)
+        print(json.dumps({name: {k: v for k, v in res["subjects"][name].items() if k != "regions"}}, indent=1),
+              flush=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{a.out}.json").write_text(json.dumps(res, indent=1, default=str))
+    (OUT / f"{a.out}.md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -216,3 +216,27 @@ def test_static_cache_falls_back_exactly_and_says_why():
     assert all(_rel(a, b) <= TOL for a, b in zip(got.logits, want.logits))
     rep = ecospa.execution_report(model)
     assert all(r.fallback_calls > 0 and any("StaticLayer" in w for w in r.reasons) for r in rep), rep
+
+
+def test_layers_share_one_capture_though_each_reads_its_own_layer_idx(monkeypatch):
+    """Every HF attention reads its own ``layer_idx`` (to pick its cache layer); the captures of
+    two layers are the same graph, so the other layers share it instead of exporting again."""
+    import ecospa.coupling.narrow.cached as cached_mod
+    import ecospa.coupling.narrow.forward as fwd_mod
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    cg = ecospa.auto_couple(model)
+    ecospa.prune(model, {c: list(range(c.width // 2)) for c in cg})
+    exports = []
+    for mod in (fwd_mod, cached_mod):
+        real = mod.export_call if hasattr(mod, "export_call") else None
+        if real is not None:
+            monkeypatch.setattr(mod, "export_call", lambda *a, _r=real, **k: exports.append(1) or _r(*a, **k))
+    with torch.no_grad():
+        model(torch.randint(0, 96, (2, 8)))
+    reps = ecospa.execution_report(model)
+    assert reps and all(r.narrow for r in reps), [r.reasons for r in reps]
+    assert len(exports) <= 2, f"{len(exports)} exports for 6 layers"

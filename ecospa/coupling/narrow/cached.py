@@ -52,7 +52,7 @@ from ecospa.coupling.narrow.layout import analyse
 from ecospa.coupling.narrow.program import CallNotServable, Program, export_call, placeholder_feeds, signature
 from ecospa.coupling.narrow.rewrite import rewrite
 from ecospa.coupling.narrow.rules import NarrowError, narrow_rule
-from ecospa.coupling.record import dense_view, param_records
+from ecospa.coupling.record import param_records
 from ecospa.graph.capture import Captured
 from ecospa.graph.flow import propagate
 from ecospa.graph.rules.registry import register
@@ -456,17 +456,8 @@ class CachedGraphs:
 
     def _program(self, key, sig, leaf, tensors) -> Program:
         region = self.region
-        ckey = region.cache.key(region.module, key)
-        found = [p for p in region.cache.programs.get(ckey, ())
-                 if p.guard(tensors) and not any(k[0] == "const" for k in p.kinds)]
-        if found:
-            with dense_view(region.module):
-                for p in found:
-                    if p.fits_module(region.module):
-                        return p
-        with dense_view(region.module):
-            program = _export(region.module, sig, leaf, tensors)
-        region.cache.programs.setdefault(ckey, []).append(program)
+        program, _ = region.cache.get(region.module, region.cache.key(region.module, key), tensors,
+                                      lambda: _export(region.module, sig, leaf, tensors))
         return program
 
     def _build(self, key, sig, leaf, tensors, cache, layer, seq, stored, args, kwargs) -> KVEntry:

@@ -56,6 +56,31 @@ class ProgramCache:
 
     def __init__(self) -> None:
         self.programs: dict[tuple, list[Program]] = {}
+        # per key: attributes (path, name) seen to differ between twins whose captures were the
+        # same graph (an HF attention's layer_idx, which only picks the cache layer): ignored
+        # when a twin looks for a capture to share
+        self.irrelevant: dict[tuple, set] = {}
+
+    def get(self, module: nn.Module, key: tuple, tensors, export, *, shared: bool = True) -> tuple[Program, bool]:
+        """A capture for ``module``'s call: a twin's (``(program, True)``) where one fits the
+        call's shapes and the module's read attributes, else ``export()``'s, run on the dense
+        view (``(program, False)``)."""
+        found = [p for p in self.programs.get(key, ())
+                 if p.guard(tensors) and not any(k[0] == "const" for k in p.kinds)] if shared else []
+        ignore = self.irrelevant.setdefault(key, set())
+        if found:
+            with dense_view(module):
+                for p in found:
+                    if p.fits_module(module, ignore):
+                        return p, True
+        with dense_view(module):
+            program = export()
+        for p in found:
+            diff = p.differing_reads(program)
+            if diff:
+                ignore |= diff
+        self.programs.setdefault(key, []).append(program)
+        return program, False
 
     def key(self, module: nn.Module, sig: Signature) -> tuple:
         """Class, *dense* parameter shapes and signature: a capture of the dense view does not
@@ -363,19 +388,9 @@ class RegionForward(EcospaForward):
         return entry
 
     def _program(self, sig: Signature, tensors, shared: bool) -> Program:
-        key = self.cache.key(self.module, sig)
-        if shared:
-            found = [p for p in self.cache.programs.get(key, ())
-                     if p.guard(tensors) and not any(k[0] == "const" for k in p.kinds)]
-            if found:
-                with dense_view(self.module):
-                    for p in found:
-                        if p.fits_module(self.module):
-                            return dataclasses.replace(p, shared=True)
-        with dense_view(self.module):
-            program = export_call(self.module, sig, tensors)
-        self.cache.programs.setdefault(key, []).append(program)
-        return program
+        program, twin = self.cache.get(self.module, self.cache.key(self.module, sig), tensors,
+                                       lambda: export_call(self.module, sig, tensors), shared=shared)
+        return dataclasses.replace(program, shared=True) if twin else program
 
     def _build(self, sig: Signature, tensors, args, kwargs, *, shared: bool) -> Entry:
         try:

@@ -344,12 +344,27 @@ class Program:
         out = pytree.tree_unflatten(list(flat), self.out_spec)
         return out if self.rebuild is None else self.rebuild(out)
 
-    def fits_module(self, module: nn.Module) -> bool:
-        """True when ``module`` (dense, as captured) reads the same attribute values and has the
-        same buffer shapes as the module this program was captured on."""
-        if self.reads is not None and not _same_values(self.reads.values(module), self.read_values):
-            return False
+    def fits_module(self, module: nn.Module, ignore: frozenset | set = frozenset()) -> bool:
+        """True when ``module`` (dense, as captured) reads the same attribute values (but those in
+        ``ignore``: ``(path, name)`` known not to change the capture) and has the same buffer
+        shapes as the module this program was captured on."""
+        if self.reads is not None:
+            mine = [v for v in self.read_values if (v[0], v[1]) not in ignore]
+            theirs = [v for v in self.reads.values(module) if (v[0], v[1]) not in ignore]
+            if not _same_values(tuple(theirs), tuple(mine)):
+                return False
         return all(tuple(module.get_buffer(n).shape) == shape for n, shape in self.buffer_shapes.items())
+
+    def differing_reads(self, other: "Program") -> set | None:
+        """``(path, name)`` of the attributes read with different values by ``other``, a capture of
+        the same code whose graph is identical to this one (None when the graphs differ): those
+        values did not change the capture."""
+        if other.reads is None or self.reads is None or self.reads.names != other.reads.names:
+            return None
+        if self.graph.python_code("self").src != other.graph.python_code("self").src:
+            return None
+        return {(a[0], a[1]) for a, b in zip(self.read_values, other.read_values)
+                if not _same_values((a,), (b,))}
 
     def guard(self, tensors: Sequence[torch.Tensor]) -> bool:
         """True when ``tensors`` fit the shapes this program was captured for."""

@@ -280,12 +280,7 @@ def compress(model: nn.Module, target: int | float, data: Iterable[Any], *, loss
             cons_r = consumers_of(model, Cr) if r else consumers
         else:  # the original shapes, removed units zeroed
             Cr, shapes_r, alive_r, cons_r = C, shapes, alive, consumers
-        counter = ParamCounter(shapes_r)
-        for c in Cr:
-            gone = np.nonzero(~alive_r[c.name])[0]
-            if gone.size:
-                counter.remove(c, gone)
-        before = counter.total
+        before = _total_after(shapes_r, Cr, alive_r)
         goal = int(round(dense - (r + 1) / rounds * (dense - target_params))) if r < rounds - 1 else target_params
         if before <= goal:
             report_progress("compress", (r + 1) * n_samples, rounds * n_samples)
@@ -337,12 +332,7 @@ def compress(model: nn.Module, target: int | float, data: Iterable[Any], *, loss
                 dead_cols[pname] |= removed
             for name, units in removal.items():
                 _zero_units(params, by_name[name], units)
-            after = ParamCounter(shapes)
-            for c in C:
-                gone = np.nonzero(~alive[c.name])[0]
-                if gone.size:
-                    after.remove(c, gone)
-            after_total = after.total
+            after_total = _total_after(shapes, C, alive)
         rec = CompressRound(r, before, after_total, {n: tuple(int(i) for i in np.sort(v)) for n, v in dense_ids.items()},
                             stats.loss, stats.seconds, time.perf_counter() - t0)
         history.append(rec)
@@ -375,6 +365,16 @@ def compress(model: nn.Module, target: int | float, data: Iterable[Any], *, loss
 
 
 reconstruct_fn = reconstruct
+
+
+def _total_after(shapes, couplings, alive) -> int:
+    """Parameters of a model of ``shapes`` once the units not ``alive`` of ``couplings`` are gone."""
+    counter = ParamCounter(shapes)
+    for c in couplings:
+        gone = np.nonzero(~alive[c.name])[0]
+        if gone.size:
+            counter.remove(c, gone)
+    return counter.total
 
 
 def _unit_values(stats: CalibrationStats, imp, couplings: Sequence[Coupling], score: str,

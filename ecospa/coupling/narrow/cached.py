@@ -408,8 +408,7 @@ class CachedGraphs:
         if not v.past:
             return False
         plans, dtypes = v.past
-        shapes = [tuple(seq if d is None else d if isinstance(d, int) else tensors[d[0]].shape[d[1]] for d in dims)
-                  for dims in plans]
+        shapes = _plan_shapes(plans, tensors, seq)
         try:
             ok = v.program.guard([*tensors, *(_Shaped(s) for s in shapes)])
         except (AttributeError, TypeError):  # a guard that reads more than shapes: shape-only tensors
@@ -419,8 +418,10 @@ class CachedGraphs:
     def _past(self, entry: KVEntry, layer, seq: int, tensors) -> tuple[torch.Tensor, torch.Tensor]:
         if seq:
             return layer.keys, layer.values
-        dense = _past_shapes(entry.program, tensors, 0)
-        dt = [n.meta["val"].dtype for n in _past_nodes(entry.program)]
+        if entry.past is None:
+            entry.past = _past_plan(entry.program) or ()
+        plans, dt = entry.past
+        dense = _plan_shapes(plans, tensors, 0)
         dev = tensors[0].device if tensors else None
         return tuple(torch.zeros(_narrow_shape(ix, s), dtype=d, device=dev)
                      for ix, s, d in zip(entry.lay, dense, dt))
@@ -601,29 +602,11 @@ def _past_nodes(program: Program) -> list[torch.fx.Node]:
     return [n for n in program.graph.nodes if n.op == "placeholder"][-2:]
 
 
-def _past_shapes(program: Program, tensors, seq: int) -> list[tuple] | None:
+def _plan_shapes(plans: list, tensors, seq: int) -> list[tuple]:
     """Dense shapes of the past keys/values for a call with ``tensors`` and ``seq`` past
-    positions: the captured shapes with their symbols bound by the other inputs (None when a
-    size cannot be bound)."""
-    bound: dict = {}
-    for t, shape in zip(tensors, program.input_shapes):
-        for size, want in zip(t.shape, shape):
-            if not isinstance(want, int) and getattr(want, "is_Symbol", False):
-                bound.setdefault(want, int(size))
-    out = []
-    for shape in program.input_shapes[-2:]:
-        dims = []
-        for i, s in enumerate(shape):
-            if i == 2:
-                dims.append(seq)
-            elif isinstance(s, int):
-                dims.append(s)
-            elif s in bound:
-                dims.append(bound[s])
-            else:
-                return None
-        out.append(tuple(dims))
-    return out
+    positions, from a :func:`_past_plan`."""
+    return [tuple(seq if d is None else d if isinstance(d, int) else tensors[d[0]].shape[d[1]] for d in dims)
+            for dims in plans]
 
 
 class _Shaped:

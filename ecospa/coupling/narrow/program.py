@@ -55,7 +55,7 @@ from ecospa.graph.inline import WRAPPERS, inline_wrappers
 from ecospa.graph.state import preserved
 
 __all__ = ["Program", "Signature", "signature", "export_call", "CallNotServable", "Reads", "hooks_of",
-           "plain_output", "track_reads", "state_matches", "MISSING",
+           "plain_output", "track_reads", "MISSING",
            "getter", "placeholder_feeds"]
 
 _SIMPLE = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.memory_format,
@@ -400,11 +400,6 @@ def _same_values(a: tuple, b: tuple) -> bool:
         elif type(x[3]) is not type(y[3]) or x[3] != y[3]:
             return False
     return True
-
-
-def state_matches(a: tuple, b: tuple) -> bool:
-    """Public form of the comparison of two :meth:`Reads.values` results."""
-    return _same_values(a, b)
 
 
 class _Quiet(logging.Filter):

@@ -8,18 +8,18 @@ Properties (random MLP stacks and attention blocks from ``tests/strategies.py``;
 the suite's own property tests, run here with a larger budget):
 
 - ``discovery_*``: ``auto_couple`` finds exactly the couplings the generator built in
-  (``tests/graph/test_discovery_properties.py``);
+  (``tests/analysis/test_discover_properties.py``);
 - ``prune_*``: any removal gives the dense model with those slices zeroed, for another input
-  shape too, and attention runs on the narrow graph (``tests/coupling/test_prune_properties.py``);
+  shape too, and attention runs on the narrow graph (``tests/pruning/test_prune_properties.py``);
 - ``optimizer_*``: a pruned model trained a few steps with Adam/AdamW/SGD (its optimizer state
   sliced by ``prune``), one or two rounds of pruning, equals the dense model trained with the
   removed slices held at zero (parameters, gradients, moments) on every kept entry
-  (``tests/coupling/test_reliability_properties.py``);
+  (``tests/training/test_reliability_properties.py``);
 - ``save_load_*``: ``ecospa.save`` then ``ecospa.load`` into a fresh dense copy gives the same
   parameters, optimizer state and outputs; run only when ``ecospa.save``/``ecospa.load`` exist.
 - ``narrow_calls``: sequences of 2-6 calls of a pruned attention block (kept across examples, so
   that narrow programs built for earlier calls are there to be wrongly reused), each varying the
-  properties a capture can specialise on (``tests/coupling/guard_block.py``), every call equal to
+  properties a capture can specialise on (``tests/narrow/guard_block.py``), every call equal to
   the masked dense model's (issue 17).
 
 Each property runs in chunks (at most ``--chunk`` examples, a new hypothesis seed per chunk) until
@@ -33,7 +33,7 @@ and the cases hypothesis abandoned because they ran out of data (overruns), are 
 
 **Cost.** An example's time is almost all ``torch.export``: the capture of ``auto_couple``
 (static shapes) and, for attention, the narrow program of each pruned block and call signature
-(every dimension dynamic, several times dearer; ``ecospa/coupling/narrow/program.py`` turns
+(every dimension dynamic, several times dearer; ``ecospa/narrow/program.py`` turns
 torch's fake-tensor cache off for it, about 35% less CPU, the same graph). CPU seconds per
 example in bench/results/fuzz.json: MLP properties 0.04-0.07; attention discovery 0.12, prune
 0.40, optimizer surgery 0.44, save/load 0.62 (two narrow exports, and the capture that ``load``
@@ -61,27 +61,27 @@ RESULTS = ROOT / "bench" / "results"
 # name: (description, strategies, test module, test function or check function)
 PROPERTIES = {
     "discovery_mlp": ("auto_couple == ground truth, random MLP stacks",
-                      "mlp", "tests.graph.test_discovery_properties", "test_random_mlp_stack_discovery"),
+                      "mlp", "tests.analysis.test_discover_properties", "test_random_mlp_stack_discovery"),
     "discovery_attention": ("auto_couple == ground truth, random attention blocks",
-                            "attn", "tests.graph.test_discovery_properties", "test_random_attention_block_discovery"),
+                            "attn", "tests.analysis.test_discover_properties", "test_random_attention_block_discovery"),
     "prune_mlp": ("pruned == masked dense, random MLP stacks",
-                  "mlp+data", "tests.coupling.test_prune_properties", "test_random_mlp_stack_prune"),
+                  "mlp+data", "tests.pruning.test_prune_properties", "test_random_mlp_stack_prune"),
     "prune_attention": ("pruned == masked dense (ragged/uniform heads, 2 input shapes, narrow graph), "
                         "random attention blocks",
-                        "attn+data+heads", "tests.coupling.test_prune_properties", "test_random_attention_block_prune"),
+                        "attn+data+heads", "tests.pruning.test_prune_properties", "test_random_attention_block_prune"),
     "optimizer_mlp": ("optimizer surgery == masked dense training, random MLP stacks",
-                      "mlp+data", "tests.coupling.test_reliability_properties", "check_optimizer_surgery"),
+                      "mlp+data", "tests.training.test_reliability_properties", "check_optimizer_surgery"),
     "optimizer_attention": ("optimizer surgery == masked dense training, random attention blocks",
-                            "attn+data", "tests.coupling.test_reliability_properties", "check_optimizer_surgery"),
+                            "attn+data", "tests.training.test_reliability_properties", "check_optimizer_surgery"),
     "save_load_mlp": ("save/load round trip (model, optimizer, outputs), random MLP stacks",
-                      "mlp+data", "tests.coupling.test_reliability_properties", "check_save_load"),
+                      "mlp+data", "tests.training.test_reliability_properties", "check_save_load"),
     "save_load_attention": ("save/load round trip (model, optimizer, outputs), random attention blocks",
-                            "attn+data", "tests.coupling.test_reliability_properties", "check_save_load"),
+                            "attn+data", "tests.training.test_reliability_properties", "check_save_load"),
     "narrow_calls": ("a pruned block called with sequences that vary, after the first call, every "
                      "property a narrow program can specialise on (aliasing, optional and keyword "
                      "arguments, grad, train/eval, strides, autocast, sizes, attributes, buffers, "
                      "hooks) == masked dense, every call",
-                     "calls", "tests.coupling.guard_block", "check_call_sequence"),
+                     "calls", "tests.narrow.guard_block", "check_call_sequence"),
 }
 # slowest first, so that two processes finish together
 ORDER = ["narrow_calls", "prune_attention", "optimizer_attention", "save_load_attention", "discovery_attention",
@@ -94,7 +94,7 @@ def _strategies(kind: str):
     from tests.strategies import attention_blocks, mlp_stacks
 
     if kind == "calls":
-        from tests.coupling.guard_block import call_specs
+        from tests.narrow.guard_block import call_specs
 
         return [st.lists(call_specs(), min_size=2, max_size=6), st.sampled_from(["ragged", "uniform"]),
                 st.integers(0, 2), st.integers(0, 24).map(lambda i: i == 0)]

@@ -8,27 +8,28 @@ See README.md and docs/ for the method and the design.
 """
 from ecospa.errors import (CaptureError, CheckpointError, ConfigError, EcospaError, EcospaWarning,
                            NonFiniteGradientWarning, PlanError, PruneError, ShardedModelError)
-from ecospa.graph.ir import Coupling, CouplingGraph, Site, Slice, SliceTable, Stamp
-from ecospa.coupling.discovery import auto_couple
-from ecospa.coupling.executor import PruneResult, Removal, prune, prune_pass, remaining
-from ecospa.coupling.importance import Importance
-from ecospa.coupling.planner import Plan, PlanConfig, PlanStep
-from ecospa.coupling.record import ParamRecord, param_records
-from ecospa.coupling.report import RegionReport, execution_report
-from ecospa.coupling.scores import register_coupling_score, register_unit_score
-from ecospa.coupling.training import EcoSpa, PruneEvent
-from ecospa.coupling.compress import CompressError, CompressReport, compress
-from ecospa.coupling.calibration import CalibrationError
+from ecospa.ir.coupling import Coupling, CouplingGraph, Site, Slice, SliceTable, Stamp
+from ecospa.analysis.auto_couple import auto_couple
+from ecospa.pruning.apply import PruneResult, Removal, prune, prune_pass, remaining
+from ecospa.scoring.importance import Importance
+from ecospa.schedule.planner import Plan, PlanConfig, PlanStep
+from ecospa.ir.record import ParamRecord, param_records
+from ecospa.pruning.report import RegionReport, execution_report
+from ecospa.scoring.scores import register_coupling_score, register_unit_score
+from ecospa.training.sparse import EcoSpa, PruneEvent
+from ecospa.compression.compress import CompressConfig, CompressError, CompressReport, compress
+from ecospa.compression.calibration import CalibrationError
 from ecospa.checkpoint import check_writable, load, save
 # ecospa.export is the function from here on (it shadows its package: import submodules by path)
 from ecospa.export import ExportError, ExportReport, export
+from ecospa.version import __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
     "auto_couple",
     "prune",
     "compress",
+    "CompressConfig",
     "CompressReport",
     "save",
     "load",

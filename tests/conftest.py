@@ -1,5 +1,5 @@
-"""Shared fixtures: a fixed seed for every test and the hypothesis profile of the suite; the
-modules with a ``slow`` test run first."""
+"""Shared fixtures: a fixed seed for every test, the hypothesis profile of the suite, ``gpt`` (the
+subject of the reliability tests); the modules with a ``slow`` test run first."""
 from __future__ import annotations
 
 import random
@@ -7,6 +7,9 @@ import random
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+import ecospa
+from tests.tiny_gpt import example, tiny_gpt, train_step
 
 settings.register_profile(
     "ecospa",
@@ -41,3 +44,17 @@ def pytest_collection_modifyitems(config, items):
     module = lambda item: item.nodeid.split("::")[0]
     slow = {module(item) for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: module(item) not in slow)
+
+_COUPLINGS: list = []
+
+
+@pytest.fixture
+def gpt():
+    """A tiny GPT trained one AdamW step, its optimizer and couplings (found once: every copy
+    is in the same state, so the same couplings apply)."""
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    train_step(model, opt, 0)
+    if not _COUPLINGS:
+        _COUPLINGS.append(ecospa.auto_couple(model, example()))
+    return model, opt, _COUPLINGS[0]

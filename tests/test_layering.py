@@ -5,7 +5,9 @@
   ``obj._y`` where ``_y`` is an attribute or method that only other ecospa modules define (a
   private field of an object made elsewhere, such as ``fwd._kv``);
 - the module-level imports among ecospa modules form no circle (imports inside functions are
-  left out: they run after every module has loaded).
+  left out: they run after every module has loaded);
+- every import, inside functions too, goes from a folder to one on a lower layer of
+  :data:`LAYERS` or stays inside its folder: the folders form a stack, never a circle.
 
 Each check is a pure function of source text, tested on small sources below so that it is seen
 to fail where it must.
@@ -147,6 +149,72 @@ def import_graph(sources: dict[str, str], top: str = "ecospa") -> nx.DiGraph:
     return g
 
 
+#: The folders of the package from the bottom up (docs/ARCHITECTURE.md, "Layout"). A module may
+#: import from its own folder and from folders on lower layers; folders on one layer do not import
+#: each other.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("errors", "version"),
+    ("ir",),
+    ("capture",),
+    ("ops",),
+    ("analysis",),
+    ("narrow", "export"),
+    ("pruning",),
+    ("scoring",),
+    ("schedule",),
+    ("training", "compression", "checkpoint"),
+    ("integrations",),
+    ("",),  # ecospa/__init__.py: the public API
+    ("recipes",),
+    ("cli",),
+)
+
+#: Imports against the layers, each with its reason: ``{(module, imported module): why}``.
+ALLOWED = {
+    ("ecospa.ir.plan", "ecospa.analysis.auto_couple"): "Plan.replay, the public shortcut for ecospa.prune(model, "
+                                                       "plan): imported when called, so the IR loads alone",
+    ("ecospa.ir.plan", "ecospa.pruning.apply"): "Plan.replay (as above)",
+}
+
+
+def _folder(module: str, top: str = "ecospa") -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def all_imports(sources: dict[str, str], top: str = "ecospa") -> list[tuple[str, int, str]]:
+    """``(module, line, imported module)`` for every import of an ecospa module, at any depth
+    (inside functions too; ``if TYPE_CHECKING`` ones included: they are imports all the same)."""
+    trees = _trees(sources)
+    out = []
+    for m, (tree, is_pkg) in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                out += [(m, node.lineno, a.name) for a in node.names if a.name.split(".")[0] == top]
+            elif isinstance(node, ast.ImportFrom):
+                src = _absolute(m, is_pkg, node)
+                if src.split(".")[0] != top:
+                    continue
+                for a in node.names:
+                    out.append((m, node.lineno, f"{src}.{a.name}" if f"{src}.{a.name}" in trees else src))
+    return out
+
+
+def layer_violations(sources: dict[str, str], layers=LAYERS) -> list[str]:
+    """Imports that go up the stack of :data:`LAYERS` or sideways between folders of one layer."""
+    rank = {f: i for i, layer in enumerate(layers) for f in layer}
+    found = []
+    for m, line, target in all_imports(sources):
+        a, b = _folder(m), _folder(target)
+        if a == b or (m, target) in ALLOWED:
+            continue
+        if a not in rank or b not in rank:
+            found.append(f"{m}:{line}: folder {a if a not in rank else b!r} is on no layer")
+        elif rank[b] >= rank[a]:
+            found.append(f"{m}:{line}: imports {target} ({b or 'ecospa'} is not below {a or 'ecospa'})")
+    return sorted(set(found))
+
+
 def import_circles(sources: dict[str, str]) -> list[list[str]]:
     return sorted(sorted(c) for c in nx.simple_cycles(import_graph(sources)))
 
@@ -164,11 +232,21 @@ def test_module_level_imports_form_no_circle():
         " -> ".join(c) for c in circles)
 
 
+def test_folders_import_only_from_lower_layers():
+    found = layer_violations(package_sources())
+    assert not found, "imports against the layers of LAYERS:\n" + "\n".join(found)
+
+
+def test_every_folder_is_on_a_layer():
+    folders = {_folder(m) for m in package_sources()}
+    assert folders == {f for layer in LAYERS for f in layer}
+
+
 def test_the_package_is_read():
     sources = package_sources()
-    assert {"ecospa", "ecospa.coupling.executor", "ecospa.graph.ir"} <= set(sources)
+    assert {"ecospa", "ecospa.pruning.apply", "ecospa.ir.coupling"} <= set(sources)
     g = import_graph(sources)
-    assert g.has_edge("ecospa.coupling.executor", "ecospa.coupling.execution")
+    assert g.has_edge("ecospa.pruning.apply", "ecospa.pruning.transaction")
 
 
 # ---------------------------------------------------------------------------- the checks fail where they must
@@ -190,6 +268,16 @@ def test_own_and_foreign_private_names_are_allowed():
     a = "_x = 1\nclass A:\n    def __init__(self):\n        self._state = 0\n    def f(self, other):\n        return other._state + _x\n"
     b = "def f(module):\n    return module._parameters, module._buffers\n"  # torch's, not ecospa's
     assert private_uses({"ecospa": "", "ecospa.a": a, "ecospa.b": b, "ecospa.c": "from ecospa.a import A\n"}) == []
+
+
+def test_layer_violations_are_found_inside_functions_too():
+    layers = (("a",), ("b",))
+    src = {"ecospa": "", "ecospa.a": "", "ecospa.a.x": "def f():\n    from ecospa.b.y import g\n",
+           "ecospa.b": "", "ecospa.b.y": "from ecospa.a.x import f\n"}
+    found = layer_violations(src, layers)
+    assert len(found) == 1 and found[0].startswith("ecospa.a.x:2: imports ecospa.b.y"), found
+    assert layer_violations(src, (("a", "b"),)) == ["ecospa.a.x:2: imports ecospa.b.y (b is not below a)",
+                                                     "ecospa.b.y:1: imports ecospa.a.x (a is not below b)"]
 
 
 def test_circle_is_found_at_module_level_only():

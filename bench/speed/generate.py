@@ -5,7 +5,7 @@ Two loops over the same HF GPT-2 models (eval mode, ``torch.inference_mode``, ba
 - ``cached``: ``model.generate(x, max_new_tokens=n, do_sample=False, use_cache=True)``. HF passes
   its ``DynamicCache`` (Python-side state) to every attention call; a narrow graph cannot update
   it, so pruned attention runs on ecospa's exact scatter fallback at the dense head width, while
-  the cache stores keys and values at the kept widths (``ecospa.coupling.narrow.kvcache``; ragged
+  the cache stores keys and values at the kept widths (``ecospa.narrow.kvcache``; ragged
   heads padded to the layer's widest kept head). ``execution_report`` says so. The prefill alone
   (``max_new_tokens=1``) is timed too, so the decode rate is ``(n - 1) / (t(n) - t(1))``.
 - ``no_cache``: nanoGPT-style: every new token recomputes the whole sequence

@@ -21,8 +21,8 @@ import torch.nn as nn
 
 from ecospa.checkpoint.removals import same_records
 from ecospa.checkpoint.tree import decode, encode, is_int
-from ecospa.coupling.plan import Plan
-from ecospa.coupling.record import ParamRecord, param_records
+from ecospa.ir.plan import Plan
+from ecospa.ir.record import ParamRecord, param_records
 from ecospa.errors import CheckpointError, EcospaError
 
 __all__ = ["ecospa_to_json", "EcoSpaState", "check_ecospa", "restore_ecospa"]
@@ -44,7 +44,7 @@ class EcoSpaState:
 
 def _plan_records(model: nn.Module, plan: Plan, cg, where: str) -> dict[str, ParamRecord]:
     """The removal record ``model`` would have after ``prune(model, plan, couplings=cg)``."""
-    from ecospa.coupling.executor import resolve
+    from ecospa.pruning.apply import resolve
 
     try:
         steps = resolve(model, plan, cg)

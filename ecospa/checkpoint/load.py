@@ -27,7 +27,7 @@ from ecospa.checkpoint.rng import check_rng, restore_rng
 from ecospa.checkpoint.tensorfile import read_tensors
 from ecospa.checkpoint.tree import decode
 from ecospa.checkpoint.weights import check_weights, expected_shapes, load_weights, uniform_float_dtype
-from ecospa.coupling.record import param_records
+from ecospa.ir.record import param_records
 from ecospa.errors import CheckpointError
 
 __all__ = ["load", "read_extra", "Checkpoint", "read_checkpoint"]

@@ -35,7 +35,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ecospa.checkpoint.tree import is_int, parse_json, references
-from ecospa.coupling.record import ParamRecord
+from ecospa.ir.record import ParamRecord
 from ecospa.errors import CheckpointError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "WEIGHTS", "STATE", "HF_CONFIG", "KNOWN_FILES",

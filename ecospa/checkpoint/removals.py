@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ecospa.coupling.record import ParamRecord, param_records
+from ecospa.ir.record import ParamRecord, param_records
 from ecospa.errors import CheckpointError
-from ecospa.graph.ir import Coupling, CouplingGraph
+from ecospa.ir.coupling import Coupling, CouplingGraph
 
 __all__ = ["check_removals", "units_to_remove", "replay", "same_records"]
 
@@ -148,10 +148,10 @@ def replay(model: nn.Module, saved: Mapping[str, ParamRecord], optimizer, *, exa
         CheckpointError: see :func:`check_removals` and :func:`units_to_remove`; also a plain
             module without ``example_inputs`` when there is something to replay.
     """
-    from ecospa.coupling.discovery import auto_couple
-    from ecospa.coupling.executor import prune
+    from ecospa.analysis.auto_couple import auto_couple
+    from ecospa.pruning.apply import prune
     from ecospa.errors import CaptureError
-    from ecospa.graph.capture import default_inputs
+    from ecospa.capture.export import default_inputs
 
     if same_records(param_records(model), saved):
         return

@@ -18,7 +18,8 @@ from ecospa.checkpoint.rng import rng_to_json
 from ecospa.checkpoint.tensorfile import write_tensors
 from ecospa.checkpoint.tree import dump_json, encode
 from ecospa.checkpoint.weights import split_state
-from ecospa.coupling.record import param_records
+from ecospa.version import __version__
+from ecospa.ir.record import param_records
 from ecospa.errors import CheckpointError
 
 __all__ = ["save"]
@@ -95,6 +96,4 @@ def save(model: nn.Module, directory: str | os.PathLike, *, optimizer: torch.opt
 
 
 def _version() -> str:
-    import ecospa as package
-
-    return str(getattr(package, "__version__", "unknown"))
+    return __version__

@@ -21,7 +21,7 @@ import warnings
 
 import torch.nn as nn
 
-from ecospa.coupling.record import param_records
+from ecospa.ir.record import param_records
 from ecospa.errors import EcospaWarning
 
 __all__ = ["guard", "GuardedSave"]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ecospa.coupling.record import ParamRecord, param_records
+from ecospa.ir.record import ParamRecord, param_records
 
 __all__ = ["Structure", "structure_of", "dense_tensor"]
 

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from ecospa.coupling.record import dense_view
+from ecospa.ir.record import dense_view
 from ecospa.export.fields import FieldMap, config_with, probe_fields
 from ecospa.export.padding import Selection, select
 from ecospa.export.report import ExportError, ExportReport

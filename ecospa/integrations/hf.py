@@ -51,7 +51,7 @@ import re
 import torch.nn as nn
 from transformers import TrainerCallback
 
-from ecospa.coupling.training import EcoSpa
+from ecospa.training.sparse import EcoSpa
 from ecospa.errors import ConfigError, EcospaError
 from ecospa.integrations._common import DEFAULT_END, attach_optimizer, schedule_run
 from ecospa.integrations._state import load_state, read_json, save_state

@@ -44,7 +44,7 @@ import logging
 import torch
 import torch.nn as nn
 
-from ecospa.coupling.training import EcoSpa
+from ecospa.training.sparse import EcoSpa
 from ecospa.errors import EcospaError
 from ecospa.integrations._common import DEFAULT_END, attach_optimizer, optimizer_for, schedule_run
 from ecospa.integrations._state import state_from_files, state_to_files

@@ -1,7 +1,7 @@
 """Workflows built on ecospa's public API: the demo, a training harness, a test-subject model.
 
 Not part of the library: ``import ecospa`` never imports this package, and nothing here is used
-by ``ecospa/graph`` or ``ecospa/coupling``. Everything below calls only what ``ecospa`` exports
+by the engine (``ecospa/analysis``, ``ecospa/pruning``, ...). Everything below calls only what ``ecospa`` exports
 (``ecospa.EcoSpa``, ``ecospa.auto_couple``, ``ecospa.prune``, ``ecospa.Plan``, its errors), the
 way torchtune keeps its recipes apart from its modules.
 

@@ -41,10 +41,10 @@ def _violations(path: Path) -> list[str]:
 def test_the_scan_sees_the_clients_and_catches_an_internal_import(tmp_path: Path):
     assert ROOT / "ecospa" / "recipes" / "demo.py" in CLIENTS and ROOT / "bench" / "bench_training.py" in CLIENTS
     probe = tmp_path / "probe.py"
-    probe.write_text("import ecospa\nfrom ecospa.graph.ir import SliceTable\nfrom ecospa import prune, _x\n"
-                     "ecospa.coupling.executor\n")
+    probe.write_text("import ecospa\nfrom ecospa.ir.coupling import SliceTable\nfrom ecospa import prune, _x\n"
+                     "ecospa.pruning.apply\n")
     found = _violations(probe)
-    assert len(found) == 3 and "from ecospa.graph.ir" in found[0] and "_x" in found[1], found
+    assert len(found) == 3 and "from ecospa.ir.coupling" in found[0] and "_x" in found[1], found
 
 
 @pytest.mark.parametrize("path", CLIENTS, ids=lambda p: str(p.relative_to(ROOT)))

@@ -1,1 +1,0 @@
-"""Coupling side of ecospa: importance scores, planner, executor and training integration."""

@@ -1,1 +1,0 @@
-"""Graph side of ecospa: capture, channel flow, and coupling discovery."""

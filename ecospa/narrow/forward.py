@@ -1,0 +1,435 @@
+"""The forward the executor installs on the scope of pruned attention: narrow graph or fallback.
+
+:class:`RegionForward` replaces ``module.forward`` of a coupling's scope (for example every
+``self_attn`` of a pruned Llama). On each call it computes the call's signature; the first call
+with a new signature captures the *dense* module for it (``record.dense_view`` + ``torch.export``,
+shared between structurally identical modules), rewrites the graph to the kept widths
+(``layout.analyse`` + ``rewrite.rewrite``) and checks it once against the exact fallback on the
+call's own inputs. Later calls with that signature (and the module state the capture read, see
+program.py's table of guards) run the narrow graph. A call with a KV cache object runs a graph
+that reads and writes the cache at the kept widths (``cached``), else the fallback with the cache
+stored narrow (``kvcache``). Everything else (an op without a narrow rule, a failed check, a
+graph that fails later) runs the fallback: the module's own forward over scatter adapters, exact
+but at the dense head width. Layouts are tried as a ladder (:data:`LADDER`); each refusal has a
+kind (:class:`Refusal`). Nothing is silent: :meth:`RegionForward.report` says, per signature,
+which path runs, which rung built it and why.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import warnings
+from collections import Counter
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from ecospa.narrow.groups import GroupSum, head_groups, output_biases
+from ecospa.narrow.kvcache import KVNarrower, find_cache
+from ecospa.narrow.positions import analyse
+from ecospa.narrow.program import (CallNotServable, Program, Signature, export_call, getter, placeholder_feeds,
+                                  signature)
+from ecospa.narrow.entry import LADDER, MAX_VARIANTS, Entry, Refusal, is_random, outputs_close
+from ecospa.narrow.rewrite import rewrite
+from ecospa.ops.registry import NarrowError
+from ecospa.ir.record import EcospaForward, dense_view, param_records
+from ecospa.errors import EcospaWarning
+from ecospa.capture.export import Captured
+from ecospa.analysis.flow import propagate
+
+__all__ = ["RegionForward", "ProgramCache", "verify_narrow_calls"]
+
+log = logging.getLogger("ecospa")
+
+class ProgramCache:
+    """Dense captures shared by structurally identical modules (same class, same dense parameter
+    shapes, same call signature). Owned by the installed forwards of one model."""
+
+    def __init__(self) -> None:
+        self.programs: dict[tuple, list[Program]] = {}
+        # per key: attributes (path, name) seen to differ between twins whose captures were the
+        # same graph (an HF attention's layer_idx, which only picks the cache layer): ignored
+        # when a twin looks for a capture to share
+        self.irrelevant: dict[tuple, set] = {}
+
+    def get(self, module: nn.Module, key: tuple, tensors, export, *, shared: bool = True) -> tuple[Program, bool]:
+        """A capture for ``module``'s call: a twin's (``(program, True)``) where one fits the
+        call's shapes and the module's read attributes, else ``export()``'s, run on the dense
+        view (``(program, False)``)."""
+        found = [p for p in self.programs.get(key, ())
+                 if p.guard(tensors) and not any(k[0] == "const" for k in p.kinds)] if shared else []
+        ignore = self.irrelevant.setdefault(key, set())
+        if found:
+            with dense_view(module):
+                for p in found:
+                    if p.fits_module(module, ignore):
+                        return p, True
+        with dense_view(module):
+            program = export()
+        for p in found:
+            diff = p.differing_reads(program)
+            if diff:
+                ignore |= diff
+        self.programs.setdefault(key, []).append(program)
+        return program, False
+
+    def key(self, module: nn.Module, sig: Signature) -> tuple:
+        """Class, *dense* parameter shapes and signature: a capture of the dense view does not
+        depend on the widths kept, so pruning again never exports again."""
+        records = param_records(module)
+        dense = tuple((n, tuple(records[n].dense_shape) if n in records else tuple(p.shape))
+                      for n, p in module.named_parameters())
+        return (type(module), dense, sig)
+
+
+class RegionForward(EcospaForward):
+    """Installed forward of a module whose couplings run narrow (see the module docstring).
+
+    Args:
+        module: the scope module; path: its name in the model (for messages).
+        cache: dense captures shared with its twins.
+        pad_multiple: ragged heads are padded to a multiple of this many positions.
+        check: compare every new narrow graph with the fallback once (recommended).
+        group_heads: run ragged heads as one graph per width group (``groups``) rather than
+            padded to the widest, where the call allows it (``prune(..., narrow="grouped")``).
+    """
+
+    def __init__(self, module: nn.Module, path: str, cache: ProgramCache, *, pad_multiple: int = 8,
+                 check: bool = True, fallback=None, group_heads: bool = False):
+        self.module, self.path, self.cache = module, path, cache
+        self.pad_multiple, self.check = pad_multiple, check
+        self.group_heads = group_heads
+        self.fallback = fallback
+        self.entries: dict[Signature, list[Entry]] = {}
+        self.refused: Counter = Counter()  # calls that could not be served, by reason
+        self.couplings: frozenset[str] = frozenset()  # names of the pruned couplings it runs
+        self._subtree: list[nn.Module] | None = None
+        self._kv: KVNarrower | None = None
+        self.verify_calls = False  # prune(..., verify=True): check every new input shape once
+        self._flows: dict[int, tuple] = {}  # id(dense graph) -> (graph, its label flow)
+
+    @property
+    def kv(self) -> KVNarrower:
+        """Stores the KV cache of calls that run the fallback at the kept widths (``kvcache``)."""
+        if self._kv is None:
+            self._kv = KVNarrower(self.module, self.run_fallback)
+        return self._kv
+
+    @property
+    def _mods(self) -> list[nn.Module]:
+        """The modules of the scope's subtree (their train/eval flags are part of a signature)."""
+        if self._subtree is None:
+            self._subtree = list(self.module.modules())
+        return self._subtree
+
+    # ----------------------------------------------------------------- bookkeeping
+    def invalidate(self) -> Callable[[], None]:
+        """Forget the narrow graphs (the pruned state changed); dense captures are kept.
+
+        Returns:
+            a function that gives back what was forgotten (the graphs, the call counts and the KV
+            layouts): :meth:`Transaction.invalidate <ecospa.pruning.transaction.Transaction.invalidate>`
+            logs it, so that a rollback to the old widths finds the graphs built for them.
+        """
+        entries, refused = self.entries, self.refused
+        self.entries, self.refused = {}, Counter()
+        kv = self._kv
+        layouts = dict(kv.layouts) if kv is not None else None
+        if kv is not None:
+            kv.reset()
+
+        def restore() -> None:
+            self.entries, self.refused, self._kv = entries, refused, kv
+            if kv is not None:
+                kv.layouts.clear()
+                kv.layouts.update(layouts)
+        return restore
+
+    def kv_summary(self) -> str | None:
+        """How calls with a KV cache stored it (one line for ``execution_report``), or None
+        before any such call."""
+        return self._kv.describe() if self._kv is not None else None
+
+    def __deepcopy__(self, memo):
+        """A copy for the copied module, without the narrow graphs (rebuilt at its first calls)."""
+        new = RegionForward.__new__(RegionForward)
+        memo[id(self)] = new
+        new.__dict__.update(self.__getstate__())
+        new.module = copy.deepcopy(self.module, memo)
+        new.fallback = copy.deepcopy(self.fallback, memo)
+        return new
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.update(entries={}, refused=Counter(), cache=ProgramCache(), _subtree=None, _kv=None, _flows={})
+        return state
+
+    def report(self) -> list[dict[str, Any]]:
+        """Per signature seen: ``{"path": "narrow" | "fallback", "reason", "calls"}``."""
+        rows = [{"path": "narrow" if e.gm is not None else "fallback", "reason": e.reason, "calls": e.calls,
+                 "kind": e.refusal, "strategy": e.strategy, "tried": e.tried}
+                for es in self.entries.values() for e in es]
+        rows += [{"path": "fallback", "reason": r, "calls": n, "kind": Refusal.UNSERVABLE}
+                 for r, n in self.refused.items()]
+        return rows
+
+    # ----------------------------------------------------------------- calls
+    def exact_path(self) -> Callable:
+        """The exact fallback (see :class:`~ecospa.ir.record.EcospaForward`)."""
+        return self.run_fallback
+
+    def run_fallback(self, *args, **kwargs):
+        """The exact path: the module's own forward over the scatter adapters (dense head width)."""
+        if self.fallback is not None:
+            return self.fallback(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return self.run_fallback(*args, **kwargs)
+        cache = find_cache(args, kwargs)
+        if cache is not None:  # (checked first: a decode step computes its signature once)
+            return self._cached_call(cache, args, kwargs)
+        try:
+            sig, tensors = signature(self._mods, args, kwargs, hooks=self._mods[1:])
+        except CallNotServable as e:
+            self.refused[str(e)] += 1
+            return self.run_fallback(*args, **kwargs)
+        entry = self._entry(sig, tensors, args, kwargs)
+        if entry is None or entry.gm is None:
+            if entry is not None:
+                entry.calls += 1
+            return self.run_fallback(*args, **kwargs)
+        if self.verify_calls and not self._verified(entry, sig, tensors, args, kwargs):
+            entry.calls += 1
+            return self.run_fallback(*args, **kwargs)
+        feeds = [f() for f in entry.feeds]
+        try:
+            out = entry.gm(*feeds, *tensors)
+        except Exception as e:  # a graph that cannot run this call must cost speed, never the forward
+            entry.gm, entry.refusal = None, Refusal.BUG
+            entry.reason = f"the narrow graph failed on a later call: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            log.warning("ecospa: %s: %s; it runs on the exact fallback from now on. Please report this with "
+                        "the model.", self.path or "<root>", entry.reason)
+            entry.calls += 1
+            return self.run_fallback(*args, **kwargs)
+        entry.calls += 1
+        return entry.program.output(out)
+
+    def _verified(self, entry: Entry, sig: Signature, tensors, args, kwargs) -> bool:
+        """Under ``verify``: the first call of every new input shape served by ``entry`` is
+        compared with the exact path; a mismatch sends the entry to the fallback for good (with
+        a warning) instead of returning a wrong result."""
+        key = tuple(tuple(t.shape) for t in tensors)
+        if key in entry.verified:
+            return True
+        problem = self._compare(entry, tensors, args, kwargs)
+        if problem is None:
+            entry.verified.add(key)
+            return True
+        entry.gm, entry.refusal = None, Refusal.VERIFY
+        entry.reason = f"verify: a call of shapes {list(key)} differed from the exact path: {problem}"
+        warnings.warn(f"ecospa: {self.path or '<root>'}: {entry.reason}; it runs on the exact fallback from now "
+                      "on. Please report this with the model.", EcospaWarning, stacklevel=3)
+        return False
+
+    def _cached_call(self, cache, args, kwargs):
+        """A call with a KV cache object: a narrow graph that reads and writes the cache at the
+        kept widths (``cached``), else the fallback with the cache stored narrow (``kvcache``)."""
+        from ecospa.narrow.cached import CachedGraphs, NotServed, RegionParts
+
+        kv = self.kv
+        if kv.graphs is None:
+            kv.graphs = CachedGraphs(self, kv, RegionParts(self.run_fallback, self._mods, self._state, outputs_close, is_random,
+                                                           _outside_inference_mode))
+        try:
+            return kv.graphs(cache, args, kwargs)
+        except NotServed as e:
+            self.refused[str(e)] += 1
+        return kv(cache, args, kwargs)
+
+    def _entry(self, sig: Signature, tensors, args, kwargs) -> Entry | None:
+        variants = self.entries.setdefault(sig, [])
+        for v in variants:
+            if v.program is None or (v.program.guard(tensors) and v.state_ok()):
+                return v
+        if len(variants) >= MAX_VARIANTS:
+            self.refused[f"more than {MAX_VARIANTS} shape variants or module states of one signature"] += 1
+            return None
+        with _outside_inference_mode(tensors, args, kwargs) as (tensors, args, kwargs):
+            entry = self._build(sig, tensors, args, kwargs, shared=True)
+            if entry.refusal == Refusal.MISMATCH and entry.program is not None and entry.program.shared:
+                entry = self._build(sig, tensors, args, kwargs, shared=False)  # a twin's capture misled
+        variants.append(entry)
+        if entry.gm is not None and self.check:
+            entry.verified.add(tuple(tuple(t.shape) for t in tensors))  # checked while it was built
+        if entry.gm is None:
+            log.info("ecospa: %s runs on the exact fallback for this call: %s", self.path or "<root>", entry.reason)
+        return entry
+
+    def _program(self, sig: Signature, tensors, shared: bool) -> Program:
+        program, twin = self.cache.get(self.module, self.cache.key(self.module, sig), tensors,
+                                       lambda: export_call(self.module, sig, tensors), shared=shared)
+        return dataclasses.replace(program, shared=True) if twin else program
+
+    def _build(self, sig: Signature, tensors, args, kwargs, *, shared: bool) -> Entry:
+        try:
+            program = self._program(sig, tensors, shared)
+        except CallNotServable as e:
+            return Entry(None, reason=str(e), refusal=Refusal.UNSERVABLE)
+        if not program.guard(tensors):
+            return Entry(None, reason="the capture specialised a dimension these inputs do not match",
+                         refusal=Refusal.SPECIALISED)
+        state, buffers = self._state(program)
+        kept = {n: dict(r.kept) for n, r in param_records(self.module).items()}
+        params, consts, feeds = placeholder_feeds(program, self.module, tensors[0].device if tensors else None)
+        captured = Captured(graph=program.graph, params=params, buffers=consts, shapes=program.shapes)
+        # the labels depend on the dense graph only: one analysis for every layout and every later
+        # round of pruning (a new set of widths rewrites the same graph)
+        flow = self._flows.get(id(program.graph))
+        if flow is None or flow[0] is not program.graph:
+            flow = self._flows[id(program.graph)] = (program.graph, propagate(captured))
+        flow = flow[1]
+        grouped = self._grouped(program, captured, flow, kept, consts, feeds, sig, tensors, args, kwargs)
+        if grouped is not None:
+            return grouped
+        entry, prev, tried = None, None, []
+        for strategy in LADDER:
+            skip = strategy.redundant(prev)
+            if skip:
+                tried.append((strategy.name, skip))
+                continue
+            layout = analyse(captured, kept, pad_multiple=self.pad_multiple, drop_blocks=strategy.drop,
+                             exact_flat=strategy.exact, flow=flow)
+            prev = (strategy, layout)
+            try:
+                gm = rewrite(program, layout, kept, consts)
+            except NarrowError as e:
+                entry = Entry(program, reason=str(e), refusal=Refusal.NO_RULE)
+                tried.append((strategy.name, Refusal.NO_RULE))
+                continue
+            except Exception as e:  # a bug in a narrow rule must cost speed, never the forward
+                entry = Entry(program, reason=f"building the narrow graph failed: {type(e).__name__}: {e}",
+                              refusal=Refusal.BUG)
+                tried.append((strategy.name, Refusal.BUG))
+                continue
+            if tensors:
+                gm = gm.to(tensors[0].device)
+            entry = Entry(program, gm, feeds=feeds, state=state, buffers=buffers, strategy=strategy.name,
+                          tried=tuple(tried))
+            if self.check:
+                problem = self._check(entry, sig, tensors, args, kwargs)
+                if problem:
+                    entry = Entry(program, reason=f"checked against the exact path: {problem}",
+                                  refusal=Refusal.MISMATCH, state=state, buffers=buffers)
+                    tried.append((strategy.name, Refusal.MISMATCH))
+                    continue
+            return entry
+        entry = dataclasses.replace(entry, tried=tuple(tried))
+        if entry.refusal == Refusal.BUG:
+            log.warning("ecospa: %s of %s; it runs on the exact fallback. Please report this with the model.",
+                        entry.reason, self.path or "<root>")
+        return entry
+
+    def _grouped(self, program, captured, flow, kept, consts, feeds, sig, tensors, args, kwargs) -> Entry | None:
+        """Ragged heads run as one narrow graph per width group, outputs added (``groups``);
+        None when grouping does not apply or its graph fails to build or check."""
+        if not self.group_heads:
+            return None
+        try:
+            recs = head_groups(captured, kept, multiple=self.pad_multiple, flow=flow)
+            if recs is None:
+                return None
+            biases = output_biases(program, kept)
+            slots = tuple(i for i, kind in enumerate(program.kinds) if kind[0] == "param" and kind[1] in biases)
+            graphs = []
+            for rec in recs:
+                layout = analyse(captured, rec, pad_multiple=self.pad_multiple, drop_blocks=True, flow=flow)
+                if not layout.dropped:
+                    return None
+                graphs.append(rewrite(program, layout, kept, consts))
+            gm = GroupSum(graphs, [()] + [slots] * (len(graphs) - 1))
+        except NarrowError:
+            return None
+        except Exception as e:  # grouping is an optimisation: a bug in it costs speed, not the forward
+            log.debug("ecospa: grouping the heads of %s failed: %s: %s", self.path or "<root>", type(e).__name__, e)
+            return None
+        if tensors:
+            gm = gm.to(tensors[0].device)
+        state, buffers = self._state(program)
+        entry = Entry(program, gm, feeds=feeds, state=state, buffers=buffers, strategy="grouped")
+        if self.check and self._check(entry, sig, tensors, args, kwargs):
+            return None
+        return entry
+
+    def _state(self, program: Program) -> tuple[tuple, tuple]:
+        """What an entry of ``program`` on this module guards: the live values of the attributes
+        the capture read and the shapes of the buffers the graph reads."""
+        buffers = tuple((getter(self.module, "_buffers", n), torch.Size(shape))
+                        for n, shape in program.buffer_shapes.items())
+        if program.reads is None:
+            return (), buffers
+        mods = dict(self.module.named_modules(remove_duplicate=False))
+        state = []
+        for path, name, kind, value, version in program.reads.values(self.module):
+            state.append((mods[path].__dict__, name, kind, value, version))
+        return tuple(state), buffers
+
+    def _check(self, entry: Entry, sig, tensors, args, kwargs) -> str | None:
+        """Compare the narrow graph with the fallback on this call's inputs (no gradients). A graph
+        with random ops (dropout in training) is checked through its eval-mode twin."""
+        if is_random(entry.program):
+            modes = [m.training for m in self._mods]
+            try:
+                for m in self._mods:
+                    m.training = False
+                sig_eval, _ = signature(self._mods, args, kwargs, hooks=self._mods[1:])
+                twin = self._build(sig_eval, tensors, args, kwargs, shared=True)
+                self.entries.setdefault(sig_eval, []).append(twin)
+                return twin.reason if twin.gm is None else None
+            finally:
+                for m, t in zip(self._mods, modes):
+                    m.training = t
+        return self._compare(entry, tensors, args, kwargs)
+
+    def _compare(self, entry: Entry, tensors, args, kwargs) -> str | None:
+        """The narrow graph against the fallback on this call's inputs (no gradients); None when
+        they agree."""
+        with torch.no_grad():
+            feeds = [f() for f in entry.feeds]
+            try:
+                got = entry.program.output(entry.gm(*feeds, *tensors))
+            except Exception as e:  # a wrong narrow graph must cost speed, never a forward
+                return f"the narrow graph failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            want = self.run_fallback(*args, **kwargs)
+        return outputs_close(got, want)
+
+
+def verify_narrow_calls(model: nn.Module, on: bool = True) -> None:
+    """Make every installed :class:`RegionForward` of ``model`` compare the first call of each new
+    input shape it serves with the exact path (``prune(..., verify=True)``)."""
+    from ecospa.ir.record import installed_forward
+
+    for m in model.modules():
+        fwd = installed_forward(m)
+        if isinstance(fwd, RegionForward):
+            fwd.verify_calls = on
+
+
+@contextlib.contextmanager
+def _outside_inference_mode(tensors, args, kwargs):
+    """Build a narrow graph outside ``torch.inference_mode`` (gradients off), on normal copies of
+    the call's inference tensors: export cannot trace inference tensors, and a graph built inside
+    inference mode would hold inference-tensor indices that a later call with gradients could not
+    save for backward. Outside inference mode this changes nothing."""
+    if not torch.is_inference_mode_enabled():
+        yield tensors, args, kwargs
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        yield pytree.tree_map_only(torch.Tensor, lambda t: t.clone() if t.is_inference() else t,
+                                   (tensors, args, kwargs))
+

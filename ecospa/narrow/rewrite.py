@@ -1,0 +1,291 @@
+"""Build the narrow graph of a captured call: same ops, fewer positions.
+
+:func:`rewrite` walks the captured graph in order and asks each op's narrow rule
+(``ecospa.ops``: each op's narrow rule) for its narrow version. Parameters enter as they are in the
+pruned model (only kept slices). Ragged heads carry padding units in the head-blocked tensors
+only: the views between a projection (exact widths) and its heads scatter to and gather from the
+padded layout (:meth:`Builder.run_rule`); a parameter that is itself laid out in heads is padded
+with zero slices (``ops.expand_param``). Index tensors become buffers of the resulting
+``torch.fx.GraphModule``, so ``.to(device)`` moves them.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ecospa.ops import runtime as ops
+from ecospa.ir.narrowing import Narrowing
+from ecospa.narrow.positions import Layout
+from ecospa.narrow.program import Program
+from ecospa.ops.registry import NarrowError, spec
+from ecospa.capture.export import module_of
+
+__all__ = ["Builder", "rewrite"]
+
+
+class Builder:
+    """State of one rewrite: the new graph, the old-to-new node map, index buffers, and the
+    zero-safety flags (``zero[node]``: the node's dropped positions are zero in the masked dense
+    model)."""
+
+    def __init__(self, program: Program, layout: Layout, constants: Mapping[str, torch.Tensor]):
+        self.program, self.lay = program, layout
+        self.graph = torch.fx.Graph()
+        self.env: dict[torch.fx.Node, torch.fx.Node | None] = {}
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.zero: dict[torch.fx.Node, bool] = {}
+        self._constants = constants
+        self._padded_env: dict[torch.fx.Node, torch.fx.Node] = {}
+
+    # --------------------------------------------------------------------- queries
+    def layout(self, node) -> dict:
+        """``{dim: Narrowing}`` of a tensor node (``{}`` when nothing is narrowed)."""
+        lay = self.lay.nodes.get(node) if isinstance(node, torch.fx.Node) else None
+        return lay if isinstance(lay, dict) else {}
+
+    @staticmethod
+    def shape(node) -> tuple:
+        return tuple(node.meta["val"].shape)
+
+    def constant(self, node) -> torch.Tensor | None:
+        """Value of a constant/buffer placeholder, or None."""
+        return self._constants.get(node.name) if isinstance(node, torch.fx.Node) else None
+
+    def arg(self, a):
+        """The new node (or value) standing for old argument ``a``."""
+        return torch.fx.node.map_arg(a, lambda n: self.env[n])
+
+    # --------------------------------------------------------------------- emitting
+    def index(self, array: np.ndarray) -> torch.fx.Node:
+        """A long tensor buffer holding ``array``, as a ``get_attr`` node."""
+        name = f"_ecospa_idx{len(self.buffers)}"
+        self.buffers[name] = torch.as_tensor(np.ascontiguousarray(array), dtype=torch.long)
+        return self.graph.get_attr(name)
+
+    def call(self, target, args, kwargs=None) -> torch.fx.Node:
+        return self.graph.call_function(target, args, kwargs or {})
+
+    def copy(self, node, args=None, kwargs=None) -> torch.fx.Node:
+        """``node`` with its arguments mapped (optionally replaced before mapping)."""
+        return self.emit(node, node.args if args is None else args,
+                         node.kwargs if kwargs is None else kwargs)
+
+    def emit(self, node, args, kwargs, *, mapped: bool = False) -> torch.fx.Node:
+        if not mapped:
+            args, kwargs = self.arg(args), self.arg(kwargs)
+        new = self.graph.call_function(node.target, tuple(args), dict(kwargs))
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        return new
+
+    def dense(self, node: torch.fx.Node) -> torch.fx.Node:
+        """The new node for ``node`` at its dense width: narrowed dims scattered back with zeros
+        (exact only where the dropped positions are zero in the masked dense model)."""
+        new = self.env[node]
+        lay = self.layout(node)
+        if not lay:
+            return new
+        if not self.zero.get(node, True):
+            raise NarrowError("the module returns pruned channels that are not zero")
+        ndim = len(self.shape(node))
+        # per-head channel positions first, while the head dim is still narrow (their index
+        # rows follow the kept heads), then the heads themselves
+        for dim, nar in sorted(lay.items(), key=lambda kv: (not kv[1].selectors, -kv[0])):
+            if nar.selectors:
+                shape = [1] * ndim
+                for d, k in zip(nar.selectors, nar.index.shape[:-1]):
+                    shape[d] = k
+                shape[dim] = nar.width
+                order = list(nar.selectors) + [dim]
+                arr = np.moveaxis(nar.index, range(len(order)), np.argsort(np.argsort(order))).reshape(shape)
+            else:
+                arr = nar.index
+            new = self.call(ops.scatter, (new, dim, self.index(arr), nar.size))
+        return new
+
+    def relayout(self, new: torch.fx.Node, have: Mapping[int, Narrowing], want: Mapping[int, Narrowing]) -> torch.fx.Node:
+        """``new`` moved from layout ``have`` to layout ``want`` of the same tensor, where one
+        holds the other's positions along every dim: exact widths scattered into the padded ones
+        (zeros at the padding units), or padded widths gathered down to the exact ones."""
+        for dim in sorted(set(have) | set(want)):
+            h, w = have.get(dim), want.get(dim)
+            size = (h if h is not None else w).size
+            hi = np.arange(size) if h is None else h.index  # not narrowed: every dense position
+            wi = np.arange(size) if w is None else w.index
+            if hi.ndim != 1 or wi.ndim != 1:
+                raise NarrowError(f"exact and padded widths laid out per head along dim {dim}")
+            if np.array_equal(hi, wi):
+                continue
+            if np.isin(hi, wi).all():  # exact -> padded
+                pos = np.searchsorted(wi, hi)
+                new = self.call(ops.scatter, (new, dim, self.index(pos), wi.size))
+            elif np.isin(wi, hi).all():  # padded -> exact
+                pos = np.searchsorted(hi, wi)
+                new = self.call(ops.gather, (new, dim, self.index(pos), 0))  # 1-D: index_select
+            else:
+                raise NarrowError(f"exact and padded positions do not nest along dim {dim}")
+        return new
+
+    def run_rule(self, rule, node: torch.fx.Node) -> torch.fx.Node:
+        """``rule(self, node)``; where the node or one of its inputs runs at exact widths and the
+        other side carries padding units (the views between projections and heads), the rule
+        sees every tensor with the padding (exact inputs scattered once, cached) and an exact
+        node's result is gathered back down to its exact widths."""
+        padded, blocked = self.lay.padded, self.lay.blocked
+        if not padded or (node not in blocked and not any(a in blocked for a in node.all_input_nodes)):
+            return rule(self, node)  # flat tensors only: exact widths in and out
+        # a tuple (split) is consumed by getitems: each piece has its own exact and padded layouts
+        ins = [a for a in node.all_input_nodes if isinstance(padded.get(a), dict)]
+        saved_env = {a: self.env[a] for a in ins}
+        saved_lay = {n: self.lay.nodes[n] for n in ins + ([node] if node in padded else [])}
+        try:
+            for a in ins:
+                if a not in self._padded_env:
+                    self._padded_env[a] = self.relayout(self.env[a], self.layout(a), padded[a])
+                self.env[a] = self._padded_env[a]
+                self.lay.nodes[a] = padded[a]
+            if node in padded:
+                self.lay.nodes[node] = padded[node]
+            new = rule(self, node)
+        finally:
+            self.env.update(saved_env)
+            self.lay.nodes.update(saved_lay)
+        if node in padded:
+            new = self.relayout(new, padded[node], self.layout(node))
+        return new
+
+    def gather(self, x: torch.fx.Node, dim: int, positions: np.ndarray, selectors, ndim: int) -> torch.fx.Node:
+        """``x`` at narrow/dense ``positions`` along ``dim`` (1-D: everywhere the same; else per
+        selector position, ``positions`` shaped ``(*selector sizes, k)``)."""
+        if positions.ndim == 1 or not selectors:
+            return self.call(ops.gather, (x, dim, self.index(positions.reshape(-1)), ndim))
+        shape = [1] * ndim
+        for d, k in zip(selectors, positions.shape[:-1]):
+            shape[d] = k
+        shape[dim] = positions.shape[-1]
+        order = list(selectors) + [dim]
+        arr = np.moveaxis(positions, range(len(order)), np.argsort(np.argsort(order)))
+        return self.call(ops.gather, (x, dim, self.index(arr.reshape(shape)), ndim))
+
+    def align_operand(self, a: torch.fx.Node, out: Mapping[int, Narrowing], ndim: int):
+        """Operand ``a`` of an elementwise op whose output has layout ``out``: narrowed alike
+        already, broadcast along the narrowed dims, or gathered there (a label-free table)."""
+        new = self.env[a]
+        own = self.layout(a)
+        off = ndim - len(self.shape(a))
+        shape = [1] * off + list(self.shape(a))  # right-aligned to the output's rank
+        for dim, nar in sorted(out.items()):
+            if dim < off or shape[dim] == 1:
+                continue
+            mine = own.get(dim - off)
+            if mine is not None:
+                if not mine.same(nar):
+                    raise NarrowError(f"operands narrowed differently along dim {dim}")
+                continue
+            if shape[dim] != nar.size:
+                raise NarrowError(f"an operand of size {shape[dim]} along narrowed dim {dim}")
+            new = self.gather(new, dim, nar.index, nar.selectors, ndim)
+            off = 0  # the gathered operand has the output's rank now
+            shape[dim] = nar.width
+            for s, k in zip(nar.selectors, nar.index.shape[:-1]):
+                shape[s] = max(shape[s], k)
+        return new
+
+
+def _param_src(kept: np.ndarray | None, retained: np.ndarray, dense: int) -> np.ndarray | None:
+    """Where each retained dense position sits in the live parameter (``len(kept)``: zeros)."""
+    k = np.arange(dense) if kept is None else kept
+    if np.array_equal(k, retained):
+        return None
+    pos = np.searchsorted(k, retained)
+    hit = (pos < k.size) & (k[np.minimum(pos, max(k.size - 1, 0))] == retained) if k.size else np.zeros(retained.size, bool)
+    return np.where(hit, pos, k.size)
+
+
+def rewrite(program: Program, layout: Layout, kept: Mapping[str, Mapping[int, np.ndarray]],
+            constants: Mapping[str, torch.Tensor]) -> torch.fx.GraphModule:
+    """The narrow ``GraphModule`` of ``program`` (same placeholders, same output structure).
+
+    Args:
+        kept: the removal record of the module's parameters (relative names, dense indices).
+        constants: values of buffer/constant placeholders by node name.
+
+    Raises:
+        NarrowError: a node cannot be narrowed; the message names it.
+    """
+    if layout.problem:
+        raise NarrowError(layout.problem)
+    b = Builder(program, layout, constants)
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+    kinds = dict(zip(placeholders, program.kinds))
+    for node in program.graph.nodes:
+        try:
+            if node.op == "placeholder":
+                new = b.graph.placeholder(node.name)
+                new.meta["val"] = node.meta.get("val")
+                kind = kinds[node]
+                if kind[0] == "param" and kind[1] in layout.retained:
+                    shape = program.shapes[kind[1]]
+                    for dim, ret in sorted(layout.retained[kind[1]].items()):
+                        src = _param_src(kept.get(kind[1], {}).get(dim), ret, shape[dim])
+                        if src is not None:
+                            new = b.call(ops.expand_param, (new, dim, b.index(src)))
+                elif kind[0] == "input" and b.layout(node):
+                    # an input whose channels meet removed ones elementwise (a rotary table times
+                    # a single k head): gathered at the retained positions; they are not zero
+                    ndim = len(b.shape(node))
+                    for dim, nar in sorted(b.layout(node).items()):
+                        new = b.gather(new, dim, nar.index, nar.selectors, ndim)
+                    b.zero[node] = False
+                b.env[node] = new
+            elif node.op == "output":
+                b.graph.output(torch.fx.node.map_arg(node.args[0], b.dense))
+            elif node.op == "get_attr":
+                b.env[node] = b.graph.get_attr(node.target)
+            else:
+                touched = any(b.layout(a) for a in node.all_input_nodes) or b.layout(node)
+                if not touched:
+                    b.env[node] = b.copy(node)
+                    continue
+                known = spec(node.target)
+                rule = known.narrow if known is not None else None
+                if rule is None:
+                    why = f": {known.no_narrow}" if known is not None and known.no_narrow else ""
+                    raise NarrowError(f"no narrow rule for {node.target}{why}")
+                b.env[node] = b.run_rule(rule, node)
+        except NarrowError as e:
+            raise NarrowError(f"{e} at {node.format_node()} in module "
+                              f"{module_of(node) or '<root>'!r}") from None
+    root = nn.Module()
+    for name, t in b.buffers.items():
+        root.register_buffer(name, t, persistent=False)
+    _copy_attrs(program.graph, root)
+    return torch.fx.GraphModule(root, b.graph)
+
+
+def _copy_attrs(graph: torch.fx.Graph, root: nn.Module) -> None:
+    """The submodules and constants the captured graph reads by ``get_attr`` (the ``score_mod``
+    and ``mask_mod`` subgraphs of FlexAttention), put on ``root`` under the same names."""
+    owner = graph.owning_module
+    for node in graph.nodes:
+        if node.op != "get_attr" or owner is None:
+            continue
+        *path, last = node.target.split(".")
+        value = owner
+        for part in node.target.split("."):
+            value = getattr(value, part, None)
+        parent = root
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        if hasattr(parent, last) or value is None:
+            continue
+        if isinstance(value, nn.Module):
+            parent.add_module(last, value)
+        elif isinstance(value, torch.Tensor):
+            parent.register_buffer(last, value, persistent=False)
+        else:
+            setattr(parent, last, value)

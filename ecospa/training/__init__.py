@@ -1,0 +1,1 @@
+"""EcoSpa: coupled sparse training in a plain PyTorch loop (and its distributed and first-forward helpers)."""

@@ -155,6 +155,14 @@ def signature(modules: Sequence[nn.Module], args: tuple, kwargs: dict, *,
                      hooks_of(modules if hooks is None else hooks)), tensors
 
 
+class _Box:
+    """A holder pytree does not know: torch.export puts every attribute of the module it traces
+    back as it was (``__dict__.update`` with a copy taken by ``tree_map``, containers rebuilt),
+    so what the forward learns must live in an object that copy shares."""
+
+    value: Any = None
+
+
 class _Call(nn.Module):
     """Calls ``mod.forward`` with the constant leaves of a signature and the given tensors. The
     module's own hooks are left out (its ``__call__`` runs them around the installed forward);
@@ -166,7 +174,12 @@ class _Call(nn.Module):
         setattr(self, _WRAP, module)
         self.sig = sig
         self._const = {i: v for i, _, v in sig.constants}
-        self.rebuild: Any = None
+        self._rebuild = _Box()
+
+    @property
+    def rebuild(self) -> Any:
+        """The function that gives back the module's output class (None: nothing to rebuild)."""
+        return self._rebuild.value
 
     def forward(self, *tensors):
         n = len(self._const) + len(tensors)
@@ -174,7 +187,7 @@ class _Call(nn.Module):
         leaves: list[Any] = [self._const[i] if i in self._const else next(it) for i in range(n)]
         args, kwargs = pytree.tree_unflatten(leaves, self.sig.spec)
         out = getattr(self, _WRAP).forward(*args, **kwargs)
-        plain, self.rebuild = plain_output(out)
+        plain, self._rebuild.value = plain_output(out)
         return plain
 
 

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -198,6 +199,60 @@ def test_a_region_returning_a_custom_class_runs_narrow():
     ecospa.prune(model, plan)
     with torch.no_grad():
         got, want = model(x), ref(x)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+    reps = ecospa.execution_report(model)
+    assert reps and all(r.narrow and r.fallback_calls == 0 for r in reps), [r.reasons for r in reps]
+
+
+class _AttnWithIntermediates(nn.Module):
+    """Attention whose own forward returns ``(out, dataclass)`` (x-transformers' ``Attention``
+    returns its ``Intermediates`` so): the dataclass is the region's own output."""
+
+    def __init__(self, d=32, h=4):
+        super().__init__()
+        self.h = h
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        B, T, D = x.shape
+        split = lambda t: t.view(B, T, self.h, D // self.h).transpose(1, 2)  # noqa: E731
+        y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        out = self.o(y.transpose(1, 2).reshape(B, T, D))
+        return out, _Intermediates(logits=out * 2, extra=(out.sum(),))
+
+
+class _Caller(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = _AttnWithIntermediates()
+
+    def forward(self, x):
+        y, inter = self.attn(x)
+        inter.seen = True  # the caller writes to the object (x-transformers sets layer_type)
+        return y + inter.logits + inter.extra[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_region_whose_own_output_is_a_custom_class_gets_that_class_back(seed):
+    """The narrow graph returns plain containers; the region gives back the module's own class
+    (torch.export restores the traced module's attributes, so what the capture learns about the
+    output class must survive that)."""
+    import random
+
+    from tests.helpers import masked_copy, plan_units
+
+    torch.manual_seed(seed)
+    model = _Caller()
+    x = torch.randn(2, 5, 32)
+    cg = ecospa.auto_couple(model, (x,))
+    rng = random.Random(seed)
+    plan = {c: sorted(rng.sample(range(c.width), c.width // 2)) for c in cg if c.kind in ("qk", "vo")}
+    ref = masked_copy(model, plan_units(plan, cg))
+    ecospa.prune(model, plan)
+    with torch.no_grad():
+        got, want = model(x), ref(x)
+        _, inter = model.attn(x)
+    assert isinstance(inter, _Intermediates)
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
     reps = ecospa.execution_report(model)
     assert reps and all(r.narrow and r.fallback_calls == 0 for r in reps), [r.reasons for r in reps]

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import logging
 from dataclasses import dataclass
@@ -70,7 +71,11 @@ class CallNotServable(Exception):
 
 @dataclass(frozen=True)
 class Signature:
-    """What two calls must share to run the same graph (see the table of the module docstring)."""
+    """What two calls must share to run the same graph (see the table of the module docstring).
+
+    Signatures are dictionary keys on every call of a region: the hash is computed once, and
+    the argument structure ``spec`` is interned (:func:`_interned`), so that comparing and hashing
+    it does not walk the pytree each time."""
 
     spec: pytree.TreeSpec
     constants: tuple  # (position, type, value) of every non-tensor leaf
@@ -81,6 +86,62 @@ class Signature:
     grad: bool = True  # torch.is_grad_enabled()
     default_dtype: torch.dtype = torch.float32
     hooks: tuple = ()  # hook ids of the subtree's modules and the global hooks
+
+    def __post_init__(self) -> None:
+        if _INTERNED.get(id(self.spec)) is not self.spec:
+            object.__setattr__(self, "spec", _interned(self.spec))
+
+    def _fields(self) -> tuple:
+        return (id(self.spec), self.constants, self.tensors, self.modes, self.autocast, self.aliases, self.grad,
+                self.default_dtype, self.hooks)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash(self._fields())
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Signature):
+            return NotImplemented
+        return self is other or (hash(self) == hash(other) and self._fields() == other._fields())
+
+
+# Argument structures seen, interned: ``(len(args), kwargs names)`` of flat calls -> spec (None:
+# this pytree does not flatten such a call to its arguments in order), and ``id(spec) -> spec`` of
+# every interned spec (they live as long as the process: a handful).
+_FLAT_SPECS: dict[tuple, pytree.TreeSpec | None] = {}
+_INTERNED: dict[int, pytree.TreeSpec] = {}
+_BY_VALUE: dict[pytree.TreeSpec, pytree.TreeSpec] = {}
+
+
+def _interned(spec: pytree.TreeSpec) -> pytree.TreeSpec:
+    """The one spec object equal to ``spec`` (checked for containers ecospa can rebuild)."""
+    hit = _BY_VALUE.get(spec)
+    if hit is None:
+        _check_spec(spec)
+        hit = _BY_VALUE.setdefault(spec, spec)
+        _INTERNED[id(hit)] = hit
+    return hit
+
+
+def _flatten(args: tuple, kwargs: dict) -> tuple[list, pytree.TreeSpec]:
+    """``pytree.tree_flatten((args, kwargs))`` with an interned spec; calls whose arguments are
+    all leaves (tensors, plain values) take a fast path that does not walk a pytree."""
+    if all(a is None or type(a) is torch.Tensor or isinstance(a, _SIMPLE) for a in args) and all(
+            v is None or type(v) is torch.Tensor or isinstance(v, _SIMPLE) for v in kwargs.values()):
+        key = (tuple(a is None for a in args), tuple((k, v is None) for k, v in kwargs.items()))
+        leaves = [*args, *kwargs.values()]
+        if key not in _FLAT_SPECS:
+            full, spec = pytree.tree_flatten((args, kwargs))
+            same = len(full) == len(leaves) and all(a is b for a, b in zip(full, leaves))
+            _FLAT_SPECS[key] = _interned(spec) if same else None
+        spec = _FLAT_SPECS[key]
+        if spec is not None:
+            return leaves, spec
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    return leaves, _interned(spec)
 
 
 def _check_spec(spec: pytree.TreeSpec) -> None:
@@ -133,8 +194,7 @@ def signature(modules: Sequence[nn.Module], args: tuple, kwargs: dict, *,
     Raises:
         CallNotServable: an argument holds Python-side state or is not a plain value.
     """
-    leaves, spec = pytree.tree_flatten((args, kwargs))
-    _check_spec(spec)
+    leaves, spec = _flatten(args, kwargs)
     tensors, consts, metas, aliases = [], [], [], []
     seen: dict[int, int] = {}
     for i, leaf in enumerate(leaves):
@@ -354,8 +414,15 @@ class Program:
 
     def output(self, flat: Sequence[Any]) -> Any:
         """The module's output from the graph's flat outputs."""
-        out = pytree.tree_unflatten(list(flat), self.out_spec)
+        build = self._unflatten
+        out = build(iter(flat)) if build is not None else pytree.tree_unflatten(list(flat), self.out_spec)
         return out if self.rebuild is None else self.rebuild(out)
+
+    @functools.cached_property
+    def _unflatten(self):
+        """A function of an iterator over the flat outputs that rebuilds an output made of tuples
+        and lists only (the common case; runs on every call), or None."""
+        return _tuple_builder(self.out_spec)
 
     def fits_module(self, module: nn.Module, ignore: frozenset | set = frozenset()) -> bool:
         """True when ``module`` (dense, as captured) reads the same attribute values (but those in
@@ -400,6 +467,20 @@ class Program:
             if not value.is_number or int(value) != size:
                 return False
         return True
+
+
+def _tuple_builder(spec: pytree.TreeSpec):
+    """``f(iterator) -> value`` rebuilding ``spec`` where it is made of plain tuples, lists and
+    leaves; None for any other container."""
+    if spec.is_leaf():
+        return next
+    if spec.type not in (tuple, list):
+        return None
+    parts = [_tuple_builder(c) for c in spec.children()]
+    if any(p is None for p in parts):
+        return None
+    kind = spec.type
+    return lambda it: kind([p(it) for p in parts])
 
 
 def _same_values(a: tuple, b: tuple) -> bool:

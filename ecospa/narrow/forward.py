@@ -106,6 +106,8 @@ class RegionForward(EcospaForward):
         self.fallback = fallback
         self.entries: dict[Signature, list[Entry]] = {}
         self.refused: Counter = Counter()  # calls that could not be served, by reason
+        self.cache_refused: Counter = Counter()  # calls with a cache that ran the fallback, by kind
+        self.kv_bytes: tuple[int, int] | None = None  # (dense, stored) bytes of its cache layer
         self.couplings: frozenset[str] = frozenset()  # names of the pruned couplings it runs
         self._subtree: list[nn.Module] | None = None
         self._kv: KVNarrower | None = None
@@ -135,15 +137,15 @@ class RegionForward(EcospaForward):
             layouts): :meth:`Transaction.invalidate <ecospa.pruning.transaction.Transaction.invalidate>`
             logs it, so that a rollback to the old widths finds the graphs built for them.
         """
-        entries, refused = self.entries, self.refused
-        self.entries, self.refused = {}, Counter()
+        entries, refused, cache_refused = self.entries, self.refused, self.cache_refused
+        self.entries, self.refused, self.cache_refused = {}, Counter(), Counter()
         kv = self._kv
         layouts = dict(kv.layouts) if kv is not None else None
         if kv is not None:
             kv.reset()
 
         def restore() -> None:
-            self.entries, self.refused, self._kv = entries, refused, kv
+            self.entries, self.refused, self.cache_refused, self._kv = entries, refused, cache_refused, kv
             if kv is not None:
                 kv.layouts.clear()
                 kv.layouts.update(layouts)
@@ -165,14 +167,16 @@ class RegionForward(EcospaForward):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.update(entries={}, refused=Counter(), cache=ProgramCache(), _subtree=None, _kv=None, _flows={})
+        state.update(entries={}, refused=Counter(), cache_refused=Counter(), kv_bytes=None, cache=ProgramCache(),
+                     _subtree=None, _kv=None, _flows={})
         return state
 
     def report(self) -> list[dict[str, Any]]:
-        """Per signature seen: ``{"path": "narrow" | "fallback", "reason", "calls"}``."""
+        """Per signature seen: ``{"path": "narrow" | "fallback", "reason", "calls", "call"}``
+        (``call``: ``"plain"``, or for calls with a KV cache ``"prefill"`` / ``"decode"``)."""
         rows = [{"path": "narrow" if e.gm is not None else "fallback", "reason": e.reason, "calls": e.calls,
-                 "kind": e.refusal, "strategy": e.strategy, "tried": e.tried}
-                for es in self.entries.values() for e in es]
+                 "kind": e.refusal, "strategy": e.strategy, "tried": e.tried, "call": _call_kind(key)}
+                for key, es in self.entries.items() for e in es]
         rows += [{"path": "fallback", "reason": r, "calls": n, "kind": Refusal.UNSERVABLE}
                  for r, n in self.refused.items()]
         return rows
@@ -247,10 +251,44 @@ class RegionForward(EcospaForward):
             kv.graphs = CachedGraphs(self, kv, RegionParts(self.run_fallback, self._mods, self._state, outputs_close, is_random,
                                                            _outside_inference_mode))
         try:
-            return kv.graphs(cache, args, kwargs)
+            out = kv.graphs(cache, args, kwargs)
         except NotServed as e:
             self.refused[str(e)] += 1
-        return kv(cache, args, kwargs)
+            self.cache_refused[self._cache_kind(cache)] += 1
+            out = kv(cache, args, kwargs)
+        self._count_bytes(cache)
+        return out
+
+    def _layer(self, cache):
+        """This module's layer of ``cache`` (its index learnt by the first narrow call), or None."""
+        graphs = self._kv.graphs if self._kv is not None else None
+        idx = graphs.layer_idx if graphs is not None else None
+        layers = getattr(cache, "layers", None)
+        if idx is None or not isinstance(layers, list) or len(layers) <= idx:
+            return None, idx
+        return layers[idx], idx
+
+    def _cache_kind(self, cache) -> str:
+        """``"prefill"`` (the module's cache layer is empty), ``"decode"``, or ``"cache"`` (not known)."""
+        layer, idx = self._layer(cache)
+        if idx is None:
+            return "cache"
+        return "decode" if layer is not None and layer.get_seq_length() else "prefill"
+
+    def _count_bytes(self, cache) -> None:
+        """``kv_bytes``: the bytes of this module's cache layer after the call, and what they would
+        be at the dense widths."""
+        layer, idx = self._layer(cache)
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
+            return
+        lay = self.kv.narrow_layers.get(cache, {}).get(idx, ("dense", "dense"))
+        stored = dense = 0
+        for t, ix in zip((keys, values), lay):
+            n = t.numel() * t.element_size()
+            stored += n
+            dense += round(n / ix.fraction) if hasattr(ix, "fraction") and ix.fraction else n
+        self.kv_bytes = (dense, stored)
 
     def _entry(self, sig: Signature, tensors, args, kwargs) -> Entry | None:
         variants = self.entries.setdefault(sig, [])
@@ -407,6 +445,13 @@ class RegionForward(EcospaForward):
                 return f"the narrow graph failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             want = self.run_fallback(*args, **kwargs)
         return outputs_close(got, want)
+
+
+def _call_kind(key) -> str:
+    """The kind of call an entry key stands for: ``"plain"``, ``"prefill"`` or ``"decode"``."""
+    if isinstance(key, tuple) and key and key[0] == "kv":
+        return "prefill" if key[2] else "decode"
+    return "plain"
 
 
 def verify_narrow_calls(model: nn.Module, on: bool = True) -> None:

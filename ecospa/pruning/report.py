@@ -29,6 +29,12 @@ class RegionReport:
         refusals: the kinds of the reasons calls fell back (``Refusal``: ``"unservable"``,
             ``"specialised"``, ``"no-rule"``, ``"bug"``, ``"mismatch"``, ``"verify"``), most calls
             first: tests and tools read these, not the text of ``reasons``.
+        calls: ``((kind, narrow calls, fallback calls), ...)`` per kind of call: ``"plain"`` (no
+            cache object), ``"prefill"`` (a KV cache whose layer for this module was empty),
+            ``"decode"`` (continuing a cache), ``"cache"`` (a call with a cache that ran the
+            fallback before its layer was known); :attr:`by_kind` gives them as a dict.
+        kv_bytes: ``(dense, stored)``: the bytes of this module's KV-cache layer after its last
+            call with a cache, and what they would be at the dense widths (None: no such call).
     """
 
     path: str
@@ -40,6 +46,13 @@ class RegionReport:
     kv_cache: str | None = None
     strategies: tuple[str, ...] = ()
     refusals: tuple[str, ...] = ()
+    calls: tuple[tuple[str, int, int], ...] = ()
+    kv_bytes: tuple[int, int] | None = None
+
+    @property
+    def by_kind(self) -> dict[str, tuple[int, int]]:
+        """``{kind of call: (narrow calls, fallback calls)}`` (see :attr:`calls`)."""
+        return {k: (n, f) for k, n, f in self.calls}
 
     @property
     def narrow(self) -> bool:
@@ -72,12 +85,23 @@ def execution_report(model: nn.Module) -> list[RegionReport]:
         for r in rows:
             if r["path"] == "narrow" and r.get("strategy") and r["calls"]:
                 strategies[r["strategy"]] = strategies.get(r["strategy"], 0) + r["calls"]
+        calls: dict[str, list[int]] = {}
+        for r in rows:
+            if r.get("call"):
+                calls.setdefault(r["call"], [0, 0])[r["path"] == "fallback"] += r["calls"]
+        cached = sum(fwd.cache_refused.values())
+        for kind, n in fwd.cache_refused.items():
+            calls.setdefault(kind, [0, 0])[1] += n
+        plain_refused = sum(fwd.refused.values()) - cached
+        if plain_refused:
+            calls.setdefault("plain", [0, 0])[1] += plain_refused
         out.append(RegionReport(path, narrow, sum(r["calls"] for r in fallback),
                                 tuple(sorted(reasons, key=reasons.get, reverse=True)), len(fwd.entries),
                                 tuple(sorted(getattr(fwd, "couplings", ()))),
                                 fwd.kv_summary(),
                                 tuple(sorted(strategies, key=strategies.get, reverse=True)),
-                                tuple(sorted(kinds, key=kinds.get, reverse=True))))
+                                tuple(sorted(kinds, key=kinds.get, reverse=True)),
+                                tuple((k, *v) for k, v in sorted(calls.items()) if any(v)), fwd.kv_bytes))
     return out
 
 

@@ -100,6 +100,37 @@ def test_default_forward_runs_narrow_and_exact(arch, kind):
     _all_narrow(model)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_report_counts_prefill_and_decode_and_the_cache_bytes(arch):
+    """``execution_report`` says per kind of call what ran, and the bytes of each module's cache
+    layer against the dense widths (the same as the masked dense model's cache holds)."""
+    model, ref, x = _pruned(arch, "uniform")
+    with torch.no_grad():
+        got, want = model(x), ref(x)
+        model(torch.randint(3, 100, (2, 1)), cache=got.cache)
+        ref(torch.randint(3, 100, (2, 1)), cache=want.cache)
+        model(x, use_cache=False)
+    reps = ecospa.execution_report(model)
+    assert reps and all(r.by_kind == {"decode": (1, 0), "plain": (1, 0), "prefill": (1, 0)} for r in reps), \
+        [r.calls for r in reps]
+    layers = [(lay.keys, lay.values) for lay in got.cache.layers]
+    dense_layers = [(lay.keys, lay.values) for lay in want.cache.layers]
+    for r, (k, v), (dk, dv) in zip(reps, layers, dense_layers):
+        stored = k.numel() * k.element_size() + v.numel() * v.element_size()
+        assert r.kv_bytes == (dk.numel() * 4 + dv.numel() * 4, stored) and stored * 2 == r.kv_bytes[0]
+
+
+def test_report_counts_calls_with_a_cache_that_fall_back():
+    """A StaticCache runs the exact fallback: its calls are counted as such, per kind."""
+    model, _, x = _pruned("llama", "uniform")
+    cache = transformers.StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad():
+        model(x, cache=cache, use_cache=True)
+    reps = ecospa.execution_report(model)
+    assert reps and all(r.narrow_calls == 0 and sum(f for _, _, f in r.calls) == r.fallback_calls == 1
+                        for r in reps), [r.calls for r in reps]
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_training_step_with_default_cache_runs_narrow(arch):
     model, ref, x = _pruned(arch, "ragged", dropout=0.0)

@@ -15,8 +15,6 @@ from bench.research.models import all_specs
 
 # Known failures (bench/results/research_matrix.md has the reasons): strict, so a fix shows up.
 KNOWN = {
-    "x-transformers rotary": "pruned forward raises AttributeError: 'dict' object has no attribute 'layer_type' "
-                             "(random half of each head's units; the attention's Intermediates output comes back as a dict)",
     "torchtitan llama3 sdpa": "no q.k couplings (aten.view_as_complex has no channel rule in the complex RoPE), and "
                               "ecospa.save fails in torchtitan's FusedQKVLinear state_dict hook (RuntimeError on a "
                               "reshape at the dense head counts)",

@@ -26,9 +26,9 @@ def _tf():
 
 
 def _make(cfg_name: str, model_name: str, **cfg: Any) -> torch.nn.Module:
-    """A transformers model from a config, sdpa attention where supported, eval mode."""
+    """A transformers model from a config, sdpa attention where supported, eval mode. The config's
+    own defaults otherwise (``use_cache`` on, as users build it: every forward carries a cache)."""
     tf = _tf()
-    cfg.setdefault("use_cache", False)
     for impl in ("sdpa", "eager"):
         try:
             config = getattr(tf, cfg_name)(**cfg, attn_implementation=impl)

@@ -50,8 +50,7 @@ def load_model() -> torch.nn.Module:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=f, dtype=torch.float32)
         CACHE.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), cached)
-    model.config.use_cache = False
-    return model.eval()
+    return model.eval()  # use_cache at its default (on): forwards run as users run them
 
 
 def token_splits(tok=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,12 +29,12 @@ GPT2_SMALL = dict(n_layer=12, n_embd=768, n_head=12, head_dim=64, ffn=3072, voca
 
 def hf_gpt2(n_layer=12, n_embd=768, n_head=12, ffn=3072, vocab=50257, n_positions=2048,
             seed: int = 0) -> nn.Module:
-    """``GPT2LMHeadModel`` with SDPA attention and ``use_cache=False`` (eval mode)."""
+    """``GPT2LMHeadModel`` with SDPA attention (eval mode; ``use_cache`` at its default, on)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_inner=ffn, vocab_size=vocab,
-                     n_positions=n_positions, use_cache=False, attn_implementation="sdpa",
+                     n_positions=n_positions, attn_implementation="sdpa",
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, loss_type="ForCausalLM",
                      bos_token_id=vocab - 1, eos_token_id=vocab - 1)
     return GPT2LMHeadModel(cfg).eval()

@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.compat import masked_copy  # noqa: E402
 from bench.research.models import Spec, _call, _tokens, all_specs, logits_of  # noqa: E402
 
 TOL = 1e-5
@@ -70,19 +71,6 @@ def uniform_half_plan(cg, seed: str) -> dict:
     """A random half of every exact coupling's units: every head group keeps the same count."""
     rng = random.Random(seed)
     return {c: sorted(rng.sample(range(c.width), c.width // 2)) for c in cg if c.width >= 2}
-
-
-def masked_copy(model, plan: dict):
-    """The dense model with the slices the plan removes zeroed."""
-    ref = copy.deepcopy(model)
-    params = dict(ref.named_parameters(remove_duplicate=False))
-    with torch.no_grad():
-        for c, idx in plan.items():
-            units = c.units()
-            for i in idx:
-                for name, dim, j in units[i]:
-                    params[name].select(dim, j).zero_()
-    return ref
 
 
 def fold(reason: str) -> str:

@@ -389,8 +389,9 @@ class CachedGraphs:
         self.kv.stored += 1
 
     # ------------------------------------------------------------- building
-    def _probe(self, cache, args, kwargs) -> None:
-        """Learn the module's layer index (and that it stores through ``cache.update``)."""
+    def _run_probe(self, cache, args, kwargs) -> _Probe | str:
+        """The fallback run with a stand-in cache that records the first ``update`` and stops
+        the forward there; why not, when the forward failed."""
         probe = _Probe(cache)
         a, k = _with(cache, probe, args, kwargs)
         try:
@@ -399,8 +400,15 @@ class CachedGraphs:
         except ProbeStop:
             pass
         except Exception as e:  # the probe decides a speed path only: a failure means the fallback
-            self.why = f"the probe forward with a cache failed ({type(e).__name__})"
-            raise NotServed(self.why) from None
+            return f"the probe forward with a cache failed ({type(e).__name__})"
+        return probe
+
+    def _probe(self, cache, args, kwargs) -> None:
+        """Learn the module's layer index (and that it stores through ``cache.update``)."""
+        probe = self._run_probe(cache, args, kwargs)
+        if isinstance(probe, str):
+            self.why = probe
+            raise NotServed(self.why)
         if probe.seen is None:
             self.why = (f"the module reads cache.{probe.reads} before updating it" if probe.reads
                         else "the module does not call update() on the cache object it was given")
@@ -481,15 +489,9 @@ class CachedGraphs:
     def _dense_past(self, cache, args, kwargs, seq: int):
         """``[(shape, dtype)]`` of dense past keys and values of length ``seq`` (from a probe of
         the new entries' shapes), or why not."""
-        probe = _Probe(cache)
-        a, k = _with(cache, probe, args, kwargs)
-        try:
-            with torch.no_grad():
-                self.parts.fallback(*a, **k)
-        except ProbeStop:
-            pass
-        except Exception as e:
-            return f"the probe forward with a cache failed ({type(e).__name__})"
+        probe = self._run_probe(cache, args, kwargs)
+        if isinstance(probe, str):
+            return probe
         if probe.seen is None:
             return "the module does not call update() on the cache object it was given"
         _, ks, vs, kd, vd = probe.seen

@@ -25,7 +25,10 @@ as fast as the cacheless narrow forward and leaves the cache object an ordinary 
 
 Served: caches with a ``layers`` list whose layer for the module is a plain ``DynamicLayer``
 (``DynamicCache``, what ``generate()`` and a default forward create for the architectures of
-docs/compatibility.md without sliding windows), not offloaded. The signature of a cached call is
+docs/compatibility.md without sliding windows), not offloaded; and the self-attention cache of an
+``EncoderDecoderCache`` (T5, BART, Whisper: the stand-in is dressed as the encoder-decoder cache,
+``kvcache.dressed``). Cross-attention, which reads its cache's tensors back directly after the
+first step, runs the fallback and says so. The signature of a cached call is
 the plain signature with the cache in place of an argument, plus the cache class and whether the
 past is empty; the past length is a dynamic dimension of the graph. Everything else (a
 ``StaticCache``, a sliding-window layer, an ``EncoderDecoderCache``, a module that reads other
@@ -47,7 +50,7 @@ import torch.utils._pytree as pytree
 
 from ecospa.ops import runtime as ops
 from ecospa.narrow.entry import MAX_VARIANTS, Entry, Refusal
-from ecospa.narrow.kvcache import KVIndex, KVNarrower, ProbeStop
+from ecospa.narrow.kvcache import CrossAttentionCache, KVIndex, KVNarrower, ProbeStop, dressed, inner_cache
 from ecospa.narrow.positions import analyse
 from ecospa.narrow.program import CallNotServable, Program, export_call, placeholder_feeds, signature
 from ecospa.narrow.rewrite import rewrite
@@ -139,10 +142,10 @@ class _CachedCall(nn.Module):
     cache's position, a :class:`_TraceCache` over the last two tensors (past keys, values).
     Returns ``(module output, keys after the update, values after the update)``."""
 
-    def __init__(self, module: nn.Module, sig, leaf: int):
+    def __init__(self, module: nn.Module, sig, leaf: int, dress: Callable[[Any], Any] = lambda stand: stand):
         super().__init__()
         setattr(self, _WRAP, module)
-        self.sig, self.leaf = sig, leaf
+        self.sig, self.leaf, self.dress = sig, leaf, dress
         self._const = {i: v for i, _, v in sig.constants}
 
     def forward(self, *tensors):
@@ -151,7 +154,7 @@ class _CachedCall(nn.Module):
         n = len(self._const) + len(inputs)
         it = iter(inputs)
         leaves: list[Any] = [self._const[i] if i in self._const else next(it) for i in range(n)]
-        leaves[self.leaf] = stand
+        leaves[self.leaf] = self.dress(stand)
         args, kwargs = pytree.tree_unflatten(leaves, self.sig.spec)
         out = getattr(self, _WRAP).forward(*args, **kwargs)
         if stand._out is None:
@@ -163,9 +166,11 @@ def _strip(name: str) -> str:
     return name[len(_WRAP) + 1:] if name.startswith(_WRAP + ".") else name
 
 
-def _export(module: nn.Module, sig, leaf: int, tensors: list[torch.Tensor]) -> Program:
-    """The dense capture of a cached call, names relative to ``module`` (as ``export_call``)."""
-    wrap = _CachedCall(module, sig, leaf)
+def _export(module: nn.Module, sig, leaf: int, tensors: list[torch.Tensor],
+            dress: Callable[[Any], Any] = lambda stand: stand) -> Program:
+    """The dense capture of a cached call, names relative to ``module`` (as ``export_call``);
+    ``dress`` puts the stand-in cache in the place of the cache the module is given."""
+    wrap = _CachedCall(module, sig, leaf, dress)
     flat = dataclasses.replace(sig, spec=pytree.tree_flatten((tuple(tensors), {}))[1], constants=())
     program = export_call(wrap, flat, tensors)
     kinds = [(k[0], _strip(k[1])) if k[0] in ("param", "buffer") else k for k in program.kinds]
@@ -298,19 +303,20 @@ class CachedGraphs:
         """
         if self.why is not None:
             raise NotServed(self.why)
+        outer, cache = cache, inner_cache(cache)
         layer_cls = _dynamic_layer()
         if layer_cls is None or not isinstance(getattr(cache, "layers", None), list):
             raise NotServed(f"a cache of class {type(cache).__name__} (only caches with DynamicLayer "
                             "layers run narrow)")
         if getattr(cache, "offloading", False):
             raise NotServed("an offloaded cache")
-        plain_args, plain_kwargs = _without(cache, args, kwargs)
+        plain_args, plain_kwargs = _without(outer, args, kwargs)
         try:
             sig, tensors = signature(self.parts.modules, plain_args, plain_kwargs, hooks=self.parts.modules[1:])
         except CallNotServable as e:
             raise NotServed(str(e)) from None
         if self.layer_idx is None:
-            self._probe(cache, args, kwargs)
+            self._probe(outer, args, kwargs)
         idx = self.layer_idx
         if len(cache.layers) <= idx:
             make = getattr(cache, "layer_class_to_replicate", None)
@@ -325,7 +331,7 @@ class CachedGraphs:
         stored = self.kv.narrow_layers.get(cache, {}).get(idx)
         if seq and stored is None:
             raise NotServed("the cache already held dense entries for this layer")
-        key = ("kv", type(cache).__name__, seq == 0, sig)
+        key = ("kv", type(outer).__name__, seq == 0, sig)
         variants = self.region.entries.setdefault(key, [])
         entry = None
         for v in variants:
@@ -338,8 +344,8 @@ class CachedGraphs:
         if entry is None:
             if len(variants) >= MAX_VARIANTS:
                 raise NotServed(f"more than {MAX_VARIANTS} shape variants of one signature")
-            leaf = next(i for i, v in enumerate(pytree.tree_leaves((args, kwargs))) if v is cache)
-            entry = self._build(key, sig, leaf, tensors, cache, layer, seq, stored, args, kwargs)
+            leaf = next(i for i, v in enumerate(pytree.tree_leaves((args, kwargs))) if v is outer)
+            entry = self._build(key, sig, leaf, tensors, outer, layer, seq, stored, args, kwargs)
             variants.append(entry)
             if entry.gm is None:
                 log.info("ecospa: %s runs on the exact fallback for calls with a cache: %s",
@@ -392,13 +398,15 @@ class CachedGraphs:
     def _run_probe(self, cache, args, kwargs) -> _Probe | str:
         """The fallback run with a stand-in cache that records the first ``update`` and stops
         the forward there; why not, when the forward failed."""
-        probe = _Probe(cache)
+        probe = _Probe(inner_cache(cache))
         a, k = _with(cache, probe, args, kwargs)
         try:
             with torch.no_grad():
                 self.parts.fallback(*a, **k)
         except ProbeStop:
             pass
+        except CrossAttentionCache as e:
+            return str(e)
         except Exception as e:  # the probe decides a speed path only: a failure means the fallback
             return f"the probe forward with a cache failed ({type(e).__name__})"
         return probe
@@ -418,10 +426,11 @@ class CachedGraphs:
             raise NotServed(self.why)
         self.layer_idx = probe.seen[0]
 
-    def _program(self, key, sig, leaf, tensors) -> Program:
+    def _program(self, key, sig, leaf, tensors, cache) -> Program:
         region = self.region
         program, _ = region.cache.get(region.module, region.cache.key(region.module, key), tensors,
-                                      lambda: _export(region.module, sig, leaf, tensors))
+                                      lambda: _export(region.module, sig, leaf, tensors,
+                                                      lambda stand: dressed(cache, stand)))
         return program
 
     def _build(self, key, sig, leaf, tensors, cache, layer, seq, stored, args, kwargs) -> KVEntry:
@@ -433,7 +442,7 @@ class CachedGraphs:
         with self.parts.outside_inference_mode(tensors, args, kwargs) as (tensors, args, kwargs):
             examples = [torch.zeros(s, dtype=d, device=dev) for s, d in shapes]
             try:
-                program = self._program(key, sig, leaf, [*tensors, *examples])
+                program = self._program(key, sig, leaf, [*tensors, *examples], cache)
             except CallNotServable as e:
                 return KVEntry(None, reason=str(e), refusal=Refusal.UNSERVABLE)
             if not program.guard([*tensors, *examples]):
@@ -546,6 +555,9 @@ def _dynamic_layer():
 
 
 def _with(cache, stand_in, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The call's arguments with ``stand_in`` in the place of the cache it updates (dressed as
+    the cache the module is given: ``kvcache.dressed``)."""
+    stand_in = dressed(cache, stand_in)
     return (tuple(stand_in if a is cache else a for a in args),
             {k: stand_in if v is cache else v for k, v in kwargs.items()})
 

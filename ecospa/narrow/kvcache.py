@@ -32,6 +32,7 @@ picks itself: cross-attention reads their tensors directly, so they must keep th
 """
 from __future__ import annotations
 
+import copy
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -115,6 +116,40 @@ class ProbeStop(Exception):
     """Ends the probe forward once the cache update was seen."""
 
 
+class CrossAttentionCache(Exception):
+    """A cross-attention module reached for its cache (not served: its keys come once from the
+    encoder and are read back directly, not through ``update``)."""
+
+
+def inner_cache(cache: Any) -> Any:
+    """The cache a self-attention module updates: the self-attention cache of an encoder-decoder
+    cache (``EncoderDecoderCache``: ``self_attention_cache`` and ``cross_attention_cache``), else
+    the cache itself."""
+    sub = getattr(cache, "self_attention_cache", None)
+    return sub if sub is not None and hasattr(cache, "cross_attention_cache") else cache
+
+
+class _NoCrossCache:
+    """The cross-attention cache of a dressed encoder-decoder stand-in: any use stops the call."""
+
+    def __getattr__(self, name):
+        raise CrossAttentionCache(f"a cross-attention cache (cache.cross_attention_cache.{name}): its keys are "
+                                  "computed once from the encoder and read back directly, not served narrow")
+
+
+def dressed(cache: Any, stand_in: Any) -> Any:
+    """``stand_in`` in the place of the cache a module is given: for an encoder-decoder cache, a
+    copy of it (same class: models test ``isinstance``) whose self-attention cache is
+    ``stand_in`` and whose cross-attention cache stops the call; ``stand_in`` itself otherwise."""
+    if stand_in is None or inner_cache(cache) is cache:
+        return stand_in
+    out = copy.copy(cache)
+    out.self_attention_cache = stand_in
+    out.cross_attention_cache = _NoCrossCache()
+    out.is_updated = dict(getattr(cache, "is_updated", {}))
+    return out
+
+
 class _ProbeCache:
     """Stand-in for the real cache during the probe: records the first ``update`` and stops."""
 
@@ -165,9 +200,10 @@ class KVNarrower:
 
     # ----------------------------------------------------------------- probe
     def _probe(self, cache, args: tuple, kwargs: dict) -> tuple[KVIndex, KVIndex] | str:
-        stand_in = _ProbeCache(cache)
-        args = tuple(stand_in if a is cache else a for a in args)
-        kwargs = {k: stand_in if v is cache else v for k, v in kwargs.items()}
+        stand_in = _ProbeCache(inner_cache(cache))
+        dress = dressed(cache, stand_in)
+        args = tuple(dress if a is cache else a for a in args)
+        kwargs = {k: dress if v is cache else v for k, v in kwargs.items()}
         adapters = _poisoned(self.module)
         try:
             for a in adapters:
@@ -176,6 +212,8 @@ class KVNarrower:
                 self.fallback(*args, **kwargs)
         except ProbeStop:
             pass
+        except CrossAttentionCache as e:
+            return str(e)
         except Exception as e:  # the probe is an optimisation: a failure keeps the cache dense
             return f"the probe forward failed ({type(e).__name__})"
         finally:
@@ -190,14 +228,16 @@ class KVNarrower:
 
     # ----------------------------------------------------------------- calls
     def __call__(self, cache, args: tuple, kwargs: dict):
-        """Run the fallback for a call with ``cache``, storing its entries narrow where possible."""
+        """Run the fallback for a call with ``cache``, storing its entries narrow where possible
+        (in the self-attention cache of an encoder-decoder cache)."""
+        outer, cache = cache, inner_cache(cache)
         first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
         key = None if first is None else (first.dim(), first.shape[-1], first.dtype)
         if self.preferred is not None:
             lay = self.preferred
         else:
             if key not in self.layouts:
-                self.layouts[key] = self._probe(cache, args, kwargs)
+                self.layouts[key] = self._probe(outer, args, kwargs)
             lay = self.layouts[key]
         held = bool(self.narrow_layers.get(cache))  # layers held narrow must be read narrow
         if (isinstance(lay, str) and not held) or "update" in getattr(cache, "__dict__", {"update": None}):

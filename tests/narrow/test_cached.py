@@ -271,3 +271,42 @@ def test_layers_share_one_capture_though_each_reads_its_own_layer_idx(monkeypatc
     reps = ecospa.execution_report(model)
     assert reps and all(r.narrow for r in reps), [r.reasons for r in reps]
     assert len(exports) <= 2, f"{len(exports)} exports for 6 layers"
+
+
+def _seq2seq(name: str):
+    if name == "t5":
+        cfg = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                    decoder_start_token_id=0)
+        return transformers.T5ForConditionalGeneration(cfg).eval()
+    cfg = transformers.BartConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+                                  decoder_ffn_dim=48, max_position_embeddings=64)
+    return transformers.BartForConditionalGeneration(cfg).eval()
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_encoder_decoder_cache_decoder_self_attention_runs_narrow(name):
+    """Encoder-decoder models get an ``EncoderDecoderCache``: the decoder's self-attention runs
+    narrow on its self-attention cache (prefill and every decoding step); cross-attention reads
+    its keys back directly and runs the exact fallback, saying so. Every step equals the masked
+    dense model."""
+    torch.manual_seed(0)
+    model = _seq2seq(name)
+    x = torch.randint(3, 100, (2, 7))
+    inputs = {"input_ids": x, "decoder_input_ids": torch.randint(3, 100, (2, 5))}
+    cg = ecospa.auto_couple(model, inputs)
+    plan = _plan(cg, "ragged", random.Random(1))
+    ref = masked_copy(model, plan_units(plan))
+    ecospa.prune(model, plan, couplings=cg)
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        got, want = model.generate(x, **kw), ref.generate(x, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    assert all(_rel(a, b) <= TOL for a, b in zip(got.logits, want.logits))
+    reps = ecospa.execution_report(model)
+    decoder_self = [r for r in reps if "decoder" in r.path and ("SelfAttention" in r.path or "self_attn" in r.path)]
+    cross = [r for r in reps if "EncDecAttention" in r.path or "encoder_attn" in r.path]
+    assert decoder_self and all(r.narrow and r.by_kind.get("decode", (0, 0))[0] > 0 for r in decoder_self), \
+        [(r.path, r.calls, r.reasons) for r in decoder_self]
+    assert cross and all(r.fallback_calls and "cross-attention cache" in r.reasons[0] for r in cross)
+

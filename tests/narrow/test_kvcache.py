@@ -72,9 +72,10 @@ def test_the_model_itself_is_untouched_by_the_cache_path():
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
-def test_encoder_decoder_cache_stays_dense_and_exact():
-    """BART passes an EncoderDecoderCache and updates its inner caches itself (cross-attention
-    reads their tensors directly): ecospa leaves that cache dense, says so, and stays exact."""
+def test_encoder_decoder_cache_self_attention_narrow_cross_attention_dense():
+    """BART passes an EncoderDecoderCache: the decoder's self-attention cache is stored at the
+    kept widths; cross-attention reads its cache's tensors back directly, so that one stays dense,
+    said so; every step exact."""
     torch.manual_seed(0)
     cfg = transformers.BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=2,
                                   encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
@@ -90,5 +91,8 @@ def test_encoder_decoder_cache_stays_dense_and_exact():
     assert torch.equal(got.sequences, want.sequences)
     for a, b in zip(got.scores, want.scores):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    kv = {r.kv_cache for r in ecospa.execution_report(model) if r.kv_cache}
-    assert kv and all("EncoderDecoderCache" in k for k in kv), kv
+    reps = {r.path: r for r in ecospa.execution_report(model)}
+    self_attn = [r.kv_cache for p, r in reps.items() if p.endswith("self_attn") and "decoder" in p]
+    cross = [r.reasons for p, r in reps.items() if p.endswith("encoder_attn")]
+    assert self_attn and all(k and "stored at the kept widths" in k for k in self_attn), self_attn
+    assert cross and all(w and "cross-attention cache" in w[0] for w in cross), cross

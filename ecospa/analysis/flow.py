@@ -4,10 +4,13 @@ Placeholders of parameters get fresh labels (one per index of every dimension); 
 buffers carry none. Each op's rule computes the factors of its output and records edges, poison,
 tags and events in the :class:`LabelSpace`. Labels that reach the model's output are poisoned.
 In-place writes give the tensor written into the labels written (``ecospa.analysis.mutation``), and
-labels a rule lets fall without a reason are lost with one (``ecospa.analysis.accounting``).
+labels a rule lets fall without a reason are lost with one (``ecospa.analysis.accounting``). An op
+whose rule meets a data-dependent size (an unbacked symbol: MoE routing by ``torch.where(mask)``)
+loses the labels that enter it, with a reason naming the op, instead of failing the flow.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,9 +69,15 @@ def propagate(captured: Captured) -> FlowResult:
                 entered.append(labs)
                 if node.op == "call_function" and op_name(node.target) in ENDS:
                     ends.append(labs)
-            ctx.values[node] = _run(ctx, node)
+            try:
+                ctx.values[node] = _run(ctx, node)
+                if node.op == "call_function":
+                    apply_write(ctx, node)
+            except Exception as exc:
+                if node.op != "call_function" or not _is_data_dependent(exc):
+                    raise
+                ctx.values[node] = _data_dependent(ctx, node)
             if node.op == "call_function":
-                apply_write(ctx, node)
                 lost = silent_drops(ctx, node, mark)
                 if lost.size:
                     drops.append((node.name, op_name(node.target), int(lost.size)))
@@ -110,6 +119,22 @@ def _run(ctx: Ctx, node: torch.fx.Node):
     if rule is None:
         return poison_value(ctx, node, f"op {node.target} has no channel rule")
     return rule(ctx, node)
+
+
+def _is_data_dependent(exc: BaseException) -> bool:
+    """``exc`` is torch's error for a guard on a data-dependent size (not imported up front:
+    ``import ecospa`` loads no sympy; a graph with such sizes has loaded it)."""
+    mod = sys.modules.get("torch.fx.experimental.symbolic_shapes")
+    return mod is not None and isinstance(exc, mod.GuardOnDataDependentSymNode)
+
+
+def _data_dependent(ctx: Ctx, node: torch.fx.Node):
+    """An op whose rule met a size that depends on the values of a tensor (an unbacked symbol:
+    the rows picked by ``torch.where(mask)`` / ``nonzero`` in MoE routing) cannot be followed:
+    the labels that enter it are lost with a reason naming the op, its output carries none, and
+    the flow goes on (the rest of the model still couples)."""
+    return poison_value(ctx, node, f"op {op_name(node.target)} meets a data-dependent shape (a size computed "
+                                   "from tensor values, as after torch.where(mask) or nonzero)")
 
 
 def _input_factors(ctx: Ctx, node: torch.fx.Node):

@@ -9,9 +9,12 @@ the q.k contraction is seen. Positions are not tracked (the labels sit along the
 written value varies, at every position of the others: a cache holds the same channels at every
 position it was written).
 
-Writing channels into a tensor whose width is fixed (a buffer or tensor attribute of the model,
-a graph input, a parameter, a tensor created in the forward) keeps a pruned model from running
-at the smaller width: those labels are poisoned with the reason. A write the chain cannot be
+Writing channels into a buffer or tensor attribute of the model, or a graph input (a KV cache
+that research code keeps in a module buffer) is exact at any width: the narrow graph writes into
+it at its dense width, zeros at the removed positions as in the masked dense model, and gathers
+the kept positions where it is read (``ecospa.ops.inplace``, ``ecospa.narrow.stored``). Writing
+them into a parameter or a tensor created in the forward keeps a pruned model from running at the
+smaller width: those labels are poisoned with the reason. A write the chain cannot be
 followed through loses its labels with the reason (``LabelSpace.lose``). An in-place op on a
 plain intermediate (``h.relu_()``) just updates that node's labels.
 """
@@ -25,7 +28,7 @@ from ecospa.ops.base import Ctx, concrete, shape_of
 from ecospa.ops.registry import has, op_name
 from ecospa.ops.shape import reshape_factor
 
-__all__ = ["written_arg", "apply_write"]
+__all__ = ["written_arg", "apply_write", "is_view", "base_of"]
 
 
 def written_arg(node: torch.fx.Node) -> int | None:
@@ -39,7 +42,7 @@ def written_arg(node: torch.fx.Node) -> int | None:
     return None
 
 
-def _is_view(node: torch.fx.Node) -> bool:
+def is_view(node: torch.fx.Node) -> bool:
     schema = getattr(node.target, "_schema", None)
     if node.op != "call_function" or schema is None or not schema.returns or not schema.arguments:
         return False
@@ -85,6 +88,16 @@ def _back(node: torch.fx.Node, f: np.ndarray) -> np.ndarray | None:
     return None
 
 
+def base_of(node: torch.fx.Node) -> tuple[list[torch.fx.Node], torch.fx.Node]:
+    """``(views, base)``: the chain of views from ``node`` back to the tensor it views."""
+    chain = []
+    base = node
+    while isinstance(base, torch.fx.Node) and is_view(base):
+        chain.append(base)
+        base = base.args[0]
+    return chain, base
+
+
 def _storage(ctx: Ctx, base: torch.fx.Node) -> str | None:
     """Why a tensor's width is fixed, or None for a plain intermediate of the graph."""
     if base.op == "placeholder":
@@ -94,6 +107,13 @@ def _storage(ctx: Ctx, base: torch.fx.Node) -> str | None:
             return f"the model's tensor {base.target!r} (a buffer or tensor attribute)"
         return f"the input {base.name!r}"
     return f"the tensor {base.name!r} created in the forward"
+
+
+def _stored(ctx: Ctx, base: torch.fx.Node) -> bool:
+    """A buffer (or tensor attribute) of the model, or a graph input: it keeps its dense width and
+    the narrow graph writes into it dense and gathers its reads (``ecospa.narrow.stored``), so
+    removing the written channels stays exact and runs narrow (a KV cache in a module buffer)."""
+    return base.op == "placeholder" and base.name not in ctx.captured.params
 
 
 def apply_write(ctx: Ctx, node: torch.fx.Node) -> None:
@@ -108,11 +128,7 @@ def apply_write(ctx: Ctx, node: torch.fx.Node) -> None:
     else:
         v = ctx.values.get(node)
         written = [to_ndim(f, nd) for f in v] if isinstance(v, list) else []
-    chain = []
-    base = dst
-    while isinstance(base, torch.fx.Node) and _is_view(base):
-        chain.append(base)
-        base = base.args[0]
+    chain, base = base_of(dst)
     if not chain and base.op == "call_function" and not has(base.target, "fresh"):
         ctx.values[base] = list(written)  # h.relu_(): the node itself now holds the result
         return
@@ -136,10 +152,11 @@ def apply_write(ctx: Ctx, node: torch.fx.Node) -> None:
             per_level[i].append(g)
     if not per_level[-1]:
         return
-    store = _storage(ctx, base)
-    for g in per_level[-1]:
-        ctx.space.poison(g, f"written into {store} at {where}: its width is fixed, so removing "
-                            "these channels does not run at the smaller width")
+    if not _stored(ctx, base):
+        store = _storage(ctx, base)
+        for g in per_level[-1]:
+            ctx.space.poison(g, f"written into {store} at {where}: its width is fixed, so removing "
+                                "these channels does not run at the smaller width")
     for level, fs in zip(levels, per_level):  # later reads of any of these views see the write
         old = ctx.values.get(level)
         old = list(old) if isinstance(old, list) else []

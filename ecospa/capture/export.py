@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from ecospa.errors import CaptureError
+from ecospa.capture.asserts import asserts_as_checks
 from ecospa.capture.inline import inline_wrappers
 from ecospa.capture.state import preserved
 
@@ -173,7 +174,8 @@ def capture(model: nn.Module, example_inputs=None) -> Captured:
     args, kwargs = _normalise_inputs(model, example_inputs)
     if _wants(model, "use_cache") and "use_cache" not in kwargs:
         kwargs["use_cache"] = False
-    with preserved(model):  # whatever the forward creates or changes is put back
+    with preserved(model), asserts_as_checks():  # whatever the forward changes is put back; asserts
+        # on data-dependent values (a cache position) become runtime checks (capture/asserts.py)
         was_training = model.training
         model.eval()
         tracker = _ModuleTracker(model)

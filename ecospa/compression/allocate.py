@@ -5,6 +5,11 @@ first), the units still alive, and a parameter goal; it returns ``{coupling name
 in the numbering of the couplings it was given (the dense ones: compress masks units and prunes
 physically only at the end). Within a coupling units always go in ascending value.
 
+With an exportable view (``CompressConfig(exportable=True)``, :mod:`ecospa.schedule.exportable`)
+the allocators run on merged head couplings (a unit is a whole head, its value the sum of its
+units' values) and on blocks of repeated couplings cut in lockstep; the removal is expanded
+back to the couplings' units.
+
 A *step* removes ``multiple`` units from a coupling (the first step of a coupling whose width is
 not a multiple removes what it takes to get there), never leaving fewer than ``min_keep``. With
 ``uniform_groups`` the couplings of one width group (``Coupling.group``: the heads of one
@@ -27,10 +32,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ecospa.schedule.exportable import HEADS, ExportRules, ExportView
 from ecospa.schedule.planner import ParamCounter, PlanConfig, plan_round
 from ecospa.ir.coupling import Coupling
 
-__all__ = ["Allocation", "allocate_global", "allocate_uniform", "allocate_planner"]
+__all__ = ["Allocation", "allocate_global", "allocate_uniform", "allocate_planner", "merged_values",
+           "merged_alive"]
 
 
 @dataclass
@@ -43,6 +50,9 @@ class Allocation:
         values: ``{name: (width,) float}``, cost of removing each unit (smaller goes first).
         min_keep: units each coupling keeps; multiple: kept widths are multiples of it.
         uniform_groups: block the couplings of a width group together.
+        lockstep: the blocks, given (an exportable view's: repeated blocks cut together); then
+            ``uniform_groups`` is not used.
+        min_heads: heads a merged head coupling (kind ``"heads"``) keeps.
     """
 
     couplings: Sequence[Coupling]
@@ -52,6 +62,8 @@ class Allocation:
     min_keep: int = 1
     multiple: int = 1
     uniform_groups: bool = False
+    lockstep: Sequence[Sequence[Coupling]] | None = None
+    min_heads: int = 1
     blocks: list[list[Coupling]] = field(init=False)
     order: dict[str, np.ndarray] = field(init=False)  # alive units, ascending value
     cost: dict[str, np.ndarray] = field(init=False)  # parameters per unit
@@ -68,6 +80,9 @@ class Allocation:
             self.cost[c.name] = c.unit_numel(self.shapes).astype(np.float64)
         groups: dict[str, list[Coupling]] = {}
         self.blocks = []
+        if self.lockstep is not None:  # an exportable view's blocks (ecospa.schedule.exportable)
+            self.blocks = [list(b) for b in self.lockstep]
+            return
         for c in self.couplings:
             if self.uniform_groups and getattr(c, "group", ""):
                 if c.group not in groups:
@@ -80,8 +95,9 @@ class Allocation:
     def cuts(self, block: Sequence[Coupling]) -> list[int]:
         """Allowed numbers of units to remove from each coupling of ``block``, ascending."""
         widths = [len(self.order[c.name]) for c in block]
-        top = min(w - self.min_keep for w in widths)
-        m = self.multiple
+        heads = block[0].kind == HEADS  # whole heads: counted in heads, never rounded to a multiple
+        top = min(w - (self.min_heads if heads else self.min_keep) for w in widths)
+        m = 1 if heads else self.multiple
         return [s for s in range(1, top + 1) if all((w - s) % m == 0 for w in widths)]
 
     def counter(self, extra: Mapping[str, Sequence[int]] = {}) -> ParamCounter:
@@ -143,11 +159,28 @@ def allocate_global(a: Allocation, goal: int) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     done = 0.0
 
+    skipped: list[tuple[float, int, int, int]] = []
+
     def steps():
         while heap:
             v, bi, k, lo = heapq.heappop(heap)
+            if a.lockstep is not None and heap:
+                # lockstep steps are coarse (a head in every layer): one that would go past the
+                # goal waits while smaller steps of other blocks are left to reach it
+                cost = a.step_value(a.blocks[bi], lo, cuts[bi][k])[1]
+                smaller = min(a.step_value(a.blocks[b], l, cuts[b][kk])[1] for _, b, kk, l in heap) < cost
+                if done + cost > need and smaller and not skipped_block(bi):
+                    skipped.append((v, bi, k, lo))
+                    continue
             push(bi, k + 1)
             yield a.blocks[bi], lo, cuts[bi][k]
+        while skipped:  # nothing smaller reached the goal: the waiting steps, best first
+            v, bi, k, lo = min(skipped)
+            skipped.remove((v, bi, k, lo))
+            yield a.blocks[bi], lo, cuts[bi][k]
+
+    def skipped_block(bi: int) -> bool:
+        return any(b == bi for _, b, _, _ in skipped)
 
     it = steps()
     if need <= 0:
@@ -195,8 +228,8 @@ def allocate_uniform(a: Allocation, goal: int) -> dict[str, list[int]]:
     return _finish(a, out, goal, ((a.blocks[bi], l, h) for _, bi, l, h in pending))
 
 
-def allocate_planner(a: Allocation, goal: int, importance, config: PlanConfig, cg, salt: int = 0
-                     ) -> dict[str, list[int]]:
+def allocate_planner(a: Allocation, goal: int, importance, config: PlanConfig, cg, salt: int = 0,
+                     rules: ExportRules | None = None) -> dict[str, list[int]]:
     """Algorithm 1 (``plan_round``) repeated until ``goal``: Eq. 6 (``config.coupling_score``,
     from ``importance``) ranks the couplings, ``a.values`` ranks the units inside them."""
     from ecospa.pruning.apply import remaining
@@ -212,7 +245,8 @@ def allocate_planner(a: Allocation, goal: int, importance, config: PlanConfig, c
         live = [c for c in cur if c.name in names]
         shapes = dict(cur.shapes)
         step = plan_round(live, shapes, coupling_scores=scores,
-                          unit_scores=lambda c: values[c.name][idx[c.name]], config=config, target_params=goal)
+                          unit_scores=lambda c: values[c.name][idx[c.name]], config=config, target_params=goal,
+                          rules=rules)
         if not step:
             break
         for n, u in step.items():
@@ -222,4 +256,22 @@ def allocate_planner(a: Allocation, goal: int, importance, config: PlanConfig, c
         cur = remaining(cur, step)
         if a.counter(out).total <= goal:
             break
+    return out
+
+
+def merged_values(ev: ExportView, values: Mapping[str, np.ndarray],
+                  alive: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Unit values of an exportable view: a whole head costs the sum of its alive units' values
+    (over all its couplings), other couplings keep theirs."""
+    out = {c.name: values[c.name] for c in ev.couplings if c.name not in ev.members}
+    for name, heads in ev.members.items():
+        out[name] = np.asarray([sum(float(np.asarray(values[m.name], dtype=np.float64)[alive[m.name]].sum())
+                                    for m in head) for head in heads], dtype=np.float64)
+    return out
+
+
+def merged_alive(ev: ExportView, alive: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Alive masks of an exportable view (every head of a view is alive: it has alive units)."""
+    out = {c.name: alive[c.name] for c in ev.couplings if c.name not in ev.members}
+    out.update({name: np.ones(len(heads), dtype=bool) for name, heads in ev.members.items()})
     return out

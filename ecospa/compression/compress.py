@@ -55,13 +55,15 @@ import torch
 import torch.nn as nn
 
 from ecospa.capture.sharded import refuse_sharded
-from ecospa.compression.allocate import Allocation, allocate_global, allocate_planner, allocate_uniform
+from ecospa.compression.allocate import (Allocation, allocate_global, allocate_planner, allocate_uniform,
+                                         merged_alive, merged_values)
 from ecospa.compression.calibration import (CalibrationStats, LossFn, as_batches, calibrate, consumers_of,
                                             resolve_loss_fn, split_samples)
 from ecospa.compression.config import CompressConfig, CompressError
 from ecospa.compression.reconstruction import consumer_columns, reconstruct, zero_units
 from ecospa.ir.coupling import Coupling
 from ecospa.schedule.budget import ParamCounter, resolve_target
+from ecospa.schedule.exportable import check_exportable_target, exportable_rules, view
 from ecospa.scoring.scores import UNIT_SCORES, lookup, needed_stats
 
 __all__ = ["compress", "CompressConfig", "CompressReport", "CompressRound", "CompressError"]
@@ -221,6 +223,10 @@ class _Run:
                                 f"({len(getattr(cg, 'inexact', ()))} inexact); nothing to compress")
         self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         self.target_params = resolve_target(self.plan, self.C, self.shapes)
+        self.rules = None
+        if cfg.exportable:  # what the config can state: probed once, on the dense couplings
+            self.rules = exportable_rules(self.C, model)
+            check_exportable_target(self.plan, self.C, self.rules, self.shapes, self.target_params)
         self.dense = _count(model)
         everything = ParamCounter(self.shapes)
         for c in self.C:
@@ -306,14 +312,22 @@ class _Run:
 
     def _allocate(self, Cr, shapes_r, alive_r, values, goal: int, imp, r: int) -> dict[str, list[int]]:
         cfg = self.cfg
+        ev = None
+        if self.rules is not None and cfg.allocation != "planner":  # the planner merges on its own
+            ev = view(Cr, self.rules, alive_r)
+            orig_alive = alive_r
+            Cr, values, alive_r = ev.couplings, merged_values(ev, values, alive_r), merged_alive(ev, alive_r)
         alloc = Allocation(Cr, shapes_r, alive_r, values, min_keep=self.plan.min_keep, multiple=cfg.width_multiple,
-                           uniform_groups=cfg.head_widths == "uniform")
+                           uniform_groups=cfg.head_widths == "uniform",
+                           lockstep=ev.blocks if ev is not None else None, min_heads=self.plan.min_units)
         if cfg.allocation == "global":
             removal = allocate_global(alloc, goal)
         elif cfg.allocation == "uniform":
             removal = allocate_uniform(alloc, goal)
         else:
-            removal = allocate_planner(alloc, goal, imp, self.plan, self.cur_cg, salt=r)
+            removal = allocate_planner(alloc, goal, imp, self.plan, self.cur_cg, salt=r, rules=self.rules)
+        if ev is not None:
+            removal = ev.expand(removal, alive=orig_alive)
         return {name: sorted(int(u) for u in v) for name, v in removal.items() if len(v)}
 
     def _remove(self, Cr, removal: dict[str, list[int]], cols) -> int:

@@ -64,7 +64,11 @@ class CompressConfig:
     reconstruct: bool = _help("refit the consumers' kept columns by least squares after each round", True)
     damp: float = _help("ridge of the refit, relative to the mean diagonal of the Gram matrix", 0.01)
     head_widths: str = _help("'ragged' or 'uniform' (equal kept widths inside each width group)", "ragged")
-    min_units: int = _help("units every coupling keeps", 1)
+    exportable: bool = _help(
+        "keep widths the config can state (whole heads, the same heads and FFN width in every layer, "
+        "nothing the config cannot shrink): ecospa.export writes it exactly as small, no padding "
+        "(ecospa.schedule.exportable; overrides head_widths)", False)
+    min_units: int = _help("units every coupling keeps (exportable: heads every attention keeps)", 1)
     width_multiple: int = _help("kept widths are multiples of this", 1)
     calibration_batches: int | None = _help("use at most this many batches of data (None: all)", None)
     per_sample: bool = _help("split tensor batches into rows: one Fisher sample per row", True)
@@ -95,7 +99,7 @@ class CompressConfig:
         _positive("damp", self.damp)
         _positive("recover_lr", self.recover_lr)
         _positive("recover_cpu_seconds", self.recover_cpu_seconds, optional=True)
-        for name in ("reconstruct", "per_sample", "physical"):
+        for name in ("reconstruct", "per_sample", "physical", "exportable"):
             _bool(name, getattr(self, name))
 
     @classmethod
@@ -122,7 +126,7 @@ class CompressConfig:
         return PlanConfig(target=target, min_units=self.min_units, width_multiple=self.width_multiple,
                           top_k=self.top_k, theta=self.theta, coupling_score=self.coupling_score,
                           unit_score=self.score if self.score in UNIT_SCORES else "eq9",
-                          head_widths=self.head_widths, seed=self.seed)
+                          head_widths=self.head_widths, seed=self.seed, exportable=bool(self.exportable))
 
     @classmethod
     def help(cls, show: bool = True) -> dict[str, str]:

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ecospa.errors import EcospaError
 
-__all__ = ["unwrap_optimizer", "attach_optimizer", "optimizer_for", "schedule_run", "DEFAULT_END"]
+__all__ = ["unwrap_optimizer", "attach_optimizer", "optimizer_for", "schedule_run", "export_at_end", "DEFAULT_END"]
 
 DEFAULT_END = "halfway"  # the callbacks' default end: halfway between start and the last step
 
@@ -92,3 +92,15 @@ def schedule_run(sp, end, total_steps: int | None, max_steps: int | None, global
     if end is not None:
         log.info("ecospa: target %r by step %d of %s (cubic schedule from step %d, a round every %s steps)",
                  sp.config.target, sp.config.end_step, total, sp.config.start, sp.config.every)
+
+
+def export_at_end(model: nn.Module, directory, tokenizer=None, options=None):
+    """``ecospa.export(model, directory, tokenizer, **options)`` at the end of training (the
+    callers run it on the main process only); the :class:`ecospa.ExportReport`, also logged."""
+    import os
+
+    from ecospa.export.write import export
+
+    report = export(model, os.fspath(directory), tokenizer, **dict(options or {}))
+    log.info("ecospa: %s", report.summary())
+    return report

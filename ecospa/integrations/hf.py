@@ -21,6 +21,12 @@ What it does, at the Trainer's events:
   pace, which may end above the target); ``on_train_end`` calls ``sp.finish()``, which warns
   (:class:`ecospa.EcospaWarning`) when the model ended above its target and logs
   ``sp.report()`` (rounds, sizes, peak and mean training-state bytes);
+- ``export_to="dir"``: at ``on_train_end`` (after ``sp.finish()``), on the main process only,
+  ``ecospa.export(model, dir, tokenizer)`` writes the pruned model as a standard transformers
+  checkpoint that loads without ecospa (the tokenizer is the Trainer's ``processing_class``
+  when it has ``save_pretrained``; ``export_options={...}``: more keywords of ``ecospa.export``,
+  e.g. ``gguf=True``); the report is ``callback.export_report``. With ``exportable=True`` (a
+  :class:`ecospa.PlanConfig` knob) the export is exactly as small as the pruned model;
 - ``on_save``: writes ``ecospa_state.json`` + ``ecospa_state.safetensors`` (plan, counters,
   Eq. 6 statistics; no pickle) into the checkpoint folder the Trainer has just written.
 
@@ -53,7 +59,7 @@ from transformers import TrainerCallback
 
 from ecospa.training.sparse import EcoSpa
 from ecospa.errors import ConfigError, EcospaError
-from ecospa.integrations._common import DEFAULT_END, attach_optimizer, schedule_run
+from ecospa.integrations._common import DEFAULT_END, attach_optimizer, export_at_end, schedule_run
 from ecospa.integrations._state import load_state, read_json, save_state
 
 __all__ = ["EcoSpaCallback"]
@@ -72,6 +78,10 @@ class EcoSpaCallback(TrainerCallback):
             models are captured from the inputs of their first forward).
         resume_from: a checkpoint folder whose EcoSpa state to restore when the Trainer loads a
             pruned state dict (default: found automatically, see the module docstring).
+        export_to: a folder: at the end of training the model is written there with
+            :func:`ecospa.export` (main process only); None: no export.
+        export_options: more keyword arguments of :func:`ecospa.export` (``gguf``, ``inputs``,
+            ``save_kwargs``).
         **knobs: :class:`ecospa.PlanConfig` fields (``every``, ``top_k``, ``theta``, ...) and
             other :class:`ecospa.EcoSpa` keywords. ``end``: the step (int) or fraction of the run
             (float) at which the target is reached, on the cubic schedule (default: halfway
@@ -80,10 +90,13 @@ class EcoSpaCallback(TrainerCallback):
 
     Attributes:
         sp: the :class:`ecospa.EcoSpa` (None before training starts): ``sp.events``, ``sp.plan``.
+        export_report: the :class:`ecospa.ExportReport` of ``export_to`` (None before).
     """
 
     def __init__(self, target: int | float | None = 0.5, *, example_inputs=None, resume_from: str | None = None,
-                 **knobs):
+                 export_to: str | os.PathLike | None = None, export_options: dict | None = None, **knobs):
+        self.export_to, self.export_options = export_to, dict(export_options or {})
+        self.export_report = None
         self.end = knobs.pop("end", DEFAULT_END)
         self.total_steps = knobs.pop("total_steps", None)
         self.target, self.example_inputs, self.resume_from, self.knobs = target, example_inputs, resume_from, knobs
@@ -158,10 +171,15 @@ class EcoSpaCallback(TrainerCallback):
             return
         save_state(self.sp, folder, extra={"global_step": int(state.global_step)})
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.sp is not None and self.sp.ready:
             self.sp.finish()  # warns when the model ended above its target
             log.info("%s", self.sp.report())
+        if self.export_to is not None and state.is_world_process_zero:
+            model = model if model is not None else (self.sp.model if self.sp is not None else self.model)
+            tok = kwargs.get("processing_class") or kwargs.get("tokenizer")
+            tok = tok if hasattr(tok, "save_pretrained") else None
+            self.export_report = export_at_end(model, self.export_to, tok, self.export_options)
 
     # ---------------------------------------------------------------- resume
     def _candidates(self) -> list[str]:

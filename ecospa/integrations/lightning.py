@@ -24,6 +24,10 @@ does, at Lightning's hooks:
   schedule (``end=`` a step or a fraction of the run; ``end=None``: Algorithm 1's own pace);
   ``on_train_end`` calls ``sp.finish()``, which warns (:class:`ecospa.EcospaWarning`) when the
   module ended above its target, and logs ``sp.report()``;
+- ``export_to="dir"``: at ``on_train_end`` (after ``sp.finish()``), on global rank 0 only,
+  ``ecospa.export(module, dir, tokenizer)`` writes the pruned (transformers) module as a standard
+  checkpoint that loads without ecospa (``tokenizer=``, ``export_options={...}``: more keywords
+  of ``ecospa.export``); the report is ``callback.export_report``;
 - ``state_dict``: the plan, counters and statistics go into Lightning's checkpoint (JSON text
   and tensors only, loadable with ``weights_only=True``);
 - **resume**: Lightning loads the checkpoint's (pruned) weights into the module before any
@@ -46,7 +50,7 @@ import torch.nn as nn
 
 from ecospa.training.sparse import EcoSpa
 from ecospa.errors import EcospaError
-from ecospa.integrations._common import DEFAULT_END, attach_optimizer, optimizer_for, schedule_run
+from ecospa.integrations._common import DEFAULT_END, attach_optimizer, export_at_end, optimizer_for, schedule_run
 from ecospa.integrations._state import state_from_files, state_to_files
 
 try:  # the unified package first, then the standalone one
@@ -81,6 +85,10 @@ def make_callback_class(base: type) -> type:
             target: as :class:`ecospa.EcoSpa`.
             module: attribute path of the submodule to prune; None: the LightningModule.
             example_inputs: as :class:`ecospa.EcoSpa` (else: the inputs of the first forward).
+            export_to: a folder: at the end of ``fit`` the module (a transformers model) is
+                written there with :func:`ecospa.export`, on global rank 0 only; None: no export.
+            tokenizer: saved into ``export_to`` too; export_options: more keywords of
+                :func:`ecospa.export` (``gguf``, ``inputs``, ``save_kwargs``).
             **knobs: :class:`ecospa.PlanConfig` fields and other :class:`ecospa.EcoSpa` keywords.
                 ``end``: the step (int) or fraction of the run (float) at which the target is
                 reached, on the cubic schedule (default: halfway between ``start`` and the
@@ -88,11 +96,15 @@ def make_callback_class(base: type) -> type:
 
         Attributes:
             sp: the :class:`ecospa.EcoSpa` (None before ``fit``).
+            export_report: the :class:`ecospa.ExportReport` of ``export_to`` (None before).
         """
 
         def __init__(self, target: int | float | None = 0.5, *, module: str | None = None,
-                     example_inputs=None, **knobs):
+                     example_inputs=None, export_to=None, tokenizer=None, export_options: dict | None = None,
+                     **knobs):
             super().__init__()
+            self.export_to, self.tokenizer, self.export_options = export_to, tokenizer, dict(export_options or {})
+            self.export_report = None
             self.end = knobs.pop("end", DEFAULT_END)
             self.total_steps = knobs.pop("total_steps", None)
             self._max_steps: int | None = None  # known at on_train_start
@@ -142,6 +154,9 @@ def make_callback_class(base: type) -> type:
             if self.sp is not None and self.sp.ready:
                 self.sp.finish()  # warns when the module ended above its target
                 log.info("%s", self.sp.report())
+            if self.export_to is not None and getattr(trainer, "is_global_zero", True):
+                self.export_report = export_at_end(self._module(pl_module), self.export_to, self.tokenizer,
+                                                   self.export_options)
 
         # ------------------------------------------------------------ hooks
         def setup(self, trainer, pl_module, stage: str) -> None:

@@ -35,6 +35,7 @@ from ecospa.narrow.program import (CallNotServable, Program, Signature, export_c
                                   signature)
 from ecospa.narrow.entry import LADDER, MAX_VARIANTS, Entry, Refusal, is_random, outputs_close
 from ecospa.narrow.rewrite import rewrite
+from ecospa.narrow.stored import written_inputs
 from ecospa.ops.registry import NarrowError
 from ecospa.ir.record import EcospaForward, dense_view, param_records
 from ecospa.errors import EcospaWarning
@@ -439,12 +440,33 @@ class RegionForward(EcospaForward):
         they agree."""
         with torch.no_grad():
             feeds = [f() for f in entry.feeds]
+            # buffers (a KV cache) and inputs the graph writes in place: both paths start from
+            # the state before the call, their writes are compared, and the state is put back
+            # (the call itself runs after the check)
+            values = list(feeds) + list(tensors)  # the graph's placeholders, in order
+            written = [values[i] for i in written_inputs(entry.program.graph)
+                       if i < len(values) and isinstance(values[i], torch.Tensor)]
+            saved = [t.clone() for t in written]
             try:
                 got = entry.program.output(entry.gm(*feeds, *tensors))
             except Exception as e:  # a wrong narrow graph must cost speed, never a forward
+                _restore(written, saved)
                 return f"the narrow graph failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            want = self.run_fallback(*args, **kwargs)
-        return outputs_close(got, want)
+            after = [t.clone() for t in written]
+            _restore(written, saved)
+            try:
+                want = self.run_fallback(*args, **kwargs)
+                problem = outputs_close(got, want) or next(
+                    (f"a buffer written in place differs: {p}" for a, t in zip(after, written)
+                     if (p := outputs_close(a, t))), None)
+            finally:
+                _restore(written, saved)
+        return problem
+
+
+def _restore(tensors, saved) -> None:
+    for t, v in zip(tensors, saved):
+        t.copy_(v)
 
 
 def _call_kind(key) -> str:

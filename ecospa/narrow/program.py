@@ -52,6 +52,7 @@ import torch.utils._pytree as pytree
 from torch.export import Dim
 from torch.export.graph_signature import InputKind, OutputKind
 
+from ecospa.capture.asserts import asserts_as_checks
 from ecospa.capture.inline import WRAPPERS, inline_wrappers
 from ecospa.capture.state import preserved
 
@@ -587,7 +588,8 @@ def export_call(module: nn.Module, sig: Signature, tensors: Sequence[torch.Tenso
     dyn = (tuple({i: Dim.AUTO for i in range(t.dim())} for t in tensors),)
     try:
         with _quiet_export(), _no_fake_tensor_cache(), torch.inference_mode(False), \
-                torch.set_grad_enabled(sig.grad), preserved(module), track_reads(module) as read:
+                torch.set_grad_enabled(sig.grad), preserved(module), track_reads(module) as read, \
+                asserts_as_checks():
             ep = torch.export.export(wrap, tuple(tensors), dynamic_shapes=dyn, strict=False)
     except Exception as exc:  # any export failure: this call runs on the fallback path
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -21,6 +21,10 @@ from ecospa.ir.narrowing import Narrowing
 from ecospa.narrow.positions import Layout
 from ecospa.narrow.program import Program
 from ecospa.ops.registry import NarrowError, spec
+from ecospa.ops.inplace import store_write
+from ecospa.analysis.mutation import written_arg
+from ecospa.narrow import stored
+from ecospa.narrow.stored import read_stored, stored_nodes
 from ecospa.capture.export import module_of
 
 __all__ = ["Builder", "rewrite"]
@@ -39,6 +43,9 @@ class Builder:
         self.zero: dict[torch.fx.Node, bool] = {}
         self._constants = constants
         self._padded_env: dict[torch.fx.Node, torch.fx.Node] = {}
+        # tensors written in place and read back (a KV cache in a buffer): dense in the narrow
+        # graph, gathered where read (``narrow.stored``)
+        self.stored: frozenset[torch.fx.Node] = frozenset()
 
     # --------------------------------------------------------------------- queries
     def layout(self, node) -> dict:
@@ -85,7 +92,7 @@ class Builder:
         (exact only where the dropped positions are zero in the masked dense model)."""
         new = self.env[node]
         lay = self.layout(node)
-        if not lay:
+        if not lay or node in self.stored:  # stored tensors are dense already
             return new
         if not self.zero.get(node, True):
             raise NarrowError("the module returns pruned channels that are not zero")
@@ -218,6 +225,10 @@ def rewrite(program: Program, layout: Layout, kept: Mapping[str, Mapping[int, np
     if layout.problem:
         raise NarrowError(layout.problem)
     b = Builder(program, layout, constants)
+    if stored.SERVE:
+        b.stored = stored_nodes(program.graph)
+    elif stored.written_inputs(program.graph):  # a tensor that outlives the call, written in place
+        raise NarrowError(stored.REFUSED)
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
     kinds = dict(zip(placeholders, program.kinds))
     for node in program.graph.nodes:
@@ -232,7 +243,7 @@ def rewrite(program: Program, layout: Layout, kept: Mapping[str, Mapping[int, np
                         src = _param_src(kept.get(kind[1], {}).get(dim), ret, shape[dim])
                         if src is not None:
                             new = b.call(ops.expand_param, (new, dim, b.index(src)))
-                elif kind[0] == "input" and b.layout(node):
+                elif kind[0] == "input" and b.layout(node) and node not in b.stored:
                     # an input whose channels meet removed ones elementwise (a rotary table times
                     # a single k head): gathered at the retained positions; they are not zero
                     ndim = len(b.shape(node))
@@ -244,17 +255,13 @@ def rewrite(program: Program, layout: Layout, kept: Mapping[str, Mapping[int, np
                 b.graph.output(torch.fx.node.map_arg(node.args[0], b.dense))
             elif node.op == "get_attr":
                 b.env[node] = b.graph.get_attr(node.target)
+            elif node in b.stored:  # a view of a stored tensor or a write into it: dense
+                b.env[node] = store_write(b, node) if written_arg(node) is not None else b.copy(node)
+                b.zero[node] = True
+            elif b.stored and any(a in b.stored for a in node.all_input_nodes):
+                b.env[node] = read_stored(b, node, lambda node=node: _narrow(b, node))
             else:
-                touched = any(b.layout(a) for a in node.all_input_nodes) or b.layout(node)
-                if not touched:
-                    b.env[node] = b.copy(node)
-                    continue
-                known = spec(node.target)
-                rule = known.narrow if known is not None else None
-                if rule is None:
-                    why = f": {known.no_narrow}" if known is not None and known.no_narrow else ""
-                    raise NarrowError(f"no narrow rule for {node.target}{why}")
-                b.env[node] = b.run_rule(rule, node)
+                b.env[node] = _narrow(b, node)
         except NarrowError as e:
             raise NarrowError(f"{e} at {node.format_node()} in module "
                               f"{module_of(node) or '<root>'!r}") from None
@@ -263,6 +270,19 @@ def rewrite(program: Program, layout: Layout, kept: Mapping[str, Mapping[int, np
         root.register_buffer(name, t, persistent=False)
     _copy_attrs(program.graph, root)
     return torch.fx.GraphModule(root, b.graph)
+
+
+def _narrow(b: Builder, node: torch.fx.Node) -> torch.fx.Node:
+    """The new node of ``node``: copied where nothing about it is narrowed, else its narrow rule."""
+    touched = any(b.layout(a) for a in node.all_input_nodes) or b.layout(node)
+    if not touched:
+        return b.copy(node)
+    known = spec(node.target)
+    rule = known.narrow if known is not None else None
+    if rule is None:
+        why = f": {known.no_narrow}" if known is not None and known.no_narrow else ""
+        raise NarrowError(f"no narrow rule for {node.target}{why}")
+    return b.run_rule(rule, node)
 
 
 def _copy_attrs(graph: torch.fx.Graph, root: nn.Module) -> None:

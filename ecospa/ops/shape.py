@@ -94,11 +94,64 @@ def transpose(ctx: Ctx, node: torch.fx.Node):
     return [np.swapaxes(f, d0, d1) for f in ctx.factors(x, nd)]
 
 
+@register(aten.swapaxes, aten.swapdims, facts=("layout", "transparent", "transposing", "passive"))
+def swapaxes(ctx: Ctx, node: torch.fx.Node):
+    """``swapaxes`` / ``swapdims``: ``transpose`` under other names."""
+    return transpose(ctx, node)
+
+
 @register(aten.t, aten.numpy_T, facts=("layout", "transparent", "transposing", "passive"))
 def t(ctx: Ctx, node: torch.fx.Node):
+    """``t`` (at most 2-D) and ``numpy_T`` (``x.T``: every dim reversed, also beyond 2-D)."""
     x = node.args[0]
     nd = len(shape_of(x))
-    return [f.T if nd == 2 else f for f in ctx.factors(x, nd)]
+    return [np.transpose(f) if nd >= 2 else f for f in ctx.factors(x, nd)]
+
+
+@register(aten.mT, aten.mH, aten.adjoint, aten.matrix_H, facts=("layout", "transparent", "transposing", "passive"))
+def matrix_transpose(ctx: Ctx, node: torch.fx.Node):
+    """``x.mT`` (and ``mH`` / ``adjoint`` / ``matrix_H``: conjugated, which moves no channel):
+    the last two dims swapped (litgpt's soft-capped attention writes ``q @ k.mT``)."""
+    x = node.args[0]
+    nd = len(shape_of(x))
+    return [np.swapaxes(f, -2, -1) for f in ctx.factors(x, nd)]
+
+
+@register(aten.movedim, aten.moveaxis, facts=("layout", "transparent", "transposing", "passive"))
+def movedim(ctx: Ctx, node: torch.fx.Node):
+    """``movedim(x, source, destination)`` (an int or a list of ints each)."""
+    x, src, dst = node.args[0], node.args[1], node.args[2]
+    nd = len(shape_of(x))
+    src = [src] if isinstance(src, int) else list(src)
+    dst = [dst] if isinstance(dst, int) else list(dst)
+    return [np.moveaxis(f, src, dst) for f in ctx.factors(x, nd)]
+
+
+@register(aten.view_as_complex, facts=("layout",))
+def view_as_complex(ctx: Ctx, node: torch.fx.Node):
+    """``(..., n, 2)`` real -> ``(..., n)`` complex (Meta's Llama and torchtitan rotary): the two
+    channels of a pair become one complex position, so they are joined (one unit, as the
+    interleaved real rotary makes them) and the position carries the label of the pair."""
+    x = node.args[0]
+    nd = len(shape_of(x))
+    out = []
+    for f in ctx.factors(x, nd):
+        if f.shape[-1] == 1:
+            out.append(f[..., 0])
+            continue
+        re, im = f[..., 0], f[..., 1]
+        ctx.space.edge(re, im)
+        out.append(np.where(re >= 0, re, im))
+    return out
+
+
+@register(aten.view_as_real, facts=("layout",))
+def view_as_real(ctx: Ctx, node: torch.fx.Node):
+    """``(..., n)`` complex -> ``(..., n, 2)`` real: both parts carry the label of the position
+    (its pair's unit; see :func:`view_as_complex`)."""
+    x = node.args[0]
+    nd = len(shape_of(x))
+    return [f[..., None] for f in ctx.factors(x, nd)]
 
 
 @register(aten.expand, aten.expand_as, aten.broadcast_to, facts=("layout", "transparent", "passive"))
@@ -288,22 +341,52 @@ def repeat(ctx: Ctx, node: torch.fx.Node):
 
 
 # ----------------------------------------------------------------------------- narrow rules
-narrow_rule(aten.permute, aten.transpose, aten.t, aten.numpy_T, aten.concatenate, aten.view_as, aten.expand_as,
+narrow_rule(aten.permute, aten.transpose, aten.swapaxes, aten.swapdims, aten.t, aten.numpy_T, aten.mT, aten.mH,
+            aten.adjoint, aten.matrix_H, aten.movedim, aten.moveaxis, aten.concatenate, aten.view_as, aten.expand_as,
             aten.unsqueeze, aten.squeeze, aten.flatten, aten.cat, aten.concat, aten.stack, aten.repeat_interleave,
             aten.repeat, operator.getitem)(narrow_copy)
 
 
+_SIZE_ARITHMETIC = {operator.floordiv: operator.floordiv, operator.mul: operator.mul, operator.add: operator.add,
+                    operator.sub: operator.sub, operator.mod: operator.mod}
+
+
+def _size_values(b, size) -> tuple[int, int] | None:
+    """``(dense value, narrow value)`` of a symbolic size: an integer, ``sym_size(x, d)`` of a
+    tensor (narrowed along ``d`` or of a static size there), or integer arithmetic of those; None
+    when it depends on anything else (a dynamic dim: the call's batch or length)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size, size
+    if not isinstance(size, torch.fx.Node) or size.op != "call_function":
+        return None
+    if op_name(size.target) == "sym_size" and len(size.args) >= 2:
+        x, d = size.args[0], size.args[1]
+        shape = b.shape(x) if isinstance(x, torch.fx.Node) else None
+        if shape is None or not isinstance(d, int):
+            return None
+        d %= len(shape)
+        have = b.layout(x).get(d)
+        if have is not None:
+            return have.size, have.width
+        dense = shape[d]
+        return (dense, dense) if isinstance(dense, int) else None
+    fn = _SIZE_ARITHMETIC.get(size.target)
+    if fn is None or len(size.args) != 2:
+        return None
+    left, right = (_size_values(b, a) for a in size.args)
+    if left is None or right is None or (fn in (operator.floordiv, operator.mod) and 0 in (right[0], right[1])):
+        return None
+    return fn(left[0], right[0]), fn(left[1], right[1])
+
+
 def _narrow_size_of(b, size: torch.fx.Node, nar: Narrowing) -> bool:
-    """True when the symbolic ``size`` is ``sym_size(x, d)`` of a tensor ``x`` narrowed along ``d``
-    to ``nar``'s width (a rotary table gathered at the kept channels, say): in the narrow graph
-    it is that width."""
-    if size.op != "call_function" or op_name(size.target) != "sym_size" or len(size.args) < 2:
-        return False
-    x, d = size.args[0], size.args[1]
-    if not isinstance(x, torch.fx.Node) or not isinstance(d, int):
-        return False
-    have = b.layout(x).get(d % len(b.shape(x)))
-    return have is not None and have.width == nar.width and have.size == nar.size
+    """True when the symbolic ``size``, computed in the narrow graph from narrow tensors, is
+    ``nar``'s width: ``sym_size(x, d)`` of a tensor ``x`` narrowed along ``d`` alike (a rotary
+    table gathered at the kept channels), or integer arithmetic of such sizes (``d // 2`` of an
+    interleaved rotary's pairs) whose dense value is the dense size and whose narrow value is the
+    narrow width."""
+    values = _size_values(b, size)
+    return values is not None and values == (nar.size, nar.width)
 
 
 def _sized(b, node, pos: int, offset: int = 0):
@@ -446,6 +529,16 @@ def narrow_unbind(b, node):
     dim = (node.args[1] if len(node.args) > 1 else 0) % len(b.shape(x))
     if dim in b.layout(x):
         raise NarrowError("unbind along narrowed channels")
+    return narrow_copy(b, node)
+
+
+@narrow_rule(aten.view_as_complex, aten.view_as_real)
+def narrow_complex(b, node):
+    """The complex views keep whole pairs (one unit each): narrowed along the complex positions,
+    never inside a pair."""
+    pair = node.args[0] if op_name(node.target) == "view_as_complex" else node
+    if len(b.shape(pair)) - 1 in b.layout(pair):
+        raise NarrowError(f"{op_name(node.target)} of a pair dim narrowed inside its pairs")
     return narrow_copy(b, node)
 
 

@@ -64,6 +64,13 @@ class PlanConfig:
         "up with different widths, run padded); 'uniform': the couplings of one width group (the "
         "heads of one attention) lose the same number of units each, chosen per head by the unit "
         "scores: equal head widths, the fastest layout", "ragged")
+    exportable: bool = _help(
+        "keep the widths the architecture's config can state, so ecospa.export writes a checkpoint "
+        "exactly as small as the pruned model: heads removed whole (the head width stays: one "
+        "head_dim for q, k and v, rotary frequencies), the same number of heads and the same FFN "
+        "width in every repeated block, GQA groups whole, nothing the config cannot shrink (GPT-2's "
+        "heads: n_embd / n_head). Derived from the couplings and the probed config fields "
+        "(ecospa.schedule.exportable); overrides head_widths", False)
     end: int | float | None = _help(
         "when the target is reached: an int optimizer step, or a float in (0, 1], that fraction of "
         "total_steps. The rounds between start and end follow the cubic gradual-pruning schedule "
@@ -111,6 +118,9 @@ class PlanConfig:
                 raise ConfigError(f"{name} should be one of {sorted(table)}, got {v!r}")
         if not isinstance(self.head_widths, str) or self.head_widths not in ("ragged", "uniform"):
             raise ConfigError(f"head_widths should be 'ragged' or 'uniform', got {self.head_widths!r}")
+        if not isinstance(self.exportable, (bool, np.bool_)):
+            raise ConfigError(f"exportable should be True or False, got {self.exportable!r}")
+        put("exportable", bool(self.exportable))
         self._check_schedule(put)
 
     def _check_schedule(self, put) -> None:

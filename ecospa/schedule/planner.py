@@ -33,6 +33,13 @@ together: every head loses the same number of units, the ones its own Eq. 9 scor
 (the number is the mean over the heads of what theta would remove from each). Equal widths need
 no padding: the fastest layout.
 
+**Exportable plans** (``exportable=True``, :mod:`ecospa.schedule.exportable`): the rounds run
+on a view of the couplings where the heads of one attention are one coupling whose units are
+whole heads, and the repeated blocks (the same coupling in every layer) are cut in lockstep, as
+``"uniform"`` cuts a width group; couplings the config cannot shrink keep every unit. Every
+layer then keeps the same heads count and FFN width: ``ecospa.export`` needs no padding. Head
+counts are not rounded to ``width_multiple``; ``min_units`` is the heads each attention keeps.
+
 **Minimum width.** Each coupling keeps at least ``min_units`` units (default 1), rounded up to a
 multiple of ``width_multiple``: whole heads and whole FFNs do not empty out by default. With
 ``min_units=0`` a coupling may be removed entirely. The minimum is a rule of the *planner* (and so
@@ -57,6 +64,7 @@ import torch
 
 from ecospa.schedule.budget import ParamCounter, resolve_target
 from ecospa.schedule.config import PlanConfig
+from ecospa.schedule.exportable import HEADS, ExportRules, ExportView, exportable_rules, view
 from ecospa.ir.plan import Plan, PlanStep
 from ecospa.errors import PlanError
 from ecospa.ir.coupling import Coupling
@@ -93,7 +101,8 @@ def schedule_target(step: int, *, start: int, end: int, dense_params: int, targe
 def plan_round(couplings: Sequence[Coupling], shapes: Mapping[str, Sequence[int]], *,
                coupling_scores: Mapping[str, float],
                unit_scores: Callable[[Coupling], torch.Tensor | np.ndarray],
-               config: PlanConfig, target_params: int, passes: int | None = 1) -> dict[str, list[int]]:
+               config: PlanConfig, target_params: int, passes: int | None = 1,
+               rules: ExportRules | None = None) -> dict[str, list[int]]:
     """One round of Algorithm 1 (see the module docstring).
 
     Args:
@@ -108,6 +117,9 @@ def plan_round(couplings: Sequence[Coupling], shapes: Mapping[str, Sequence[int]
             earlier passes kept, while the selection does not reach ``target_params`` (1: the
             paper's round; None: until it is reached, as a scheduled round does). The last pass
             takes the shortest prefix that reaches the target (step 5).
+        rules: with ``config.exportable``, what may shrink (:func:`ecospa.schedule.exportable.
+            exportable_rules` of the dense couplings and the model: the config fields); default:
+            the rules the couplings alone give (whole heads, lockstep blocks, nothing frozen).
 
     Returns:
         ``{coupling name: sorted unit indices}``; empty when the target is met or nothing can go.
@@ -115,8 +127,19 @@ def plan_round(couplings: Sequence[Coupling], shapes: Mapping[str, Sequence[int]
     counter = ParamCounter(shapes)
     if counter.total <= target_params:
         return {}
-    m, min_keep = config.width_multiple, config.min_keep
-    blocks = _blocks(couplings, config.head_widths)
+    ev = None
+    if config.exportable:  # whole heads, lockstep blocks, only what the config can state
+        ev = view(couplings, rules if rules is not None else exportable_rules(couplings))
+        blocks = ev.blocks
+        coupling_scores, unit_scores = _merged_scores(ev, coupling_scores, unit_scores)
+    else:
+        blocks = _blocks(couplings, config.head_widths)
+
+    def multiple(block) -> int:  # head counts are not rounded to width_multiple
+        return 1 if block[0].kind == HEADS else config.width_multiple
+
+    def least(block) -> int:
+        return config.min_units if block[0].kind == HEADS else config.min_keep
     scores: dict[str, np.ndarray] = {}
     gone: dict[str, np.ndarray] = {}  # name -> bool (width,): removed by an earlier pass
     out: dict[str, set[int]] = {}
@@ -146,7 +169,7 @@ def plan_round(couplings: Sequence[Coupling], shapes: Mapping[str, Sequence[int]
     done = 0
     while passes is None or done < passes:
         done += 1
-        eligible = [(i, b) for i, b in enumerate(blocks) if min(left(c) for c in b) > min_keep]
+        eligible = [(i, b) for i, b in enumerate(blocks) if min(left(c) for c in b) > least(b)]
         if not eligible:
             break
         missing = [c.name for _, b in eligible for c in b if c.name not in coupling_scores]
@@ -164,6 +187,7 @@ def plan_round(couplings: Sequence[Coupling], shapes: Mapping[str, Sequence[int]
                 orders.append(order)
                 counts.append(_theta_count(v[order], config.theta))
             width = min(left(c) for c in block)
+            m, min_keep = multiple(block), least(block)
             r = min(int(round(float(np.mean(counts)))) or 1, width - min_keep)
             kept_width = max(min_keep, ((width - r) // m) * m)
             r = width - kept_width
@@ -197,7 +221,27 @@ def plan_round(couplings: Sequence[Coupling], shapes: Mapping[str, Sequence[int]
             take(block, orders, cuts[lo])
             break
         break
+    if ev is not None:
+        return ev.expand({n: sorted(u) for n, u in out.items()})
     return {n: sorted(u) for n, u in out.items()}
+
+
+def _merged_scores(ev: ExportView, coupling_scores: Mapping[str, float], unit_scores):
+    """Scores of an exportable view: a merged head coupling ranks by the mean Eq. 6 score of its
+    couplings, and its units (whole heads) by the sum of their couplings' Eq. 6 scores (Eq. 9 is
+    normalised per coupling, so it cannot compare heads); other couplings keep their scores."""
+    scores = dict(coupling_scores)
+    for c in ev.couplings:
+        names = [m.name for head in ev.members.get(c.name, ()) for m in head]
+        if names and all(n in coupling_scores for n in names):
+            scores[c.name] = float(np.mean([coupling_scores[n] for n in names]))
+
+    def units(c: Coupling):
+        if c.kind == HEADS:
+            return ev.merge_values(c, lambda m: coupling_scores[m.name])
+        return unit_scores(c)
+
+    return scores, units
 
 
 def _blocks(couplings: Sequence[Coupling], head_widths: str) -> list[list[Coupling]]:

@@ -58,6 +58,7 @@ from ecospa.training.first_forward import as_example, detached
 from ecospa.scoring.importance import Importance
 from ecospa.scoring.scores import needed_stats
 from ecospa.schedule.planner import Plan, PlanConfig, PlanStep, plan_round, resolve_target, schedule_target
+from ecospa.schedule.exportable import check_exportable_target, exportable_rules
 from ecospa.errors import ConfigError, EcospaError, EcospaWarning
 from ecospa.capture.sharded import refuse_sharded
 from ecospa.capture.export import default_inputs
@@ -194,11 +195,16 @@ class EcoSpa:
     def _setup(self, couplings: CouplingGraph) -> None:
         self._check_couplings(couplings)  # these may raise: set nothing before
         target = resolve_target(self.config, couplings, self._shapes())
+        rules = None
+        if self.config.exportable:  # what the config can state: probed once, on the couplings found
+            rules = exportable_rules(couplings, self.model)
+            check_exportable_target(self.config, couplings, rules, self._shapes(), target)
         importance = Importance(self.model, couplings,
                                 stats=needed_stats(self.config.coupling_score, self.config.unit_score),
                                 seed=self.config.seed)
         self.dense_widths = {c.name: c.width for c in couplings}
         self.target_params, self.importance = target, importance
+        self._export_rules = rules
         self.couplings = couplings  # last: ``ready`` looks for it
         log.info("ecospa: %d exact couplings, %d params, target %d params",
                  len(self.couplings), self.dense_params, self.target_params)
@@ -478,7 +484,8 @@ class EcoSpa:
         removals = plan_round(
             list(self.couplings), self._shapes(), coupling_scores=scores,
             unit_scores=lambda c: self.importance.unit_scores(c, self.config.unit_score, salt=salt),
-            config=self.config, target_params=goal, passes=1 if self.config.end_step is None else None)
+            config=self.config, target_params=goal, passes=1 if self.config.end_step is None else None,
+            rules=getattr(self, "_export_rules", None))
         if group is not None:  # and removes the same units: those of the group's first rank
             first = {k: list(v) for k, v in broadcast_json(removals, group).items()}
             if first != {k: list(v) for k, v in removals.items()}:

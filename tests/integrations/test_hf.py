@@ -157,3 +157,20 @@ def test_the_trainers_max_steps_sets_the_schedule_and_a_short_run_warns(tmp_path
     with pytest.warns(ecospa.EcospaWarning, match="above its target"):
         trainer(model, tmp_path / "b", cb, max_steps=10, save_strategy="no").train()
     assert not cb.sp.done
+
+
+def test_export_to_writes_a_checkpoint_that_transformers_loads_at_the_end_of_training(tmp_path):
+    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=SEQ)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    cb = EcoSpaCallback(target=0.6, every=2, top_k=1.0, exportable=True, export_to=tmp_path / "deploy")
+    trainer(model, tmp_path / "run", cb, save_strategy="no").train()
+    r = cb.export_report
+    assert cb.sp.events and r.params == r.pruned_params < r.dense_params and r.overhead == 0.0
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "deploy").eval()
+    x = dataset(1)[0]["input_ids"][None]
+    model.eval()
+    with torch.no_grad():
+        want, got = model(input_ids=x).logits, loaded(input_ids=x).logits
+    assert float((got - want).norm() / want.norm()) <= 1e-5

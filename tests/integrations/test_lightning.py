@@ -92,3 +92,34 @@ def test_max_steps_sets_the_schedule(tmp_path):
     fit(tmp_path, cb, LitGPT(), epochs=2)
     assert cb.sp.config.total_steps == 8 and cb.sp.config.end_step == 4
     assert cb.sp.done and max(e.step for e in cb.sp.events) <= 4
+
+
+def test_export_to_writes_the_pruned_transformers_module_at_the_end_of_fit(tmp_path):
+    transformers = pytest.importorskip("transformers")
+
+    class LitHF(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+                vocab_size=CFG.vocab_size, n_embd=16, n_layer=2, n_head=2, n_positions=16))
+
+        def training_step(self, batch, batch_idx):
+            (x,) = batch
+            return self.net(input_ids=x, labels=x).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+    lit = LitHF()
+    cb = EcoSpaLightningCallback(target=0.7, module="net", every=1, top_k=1.0, exportable=True, end=None,
+                                 export_to=tmp_path / "deploy")
+    fit(tmp_path, cb, lit, epochs=2)
+    r = cb.export_report
+    assert cb.sp.events and r.params == r.pruned_params < r.dense_params and r.overhead == 0.0
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "deploy").eval()
+    x = loader().dataset.tensors[0][:2]
+    lit.net.eval()
+    with torch.no_grad():
+        want, got = lit.net(input_ids=x).logits, loaded(input_ids=x).logits
+    assert float((got - want).norm() / want.norm()) <= 1e-5

@@ -396,3 +396,85 @@ def test_pruning_again_never_exports_again(monkeypatch):
         assert_pruned_equals_masked(model, inputs, plan, cg=cg)
     assert all(r.narrow for r in _outer(model))
     assert exports == [], f"{len(exports)} exports after the first round"
+
+
+# -- complex rotary (Meta's reference Llama, torchtitan): pairs as complex numbers ------------
+
+def _meta_apply_rotary_emb(xq, xk, freqs_cis):
+    """Meta's Llama ``apply_rotary_emb`` as written there (and in torchtitan)."""
+    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
+    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
+    shape = [d if i == 1 or i == xq_.ndim - 1 else 1 for i, d in enumerate(xq_.shape)]
+    freqs_cis = freqs_cis.view(*shape)
+    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)
+    xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+class _ComplexRopeAttention(nn.Module):
+    def __init__(self, d, h, kv):
+        super().__init__()
+        self.h, self.kv, self.hd = h, kv, d // h
+        self.wq = nn.Linear(d, h * self.hd, bias=False)
+        self.wk = nn.Linear(d, kv * self.hd, bias=False)
+        self.wv = nn.Linear(d, kv * self.hd, bias=False)
+        self.wo = nn.Linear(h * self.hd, d, bias=False)
+
+    def forward(self, x, freqs_cis):
+        b, t, _ = x.shape
+        xq = self.wq(x).view(b, t, self.h, self.hd)
+        xk = self.wk(x).view(b, t, self.kv, self.hd)
+        xv = self.wv(x).view(b, t, self.kv, self.hd)
+        xq, xk = _meta_apply_rotary_emb(xq, xk, freqs_cis)
+        xk = torch.repeat_interleave(xk, self.h // self.kv, dim=2)
+        xv = torch.repeat_interleave(xv, self.h // self.kv, dim=2)
+        out = F.scaled_dot_product_attention(xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2),
+                                             is_causal=True)
+        return self.wo(out.transpose(1, 2).contiguous().view(b, t, -1))
+
+
+class _ComplexRopeLlama(nn.Module):
+    """Two blocks of attention with complex rotary and a SwiGLU FFN; the table is a complex buffer."""
+
+    def __init__(self, d=32, h=4, kv=2, max_len=16):
+        super().__init__()
+        self.attn = nn.ModuleList(_ComplexRopeAttention(d, h, kv) for _ in range(2))
+        self.w1, self.w3, self.w2 = nn.Linear(d, 48, bias=False), nn.Linear(d, 48, bias=False), nn.Linear(48, d, bias=False)
+        hd = d // h
+        freqs = 1.0 / (10000.0 ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
+        angles = torch.outer(torch.arange(max_len).float(), freqs)
+        self.register_buffer("freqs_cis", torch.polar(torch.ones_like(angles), angles), persistent=False)
+
+    def forward(self, x):
+        f = self.freqs_cis[: x.shape[1]]
+        for a in self.attn:
+            x = x + a(x, f)
+        return x + self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+@pytest.mark.parametrize("kv", [4, 2, 1])
+@pytest.mark.parametrize("uniform", [True, False])
+def test_complex_rotary_couples_q_k_per_head_and_runs_narrow(kv, uniform):
+    """``view_as_complex`` joins each pair (2i, 2i + 1) into one unit, the complex product with
+    the label-free table keeps the labels, ``view_as_real`` gives both parts back: q.k couples
+    per kv head as for the real rotary (MHA, GQA, MQA), pruned == masked dense, attention narrow."""
+    torch.manual_seed(0)
+    model = _ComplexRopeLlama(kv=kv).eval()
+    inputs = (torch.randn(2, 6, 32),)
+    cg = ecospa.auto_couple(model, inputs)
+    qk = [c for c in cg.all if c.kind == "qk"]
+    assert len(qk) == 2 * kv and all(c.exact and c.width == 4 for c in qk), cg.summary()
+    for c in qk:  # every unit holds whole pairs (2i, 2i + 1) of q rows and of k rows
+        for u in c.units():
+            for p in ("wq.weight", "wk.weight"):
+                rows = {i for name, _, i in u if name.endswith(p)}
+                assert rows and rows == {i ^ 1 for i in rows}, u
+    assert len([c for c in cg if c.kind == "vo"]) == 2 * kv and [c.kind for c in cg if c.kind == "glu"] == ["glu"]
+    rng = random.Random(kv)
+    plan = _uniform_plan(cg, rng) if uniform else random_plan(cg, rng)
+    assert_pruned_equals_masked(model, inputs, plan, cg=cg,
+                                check_inputs=[(torch.randn(1, 3, 32),), (torch.randn(3, 9, 32),)])
+    reports = _outer(model)
+    assert len(reports) == 2
+    for r in reports:
+        assert r.narrow_calls and not r.fallback_calls, f"{r.path}: {r.reasons}"

@@ -218,6 +218,26 @@ class Case:
     tol: float = 1e-5
 
 
+class BufferWrite(nn.Module):
+    """x -> a(x) written in place into a buffer the module owns (a KV cache: ``index_copy_`` or
+    ``index_put_`` along the sequence), read back -> b -> out."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.a, self.b, self.how = nn.Linear(D, HID), nn.Linear(HID, D), how
+        self.register_buffer("cache", torch.zeros(2, 5, HID), persistent=False)
+
+    def forward(self, x):
+        h = self.a(x)
+        pos = torch.arange(x.shape[1])
+        if self.how == "index_copy":
+            kept = self.cache[: x.shape[0]].index_copy_(1, pos, h)
+        else:
+            self.cache[:, pos] = h
+            kept = self.cache
+        return self.b(kept[:, : x.shape[1]])
+
+
 def _x(*shape):
     return (torch.randn(*(shape or (2, 3, D))),)
 
@@ -248,6 +268,19 @@ def _dd_index(x):  # an index computed from the input: its values are not known
     return (x[0, 0, :4].abs() * 3).long().clamp(max=7)
 
 
+# a label-free complex rotary table for HID // 2 = 4 complex positions (captured as a constant)
+_CIS = torch.polar(torch.ones(HID // 2), torch.arange(HID // 2) / 3.0)
+
+
+def _complex_rotary(h):  # Meta's Llama / torchtitan: channel pairs as complex numbers, times a table
+    return torch.view_as_real(torch.view_as_complex(h.reshape(*h.shape[:-1], -1, 2)) * _CIS).flatten(-2)
+
+
+def _routed_rows(h, x):  # MoE routing: the rows of the tokens a mask picks (a data-dependent count)
+    rows, = torch.where(x.reshape(-1, D)[:, 0] > 0)
+    return h.reshape(-1, HID)[rows]
+
+
 def _norm_nd(fn):  # (B, T, C) -> channels second for batch/instance/group norms, and back
     return lambda h: fn(h.transpose(1, 2)).transpose(1, 2)
 
@@ -276,6 +309,11 @@ CASES: dict[str, Case] = {
     # layout
     "view_transpose": ok(_heads),
     "permute": ok(lambda h: h.permute(1, 0, 2).permute(1, 0, 2)),
+    "numpy_T_3d": ok(lambda h: h.T.permute(2, 1, 0)),  # x.T of a 3-D tensor reverses every dim
+    "mT_mH_adjoint_matrix_H": ok(lambda h: torch.stack([aten.matrix_H(m) for m in h.mT.mH.adjoint()])),
+    "swapaxes_swapdims_movedim": ok(lambda h: h.swapaxes(0, 1).swapdims(1, 0).movedim(-1, 0).moveaxis(0, -1)
+                                    .movedim((0, 1), (1, 0)).moveaxis((1, 0), (0, 1))),
+    "view_as_complex_real_rotary": ok(_complex_rotary),  # pairs (2i, 2i + 1) become one unit each
     "t_numpy_T": ok(lambda h: torch.stack([h[i].t().T.t() for i in range(2)]).transpose(1, 2)),
     "flatten_unflatten": ok(lambda h: h.unflatten(-1, (2, 4)).flatten(-2)),
     "view_as_unsafe_view": ok(lambda h: aten._unsafe_view(h, [6, 8]).view_as(h)),
@@ -306,6 +344,7 @@ CASES: dict[str, Case] = {
                                 **LOST),
     "index_copy_constant": ok(lambda h: h.new_zeros(2, 3, HID + 2).index_copy(-1, torch.tensor([9, 0, 1, 3, 4, 6, 7, 8]), h),
                               out_hid=HID + 2),
+    "rows_by_data_dependent_count": bad(_routed_rows, "data-dependent shape", with_input=True),
     "sym_size_of_data": ok(lambda h, x: h * (x[0, 0] > 0).nonzero().shape[0], with_input=True),
     # reductions over other dims keep the channels; over the channels they poison
     "sum_over_channels": ok(lambda h: h + h.sum(-1, keepdim=True)),
@@ -381,4 +420,7 @@ CASES: dict[str, Case] = {
     "masked_fill_tensor_value": ok(lambda h: h.masked_fill(h < 0, torch.tensor(0.0)), "ffn"),
     # an in-place write into a tensor of fixed width (created in the forward): followed, not exact
     "copy_into_fresh_tensor": bad(lambda h: torch.zeros_like(h).copy_(h), "written into"),
+    # written into a buffer the model owns (a KV cache in research code): dense storage, exact
+    "index_copy_into_buffer": Case(lambda: (BufferWrite("index_copy"), _x()), True, "linear"),
+    "index_put_into_buffer": Case(lambda: (BufferWrite("index_put"), _x()), True, "linear"),
 }

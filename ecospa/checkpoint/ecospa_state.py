@@ -118,7 +118,7 @@ def check_ecospa(section: Any, tensors: Mapping[str, torch.Tensor], sp, model: n
         now = dataclasses.asdict(sp.config)
         diff = sorted(k for k in now if k in saved_config and saved_config[k] != now[k])
         if diff:
-            warnings.warn(f"resuming EcoSpa with other settings than it was saved with: "
+            warnings.warn("resuming EcoSpa with other settings than it was saved with: "
                           + ", ".join(f"{k}={now[k]!r} (saved {saved_config[k]!r})" for k in diff),
                           stacklevel=3)
     if sp.plan.steps:

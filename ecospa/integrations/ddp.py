@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import inspect
 
-import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 __all__ = ["rewrap", "ddp_settings"]

@@ -167,7 +167,7 @@ def other_norm(ctx: Ctx, node: torch.fx.Node):
 @register(aten.embedding, facts=("compact",))
 def embedding(ctx: Ctx, node: torch.fx.Node):
     """Rows of the table are selected by data (poisoned); its columns become the channels."""
-    w, idx = node.args[0], node.args[1]
+    w = node.args[0]
     fw = ctx.factors(w, 2)
     nd = len(shape_of(node))
     out = []

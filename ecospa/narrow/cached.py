@@ -211,7 +211,7 @@ def _kv_index(lay: Any, shape: tuple) -> KVIndex | str | None:
     else:
         return None
     return KVIndex(None if heads is None else torch.as_tensor(kept, dtype=torch.long),
-                   torch.as_tensor(np.ascontiguousarray(idx), dtype=torch.long), h, d)
+                   torch.as_tensor(np.array(idx, dtype=np.int64)), h, d)
 
 
 def _same(a, b) -> bool:

@@ -257,7 +257,7 @@ class KVNarrower:
             out = self.fallback(*args, **kwargs)
         finally:
             del cache.update
-        if self.stored + self.dense == before:  # e.g. an EncoderDecoderCache: its inner caches were updated
+        if self.stored + self.dense == before:  # e.g. cross-attention: it updates the cross-attention cache
             self.dense += 1
             self.why_dense = ("the module did not call update() on the cache object it was given "
                               f"({type(cache).__name__})")

@@ -2,8 +2,8 @@
 in one file per family of ops (pointwise, shape, contraction, reduction, flex, cache, inplace). Importing this
 package registers every rule."""
 from ecospa.ops import cache, contraction, flex, inplace, pointwise, reduction, shape  # noqa: F401  (register)
-from ecospa.ops.registry import (FACTS, OPS, NarrowError, OpSpec, entry_key, has, is_pointwise, lookup, narrow_lookup,
-                                 narrow_rule, no_narrow_rule, op_name, register, spec)
+from ecospa.ops.registry import (FACTS, OPS, NarrowError, OpSpec, entry_key, has, is_pointwise, lookup, narrow_rule,
+                                 no_narrow_rule, op_name, register, spec)
 
 __all__ = ["FACTS", "OPS", "OpSpec", "NarrowError", "register", "narrow_rule", "no_narrow_rule", "spec", "lookup",
-           "narrow_lookup", "has", "op_name", "is_pointwise", "entry_key"]
+           "has", "op_name", "is_pointwise", "entry_key"]

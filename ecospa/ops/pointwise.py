@@ -8,7 +8,7 @@ import torch
 
 from ecospa.ir.labels import merge_aligned
 from ecospa.ops.base import Ctx, narrow_copy, shape_of, tensor_args
-from ecospa.ops.registry import OpSpec, has, narrow_rule, no_narrow_rule, op_name, register, set_pointwise
+from ecospa.ops.registry import OpSpec, has, narrow_rule, op_name, register, set_pointwise
 
 aten = torch.ops.aten
 
@@ -179,5 +179,3 @@ set_pointwise(pointwise_spec)
 
 
 narrow_rule(aten.where, aten.masked_fill)(narrow_pointwise)
-no_narrow_rule(aten.copy_, reason="an in-place copy into a tensor that loses channels (a cache or buffer written "
-                                  "in place keeps its dense width)")

@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 __all__ = ["FACTS", "OpSpec", "OPS", "NarrowError", "register", "narrow_rule", "no_narrow_rule", "set_pointwise",
-           "spec", "lookup", "narrow_lookup", "has", "op_name", "is_pointwise", "entry_key"]
+           "spec", "lookup", "has", "op_name", "is_pointwise", "entry_key"]
 
 Rule = Callable[..., object]
 
@@ -180,12 +180,6 @@ def lookup(target) -> Rule | None:
     """The channel rule of ``target``, or None."""
     hit = spec(target)
     return hit.channel if hit is not None else None
-
-
-def narrow_lookup(target) -> Rule | None:
-    """The narrow rule of ``target``, or None."""
-    hit = spec(target)
-    return hit.narrow if hit is not None else None
 
 
 def has(target, fact: str) -> bool:

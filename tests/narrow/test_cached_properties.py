@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import ecospa
 from tests.helpers import masked_copy, plan_units
+from tests.narrow.test_cached import _plan, _rel
 
 transformers = pytest.importorskip("transformers")
 
@@ -45,22 +46,6 @@ def _model(arch: str, heads: int, head_dim: int, kv: int, rotary: int):
     cfg = transformers.GPTJConfig(vocab_size=64, n_embd=heads * head_dim, n_layer=2, n_head=heads,
                                   rotary_dim=rotary, n_positions=64, n_inner=24)
     return transformers.GPTJForCausalLM(cfg).eval()
-
-
-def _plan(cg, kind: str, rng: random.Random) -> dict:
-    plan = {}
-    for c in cg:
-        if c.width < 2:
-            continue
-        n = c.width // 2 if kind != "ragged" else rng.randint(1, c.width - 1)
-        if kind == "heads" and c.kind in ("qk", "vo") and c.name.endswith("head1"):
-            n = c.width  # one head (or KV group) of every layer removed whole
-        plan[c] = sorted(rng.sample(range(c.width), n))
-    return plan
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / max(float(b.double().norm()), 1e-30))
 
 
 @settings(max_examples=int(os.environ.get("ECOSPA_CACHE_EXAMPLES", "6")), deadline=None)

@@ -3,10 +3,12 @@
 litgpt ``GPT`` (``set_kv_cache``: ``index_copy_``) and torchtune ``llama3`` (``setup_caches``:
 ``index_put_`` at ``cache_pos``, an ``assert`` on it), width 256 (``--width``), 4 layers, heads of 64, random weights; half of
 every coupling removed (uniform). Variants, interleaved round by round: ``dense``; ``fallback``
-(the same pruned model with ``narrow=False``: the exact scatter path, what ran before);
-``narrow`` (the opt-in narrow path for buffer caches, ``ECOSPA_NARROW_BUFFER_CACHES=1``, set here:
-by default those calls run the fallback, as it is faster). Greedy decoding, batch 1, a 32-token prompt, 64 new tokens, 1 thread; decode tokens/s
-(prefill excluded), median over rounds.
+(the same pruned model with ``narrow=False``: the exact scatter path, cache at its dense width);
+``narrow`` (regions served by the rewritten graph, the cache buffers stored at the kept widths:
+``ecospa/narrow/stored.py``; opt-in, ``ECOSPA_NARROW_BUFFER_CACHES=1``, set here: by default
+those calls run the fallback, as it is not slower). Greedy decoding, batch 1, a 32-token prompt, 64 new
+tokens, 1 thread; decode tokens/s (prefill excluded), median over rounds; cache bytes after the
+last decode (the narrow variant's buffers are sliced at its first narrow call).
 
 Run (needs litgpt and torchtune): ``python bench/bench_buffer_cache.py [--rounds 7]``
 """

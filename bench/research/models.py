@@ -36,7 +36,7 @@ class Spec:
     build: Callable[[], torch.nn.Module]
     inputs: Callable[[int, int], Any]   # (batch, seq) -> example inputs (tuple or dict)
     expected: dict                  # {"qk": n, "vo": n, "ffn": n}
-    plain_softmax: bool = True      # attention is plain softmax(q.k) @ v: should run narrow
+    narrow_prefill: bool = True     # every attention region should run the prefill narrow
     trainable: bool = True          # a backward pass runs on CPU
     decode: Callable | None = None  # (model, tokens, steps) -> list of logits, or None
     fast: bool = False              # in the pytest subset
@@ -163,7 +163,7 @@ def _litgpt_specs() -> list[Spec]:
         Spec("litgpt gemma-like", "litgpt", "GemmaMLP (GeGLU), softcapped attention logits 50",
              gpt(n_query_groups=KV, norm_class_name="RMSNorm", mlp_class_name="GemmaMLP", parallel_residual=False,
                  rotary_percentage=1.0, attention_logit_softcapping=50.0), tok,
-             {"qk": L * KV, "vo": L * KV, "ffn": L}, decode=_lit_decode, plain_softmax=False),
+             {"qk": L * KV, "vo": L * KV, "ffn": L}, decode=_lit_decode),
         Spec("litgpt MoE", "litgpt", "LLaMAMoE, 4 experts, top-2, GQA",
              gpt(n_query_groups=KV, n_expert=4, n_expert_per_token=2, moe_intermediate_size=64,
                  **{**llama, "mlp_class_name": "LLaMAMoE"}), tok,
@@ -219,10 +219,10 @@ def _xt_specs() -> list[Spec]:
              cross_build, cross_inputs, {"qk": 2 * L * HEADS, "vo": 2 * L * HEADS, "ffn": L}),
         Spec("x-transformers talking heads", "x_transformers", "pre + post softmax talking heads",
              wrapper(attn_pre_talking_heads=True, attn_post_talking_heads=True), tok,
-             {"qk": L * HEADS, "vo": L * HEADS, "ffn": L}, plain_softmax=False),
+             {"qk": L * HEADS, "vo": L * HEADS, "ffn": L}),
         Spec("x-transformers alibi+GLU", "x_transformers", "ALiBi position bias, ff_glu",
              wrapper(alibi_pos_bias=True, ff_glu=True), tok, {"qk": L * HEADS, "vo": L * HEADS, "ffn": L},
-             plain_softmax=False),
+             fast=True),
     ]
 
 
@@ -294,14 +294,14 @@ def _titan_specs() -> list[Spec]:
     L = LAYERS
     return [
         Spec("torchtitan llama3 flex+wrapper", "torchtitan", "FlexAttention, BlockMask held by a wrapper module",
-             wrapped, sdpa_inputs, {"qk": L * KV, "vo": L * KV, "ffn": L}, trainable=False, plain_softmax=False),
+             wrapped, sdpa_inputs, {"qk": L * KV, "vo": L * KV, "ffn": L}, trainable=False),
         Spec("torchtitan llama3 sdpa", "torchtitan", f"Llama3Model, fused wqkv, {KV} kv, complex RoPE, SDPA inner attention",
              build("sdpa", KV, True), sdpa_inputs, {"qk": L * KV, "vo": L * KV, "ffn": L}, fast=True),
         Spec("torchtitan llama3 sdpa MQA unfused", "torchtitan", "separate wq/wk/wv, 1 kv head, SDPA",
              build("sdpa", 1, False), sdpa_inputs, {"qk": L, "vo": L, "ffn": L}),
         Spec("torchtitan llama3 flex", "torchtitan", "FlexAttention (compiled; block-causal mask built from positions)",
              build("flex", KV, True), flex_inputs, {"qk": L * KV, "vo": L * KV, "ffn": L}, trainable=False,
-             extra={"flex": True}),
+             fast=True, extra={"flex": True}),
     ]
 
 

@@ -53,6 +53,42 @@ def _pm(a: dict[str, float], fmt: str) -> str:
     return f"{a['mean']:{fmt}} ± {a['std']:{fmt}}"
 
 
+def _setup(cfg: dict, agg: dict) -> str:
+    """The model and text of a run, in words."""
+    m = cfg["model"]
+    dense = f"{agg['dense']['params']['mean']:,.0f} parameters if dense"
+    if m.get("kind", "nanoGPT") == "nanoGPT":
+        model = (f"nanoGPT-style character model (`ecospa.recipes.nanogpt.GPT`: {m['n_layer']} layers, width "
+                 f"{m['n_embd']}, {m['n_head']} heads, FFN {4 * m['n_embd']}, context {m['block_size']}, tied "
+                 f"embeddings, {dense})")
+    else:
+        model = (f"character LM built as `LlamaForCausalLM(LlamaConfig(...))` with the config's defaults "
+                 f"(KV cache on, rotary, SwiGLU; bench/training/llama.py): {m['num_hidden_layers']} layers, width "
+                 f"{m['hidden_size']}, {m['num_attention_heads']} heads, {m['num_key_value_heads']} key/value heads "
+                 f"(GQA), FFN {m['intermediate_size']}, {dense})")
+    if cfg.get("text", "shakespeare") == "wikitext2":
+        text = ("on the WikiText-2 validation text (../shared/data/wikitext2_valid.txt): first 80% train, last 20% "
+                "validation (never trained on; the loss is over all of it).")
+    else:
+        text = ("on the tiny-shakespeare text shipped with ecospa: first 90% train, last 10% validation (never "
+                "trained on; the loss is over all of it).")
+    return f"{model} {text}"
+
+
+def _title(cfg: dict) -> str:
+    kind = "char Llama (GQA)" if cfg["model"].get("kind", "nanoGPT") != "nanoGPT" else "char GPT"
+    return f"{kind} on {'WikiText-2' if cfg.get('text') == 'wikitext2' else 'tinyshakespeare'}"
+
+
+def _schedule(knobs: dict, steps: int) -> str:
+    """EcoSpa's schedule, in words."""
+    start = f"starting at step {knobs['start']} of {steps}, every {knobs['every']} steps"
+    if knobs.get("end") is not None:
+        return (f"{start}, reaching the target at {knobs['end']:.0%} of the steps on the cubic schedule "
+                "(`EcoSpa(end=..., total_steps=...)`).")
+    return f"{start}, at Algorithm 1's own pace (top_k {knobs['top_k']}, theta {knobs['theta']})."
+
+
 def markdown_table(agg: dict[str, Any]) -> str:
     """The main Markdown table, one row per variant."""
     head = ("| variant | val loss | val ppl | params | train wall clock (s) | vs dense | peak state (MiB) "
@@ -136,19 +172,14 @@ def write_markdown(result: dict[str, Any], path: Path, plots: list[str], json_pa
         "**Question.** At the same final parameter count and the same number of training steps, on the "
         "same data and seeds, does EcoSpa train a better model, faster, than the alternatives?",
         "",
-        "**Setup.** nanoGPT-style character model (`ecospa.recipes.nanogpt.GPT`: "
-        f"{cfg['model']['n_layer']} layers, width {cfg['model']['n_embd']}, {cfg['model']['n_head']} heads, "
-        f"FFN {4 * cfg['model']['n_embd']}, context {cfg['model']['block_size']}, tied embeddings, "
-        f"{agg['dense']['params']['mean']:,.0f} parameters if dense) on the tiny-shakespeare text shipped "
-        f"with ecospa: first 90% train, last 10% validation (never trained on; the loss is over all of it). "
+        f"**Setup.** {_setup(cfg, agg)} "
         f"{cfg['train']['steps']} AdamW steps of {cfg['train']['batch_size']} × {cfg['train']['block_size']} "
         f"characters, lr {cfg['train']['lr']}, seeds {cfg['seeds']}, fp32, {cfg['threads']} CPU thread, "
         f"device: CPU ({host['cpu_count']} cores, shared with other jobs; load average "
         f"{host['loadavg_before']} before, {host['loadavg_after']} after). Pruned variants go to "
         f"{cfg['target']:.0%} of the prunable parameters (those inside exact couplings), i.e. "
         f"{agg['ecospa']['params']['mean'] / agg['dense']['params']['mean']:.1%} of all parameters "
-        "(embeddings, norms and the residual width are not prunable), starting at 15% of the steps, every "
-        f"{cfg['ecospa']['every']} steps.",
+        "(embeddings, norms and the residual width are not prunable), " + _schedule(cfg['ecospa'], cfg['train']['steps']),
         "",
         "## Results (mean ± std over seeds)",
         "",
@@ -191,7 +222,7 @@ def _kept_tail(path: Path) -> str:
     return "" if at < 0 else "\n" + old[at:]
 
 
-def make_plots(seeds: list[dict[str, Any]], agg: dict[str, Any], out_dir: Path) -> list[str]:
+def make_plots(seeds: list[dict[str, Any]], agg: dict[str, Any], out_dir: Path, title: str = "char GPT on tinyshakespeare") -> list[str]:
     """Curves (mean over seeds, min-max band) and a bar chart of the final validation loss."""
     import matplotlib
 
@@ -209,9 +240,10 @@ def make_plots(seeds: list[dict[str, Any]], agg: dict[str, Any], out_dir: Path) 
                 "lo": [min(h[i]["val_loss"] for h in hs) for i in range(k)],
                 "hi": [max(h[i]["val_loss"] for h in hs) for i in range(k)]}
         series.append({"label": n, "history": hist, "band": band,
-                       "param_trace": seeds[0]["variants"][n]["param_trace"]})
+                       "param_trace": seeds[0]["variants"][n]["param_trace"],
+                       "state_trace": seeds[0]["variants"][n].get("state_trace")})
     curves = plot_curves(series, out_dir / "training_curves.png",
-                         title="char GPT on tinyshakespeare: mean over seeds (band: min-max); sizes: seed "
+                         title=f"{title}: mean over seeds (band: min-max); sizes: seed "
                                f"{seeds[0]['seed']}")
     fig, ax = plt.subplots(figsize=(9, 4))
     names = list(agg)
@@ -250,7 +282,7 @@ def report(result: dict[str, Any], out_dir: Path, *, analysis: Path | None = Non
     analysis = analysis or out_dir / "training_analysis.md"
     if analysis.is_file():
         result["analysis"] = analysis.read_text().strip()
-    plots = make_plots(result["seeds"], result["aggregate"], out_dir)
+    plots = make_plots(result["seeds"], result["aggregate"], out_dir, _title(result["config"]))
     json_path = out_dir / "training.json"
     json_path.write_text(json.dumps(result, indent=1, default=float))
     written = []

@@ -14,13 +14,15 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch.nn as nn
 
 import ecospa
 from bench.training import VARIANTS
 from bench.training.baselines import SvdAtEvents, UncoupledMasks
+from bench.training.llama import CharLlama, LlamaSize
 from bench.training.report import aggregate, markdown_table, report
 from bench.training.tp_l1 import TorchPruningL1, make_tp_compatible
 from ecospa.recipes.nanogpt import GPT, GPTConfig
@@ -42,6 +44,20 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> argparse
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--target", type=float, default=0.5, help="fraction of prunable parameters kept")
+    ap.add_argument("--model", choices=("gpt", "llama"), default="gpt",
+                    help="gpt: the nanoGPT char model (default); llama: transformers' LlamaForCausalLM "
+                         "(GQA, rotary, SwiGLU) built from its config, see bench/training/llama.py")
+    ap.add_argument("--kv-heads", type=int, default=2, help="llama: key/value heads (default 2)")
+    ap.add_argument("--ffn", type=int, default=None, help="llama: intermediate size (default 2.6875 x width)")
+    ap.add_argument("--text", choices=("shakespeare", "wikitext2"), default="shakespeare",
+                    help="shakespeare: tiny-shakespeare, last 10%% held out (default); wikitext2: "
+                         "../shared/data/wikitext2_valid.txt, last 20%% held out")
+    ap.add_argument("--start", type=float, default=0.15,
+                    help="fraction of the steps before the first pruning round (default 0.15)")
+    ap.add_argument("--end", type=float, default=None,
+                    help="fraction of the steps by which EcoSpa reaches its target, on the cubic schedule "
+                         "(default: none, Algorithm 1's own pace)")
+    ap.add_argument("--every", type=int, default=None, help="steps between pruning rounds (default steps // 50)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--throughput-rounds", type=int, default=7)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -63,19 +79,37 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> argparse
 
 
 def ecospa_knobs(args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    """EcoSpa's schedule knobs: every ``steps // 50`` steps from 15% of the steps, top_k 0.3, theta 0.9."""
-    return dict(every=max(1, args.steps // 50), start=int(round(0.15 * args.steps)), top_k=0.3, theta=0.9,
-                seed=seed)
+    """EcoSpa's schedule knobs: every ``--every`` (default ``steps // 50``) steps from ``--start``
+    of the steps (default 15%), top_k 0.3, theta 0.9; with ``--end``, the cubic schedule reaching
+    the target at that fraction of the steps."""
+    knobs = dict(every=args.every or max(1, args.steps // 50), start=int(round(args.start * args.steps)),
+                 top_k=0.3, theta=0.9, seed=seed)
+    if args.end is not None:
+        knobs.update(end=float(args.end), total_steps=args.steps)
+    return knobs
 
 
-def run_seed(seed: int, args: argparse.Namespace, corpus: CharCorpus, gcfg: GPTConfig,
+def model_factory(args: argparse.Namespace, vocab_size: int) -> tuple[Callable[[], nn.Module], dict[str, Any]]:
+    """``(build, description)``: ``build()`` makes the model of ``--model`` (seed it first)."""
+    if args.model == "llama":
+        size = LlamaSize(vocab_size=vocab_size, hidden_size=args.width,
+                         intermediate_size=args.ffn or int(round(2.6875 * args.width)),
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.kv_heads, max_position_embeddings=max(256, args.block))
+        return (lambda: CharLlama(size)), {"kind": "transformers LlamaForCausalLM (default config)", **asdict(size)}
+    gcfg = GPTConfig(block_size=args.block, vocab_size=vocab_size, n_layer=args.layers, n_head=args.heads,
+                     n_embd=args.width)
+    return (lambda: GPT(gcfg)), {"kind": "nanoGPT", **asdict(gcfg)}
+
+
+def run_seed(seed: int, args: argparse.Namespace, corpus: CharCorpus, build: Callable[[], nn.Module],
              tcfg: TrainConfig) -> dict[str, Any]:
     """Phase 0 (EcoSpa alone, to its target) then phase 1 (every variant in lockstep)."""
-    example = (torch.zeros(1, gcfg.block_size, dtype=torch.long),)
+    example = (torch.zeros(1, tcfg.block_size, dtype=torch.long),)
 
-    def fresh() -> GPT:
+    def fresh() -> nn.Module:
         torch.manual_seed(seed)
-        return GPT(gcfg)
+        return build()
 
     knobs = ecospa_knobs(args, seed)
     # phase 0: EcoSpa alone until its target, for the schedule the baselines follow ----------
@@ -118,7 +152,7 @@ def run_seed(seed: int, args: argparse.Namespace, corpus: CharCorpus, gcfg: GPTC
             runs.append(Run(name, fresh(), tcfg, hooks[name]))
     train_interleaved(runs, corpus, tcfg, progress=not args.no_progress, desc=f"seed {seed}")
 
-    speed = throughput({r.name: r.model for r in runs}, corpus, gcfg.block_size, rounds=args.throughput_rounds,
+    speed = throughput({r.name: r.model for r in runs}, corpus, tcfg.block_size, rounds=args.throughput_rounds,
                        new_tokens=48, seed=seed)
     out: dict[str, Any] = {"seed": seed, "phase0_seconds": phase0_seconds, "plan_rounds": len(plan),
                            "events": [{"step": e.step, "params_after": e.params_after} for e in sp0.events],
@@ -147,9 +181,12 @@ def main(argv: list[str] | None = None, description: str = "") -> int:
         print(markdown_table(result["aggregate"]))
         print(f"\nwrote {', '.join(map(str, written))}")
         return 0
-    corpus = CharCorpus.tinyshakespeare()
-    gcfg = GPTConfig(block_size=args.block, vocab_size=corpus.vocab_size, n_layer=args.layers,
-                     n_head=args.heads, n_embd=args.width)
+    if args.text == "wikitext2":
+        corpus = CharCorpus.from_text((ROOT.parent / "shared" / "data" / "wikitext2_valid.txt").read_text("utf-8"),
+                                      val_fraction=0.2)
+    else:
+        corpus = CharCorpus.tinyshakespeare()
+    build, model_desc = model_factory(args, corpus.vocab_size)
     load_before = [round(x, 2) for x in os.getloadavg()]
     t0 = time.perf_counter()
     seeds = []
@@ -157,14 +194,14 @@ def main(argv: list[str] | None = None, description: str = "") -> int:
         tcfg = TrainConfig(steps=args.steps, batch_size=args.batch, block_size=args.block, lr=args.lr,
                            warmup=max(1, args.steps // 20), eval_every=max(1, args.steps // 12),
                            eval_windows=192, final_eval_windows=None, seed=seed)
-        seeds.append(run_seed(seed, args, corpus, gcfg, tcfg))
+        seeds.append(run_seed(seed, args, corpus, build, tcfg))
     agg = aggregate(seeds)
     agg = {n: agg[n] for n in VARIANTS if n in agg}
     result: dict[str, Any] = {
         "command": "python bench/bench_training.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
         "date": time.strftime("%Y-%m-%d"),
         "config": {"seeds": args.seeds, "target": args.target, "threads": args.threads,
-                   "model": asdict(gcfg), "train": asdict(tcfg), "ecospa": ecospa_knobs(args, 0) | {"seed": "= seed"},
+                   "model": model_desc, "text": args.text, "train": asdict(tcfg), "ecospa": ecospa_knobs(args, 0) | {"seed": "= seed"},
                    "variants": list(agg)},
         "variants": {n: VARIANTS[n] for n in agg},
         "host": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,

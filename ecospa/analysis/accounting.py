@@ -51,7 +51,7 @@ def value_args(node: torch.fx.Node) -> list[torch.fx.Node]:
     if has(node.target, "fresh"):
         return []
     args = tensor_args(node)
-    if op_name(node.target) in _META_ONLY:
+    if op_name(node.target) in _META_ONLY or has(node.target, "observer"):
         return args[:1]
     return args
 

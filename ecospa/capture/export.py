@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from ecospa.errors import CaptureError
+from ecospa.capture.argtypes import register_argument_types
 from ecospa.capture.asserts import asserts_as_checks
 from ecospa.capture.inline import inline_wrappers
 from ecospa.capture.state import preserved
@@ -172,6 +173,7 @@ def capture(model: nn.Module, example_inputs=None) -> Captured:
     if not isinstance(model, nn.Module):
         raise CaptureError(f"auto_couple expects a torch.nn.Module, got {type(model).__name__}")
     args, kwargs = _normalise_inputs(model, example_inputs)
+    register_argument_types()  # a BlockMask among the inputs (capture/argtypes.py)
     if _wants(model, "use_cache") and "use_cache" not in kwargs:
         kwargs["use_cache"] = False
     with preserved(model), asserts_as_checks():  # whatever the forward changes is put back; asserts

@@ -17,12 +17,13 @@ returns, for every coupling it is given:
   a coupling's units (a site with role ``"in"``), ``X^T X / tokens`` ``(n_in, n_in)`` float32
   and the input mean ``(n_in,)``, from a forward hook. They drive the least-squares
   reconstruction of the consumers after removal (``compress(reconstruct=True)``). On a model
-  already pruned (``compress`` prunes after every round), the pruned attention runs its exact
-  path during calibration (the module's own code over scatter adapters, not the narrow graph,
-  which calls no module): a consumer there gets its input at the dense width, and the hook
-  keeps the columns its pruned weight still has, so its Gram matches its weight. A module whose
-  input has neither width gets no Gram, nor does one whose hook missed a sample; calls made
-  while a graph is traced are skipped.
+  already pruned (``compress`` prunes after every round), the pruned regions run their narrow
+  graphs, at the kept widths: a narrow graph calls no module, so while a region is captured the
+  hook puts ``ecospa::observe(out, x, weight)`` in its graph (``ecospa.ops.observe``), and the
+  narrow graph hands the consumer's narrow input, with the dense position of each column, to the
+  Gram. A region on its exact path calls the module at the dense width; the hook keeps the
+  columns the pruned weight still has. Either way the Gram matches the weight. A module whose
+  input has neither width gets no Gram, nor does one whose hook missed a sample.
 
 **Samples.** A batch that is a tensor (token ids, ``(B, T)``) is split into its ``B`` rows, one
 sample each (``per_sample=True``): the Fisher is a sum over samples, so more, smaller samples
@@ -35,6 +36,7 @@ computed); every ``requires_grad`` flag, ``.grad`` and the train/eval mode are r
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -44,9 +46,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ecospa.ir.record import installed_forward, param_records
+from ecospa.ir.record import param_records
 from ecospa.errors import EcospaError
 from ecospa.ir.coupling import Coupling
+from ecospa.ops.observe import is_unobserved, observe, observing
 
 __all__ = [
     "CalibrationError",
@@ -228,61 +231,95 @@ class _Readers:
         self.keys = sorted({(p, d) for parts in self.parts.values() for p, d, _, _ in parts})
 
 
-def _gram_hooks(model: nn.Module, consumers: Mapping[str, Consumer], grams, means, tokens, fired: set) -> list:
-    mods = dict(model.named_modules())
-    params = dict(model.named_parameters())
-    records = param_records(model)
-    hooks = []
-    for pname, cons in consumers.items():
-        n_in = params[pname].shape[cons.in_dim]
-        rec = records.get(pname)
-        dense_in, kept = None, None
-        if rec is not None and rec.dense_shape[cons.in_dim] != n_in:  # its input columns were pruned
-            dense_in = rec.dense_shape[cons.in_dim]
-            kept = torch.as_tensor(rec.kept_or_all(cons.in_dim), dtype=torch.long)
+class _Grams:
+    """Input Grams of the consumers, from forward hooks on their modules.
 
-        def hook(mod, args, out, pname=pname, n_in=n_in, dense_in=dense_in, kept=kept):
-            if torch.compiler.is_compiling():  # a trace (a narrow region capturing a pruned module): no data
-                return
-            if not args or not isinstance(args[0], torch.Tensor):
-                return
+    Where a module runs its own code (an unpruned model, or a region on its exact path) the hook
+    sees its input: at the weight's width, or at the dense width (exact path of a pruned region:
+    the kept columns are picked). Inside a narrow graph no module is called: while a region is
+    captured the hook returns ``ecospa::observe(out, x, weight)`` instead, and the narrow graph
+    hands the narrow input and the dense positions of its columns to :meth:`observed`.
+    """
+
+    def __init__(self, model: nn.Module, consumers: Mapping[str, Consumer]):
+        self.grams: dict[str, torch.Tensor] = {}
+        self.means: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self.fired: set[str] = set()  # consumers seen in the current sample
+        params = dict(model.named_parameters())
+        records = param_records(model)
+        mods = dict(model.named_modules())
+        self._n_in: dict[str, int] = {}
+        self._where: dict[str, torch.Tensor] = {}  # (dense width,) current column of each dense one, -1: removed
+        self._kept: dict[str, torch.Tensor] = {}  # (n_in,) dense position of each current column
+        self._by_ptr: dict[int, str] = {}
+        self._mods: dict[str, tuple[nn.Module, str]] = {}
+        for pname, cons in consumers.items():
+            w = params[pname]
+            n_in = w.shape[cons.in_dim]
+            rec = records.get(pname)
+            dense_in = rec.dense_shape[cons.in_dim] if rec is not None else n_in
+            kept = torch.as_tensor(np.asarray(rec.kept_or_all(cons.in_dim)) if rec is not None else np.arange(n_in),
+                                   dtype=torch.long)
+            where = torch.full((dense_in,), -1, dtype=torch.long)
+            where[kept] = torch.arange(n_in)
+            self._n_in[pname], self._where[pname], self._kept[pname] = n_in, where, kept
+            self._by_ptr[w.data_ptr()] = pname
+            self._mods[pname] = (mods[cons.module], pname[len(cons.module) + 1:] if cons.module else pname)
+
+    def hooks(self) -> list:
+        """Install the forward hooks; returns their handles."""
+        return [mod.register_forward_hook(self._hook(pname, attr)) for pname, (mod, attr) in self._mods.items()]
+
+    def _hook(self, pname: str, attr: str):
+        def hook(mod, args, out):
+            if not args or not isinstance(args[0], torch.Tensor) or is_unobserved():
+                return None
+            if torch.compiler.is_compiling():  # a region being captured: its narrow graph will tell
+                w = getattr(mod, attr, None)
+                if isinstance(out, torch.Tensor) and isinstance(w, torch.Tensor):
+                    return observe(out, args[0], w)
+                return None
             x = args[0].detach()
-            if x.shape[-1] == dense_in and dense_in is not None:  # dense-width input (exact path of a region)
-                x = x.index_select(-1, kept.to(x.device))
-            if x.shape[-1] != n_in:
-                return
-            x = x.reshape(-1, n_in).float()
-            g = x.T @ x
-            if pname in grams:
-                grams[pname].add_(g)
-                means[pname].add_(x.sum(0))
-            else:
-                grams[pname], means[pname] = g, x.sum(0)
-            tokens[pname] = tokens.get(pname, 0) + x.shape[0]
-            fired.add(pname)
+            n_in, where = self._n_in[pname], self._where[pname]
+            if x.shape[-1] == where.numel() and x.shape[-1] != n_in:  # dense width: a region's exact path
+                x = x.index_select(-1, self._kept[pname].to(x.device))
+            self.add(pname, x)
+            return None
 
-        hooks.append(mods[cons.module].register_forward_hook(hook))
-    return hooks
+        return hook
 
+    def observed(self, weight: torch.Tensor, x: torch.Tensor, positions: torch.Tensor | None) -> None:
+        """An input seen by a narrow graph (``ecospa.ops.observe``); ``positions`` ``(n,)``: the
+        dense position of each of ``x``'s columns."""
+        pname = self._by_ptr.get(weight.data_ptr())
+        if pname is None:
+            return
+        x = x.detach()
+        if positions is not None:
+            n_in = self._n_in[pname]
+            cols = self._where[pname].to(positions.device)[positions]
+            if not (cols.numel() == n_in and bool((cols == torch.arange(n_in, device=cols.device)).all())):
+                keep = cols >= 0
+                full = x.new_zeros(x.shape[:-1] + (n_in,))
+                full[..., cols[keep]] = x[..., keep]
+                x = full
+        self.add(pname, x)
 
-def _exact_paths(model: nn.Module) -> list[tuple[nn.Module, Any]]:
-    """Route every narrow region of a pruned ``model`` to its exact path (until restored with
-    :func:`_restore`): ``[(module, its region forward)]``. The exact path calls the region's
-    modules, so their hooks see every sample; the narrow graph would call none."""
-    from ecospa.narrow import RegionForward
-
-    swapped = []
-    for m in model.modules():
-        fwd = installed_forward(m)
-        if isinstance(fwd, RegionForward):
-            swapped.append((m, fwd))
-            m.__dict__["forward"] = fwd.run_fallback
-    return swapped
-
-
-def _restore(swapped: list[tuple[nn.Module, Any]]) -> None:
-    for m, fwd in swapped:
-        m.__dict__["forward"] = fwd
+    def add(self, pname: str, x: torch.Tensor) -> None:
+        """Accumulate ``x`` ``(..., n_in)`` into the Gram and the mean of ``pname``."""
+        n_in = self._n_in[pname]
+        if x.shape[-1] != n_in:
+            return
+        x = x.reshape(-1, n_in).float()
+        g = x.T @ x
+        if pname in self.grams:
+            self.grams[pname].add_(g)
+            self.means[pname].add_(x.sum(0))
+        else:
+            self.grams[pname], self.means[pname] = g, x.sum(0)
+        self.tokens[pname] = self.tokens.get(pname, 0) + x.shape[0]
+        self.fired.add(pname)
 
 
 def calibrate(model: nn.Module, couplings: Sequence[Coupling], batches: Sequence[Any], loss_fn: LossFn, *,
@@ -313,19 +350,17 @@ def calibrate(model: nn.Module, couplings: Sequence[Coupling], batches: Sequence
     saved_grads = {n: p.grad for n, p in params.items()}
     was_training = model.training
     cons = consumers_of(model, couplings) if consumers is None else consumers
-    g_acc: dict[str, torch.Tensor] = {}
-    m_acc: dict[str, torch.Tensor] = {}
-    tok: dict[str, int] = {}
-    fired: set[str] = set()  # consumers whose hook saw the current sample
+    gr = _Grams(model, cons if grams else {})
+    fired = gr.fired
     calls: dict[str, int] = {}  # consumer -> samples it saw
-    hooks = _gram_hooks(model, cons, g_acc, m_acc, tok, fired) if grams else []
+    hooks = gr.hooks()
     fisher = {c.name: torch.zeros(c.width, dtype=torch.float64) for c in couplings}
     grad = {c.name: torch.zeros(c.width, dtype=torch.float64) for c in couplings}
     samples = [s for b in batches for s in split_samples(b, per_sample)]
     losses = []
-    swapped: list = []
+    stack = contextlib.ExitStack()
     try:
-        swapped = _exact_paths(model) if grams else []
+        stack.enter_context(observing(gr.observed))
         model.eval()
         for n, p in params.items():
             p.grad = None
@@ -354,8 +389,8 @@ def calibrate(model: nn.Module, couplings: Sequence[Coupling], batches: Sequence
                     if p.grad is None:
                         continue
                     other = [d for d in range(p.dim()) if d != dim]
-                    wg = p.detach().double() * p.grad.double()
-                    chan[(pname, dim)] = wg.sum(other) if other else wg
+                    wg = p.detach() * p.grad  # float32 product, float64 sum: the products are exact to 1e-7
+                    chan[(pname, dim)] = wg.sum(other, dtype=torch.float64) if other else wg.double()
                 for c in couplings:
                     v = torch.zeros(c.width, dtype=torch.float64)
                     for pname, dim, units, idx in readers.parts[c.name]:
@@ -374,15 +409,15 @@ def calibrate(model: nn.Module, couplings: Sequence[Coupling], batches: Sequence
             if progress is not None:
                 progress("calibrate", i + 1, len(samples))
     finally:
-        _restore(swapped)
+        stack.close()
         for h in hooks:
             h.remove()
         for n, p in params.items():
             p.requires_grad_(flags[n])
             p.grad = saved_grads[n]
         model.train(was_training)
-    full = {p for p in g_acc if calls.get(p, 0) == len(samples)}  # a Gram of some samples only is dropped
-    out_g = {p: g / tok[p] for p, g in g_acc.items() if p in full}
-    out_m = {p: m / tok[p] for p, m in m_acc.items() if p in full}
-    return CalibrationStats(fisher, grad, len(samples), out_g, out_m, dict(tok),
+    full = {p for p in gr.grams if calls.get(p, 0) == len(samples)}  # a Gram of some samples only is dropped
+    out_g = {p: g / gr.tokens[p] for p, g in gr.grams.items() if p in full}
+    out_m = {p: m / gr.tokens[p] for p, m in gr.means.items() if p in full}
+    return CalibrationStats(fisher, grad, len(samples), out_g, out_m, dict(gr.tokens),
                             float(np.mean(losses)) if losses else math.nan, time.perf_counter() - t0)

@@ -117,6 +117,10 @@ class EcospaForward:
         is exact already."""
         return None
 
+    def store_dense(self) -> None:
+        """Give back their dense width to tensors of the module this forward stores narrow
+        between its calls (module buffers a narrow graph writes: ``narrow.stored``); none here."""
+
 
 def installed_forward(module: nn.Module) -> EcospaForward | None:
     """The ecospa forward installed on ``module``, or None."""
@@ -158,6 +162,7 @@ def dense_view(model: nn.Module) -> Iterator[nn.Module]:
                         undo.append((mod.__dict__, attr, mod.__dict__.get(attr)))
                         mod.__dict__[attr] = value
                 if installed_forward(mod) is not None:
+                    installed_forward(mod).store_dense()  # the next narrow call slices them again
                     undo.append((mod.__dict__, "forward", mod.__dict__["forward"]))
                     del mod.__dict__["forward"]
         yield model

@@ -3,10 +3,12 @@ evaluation forwards with the default ``use_cache=True``, prefill and every decod
 ``generate()``.
 
 A cache object is Python-side state: a graph cannot call its ``update``. So the region is
-captured with the cache replaced by a traceable stand-in (:class:`_TraceCache`) whose
+captured with the cache replaced by a traceable stand-in (``cachelayers.TraceCache``) whose
 ``update(key, value, layer_idx, ...)`` becomes ``ecospa::kv_append(past, new)`` (a custom op:
 ``cat(past, new, dim=-2)``), with the past keys and values as two extra graph inputs and the
-appended ones as two extra graph outputs. The op has a channel rule (its output carries the
+appended ones as two extra graph outputs. (A ``StaticLayer`` is captured with
+``ecospa::kv_write(buffer, new, start)`` instead, the same way: ``cachelayers`` has what differs
+per kind of cache layer.) The op has a channel rule (its output carries the
 labels of ``new``; the past, a graph input, brings none) and a narrow rule (the past arrives
 already at the kept layout; the rewritten graph runs a plain ``aten.cat``), so the narrow graph
 reads and writes keys and values at the kept widths, heads whose units all went left out, ragged
@@ -24,20 +26,24 @@ by the shim in Python (two attribute assignments per layer and step). (c) keeps 
 as fast as the cacheless narrow forward and leaves the cache object an ordinary one.
 
 Served: caches with a ``layers`` list whose layer for the module is a plain ``DynamicLayer``
-(``DynamicCache``, what ``generate()`` and a default forward create for the architectures of
-docs/compatibility.md without sliding windows), not offloaded; and the self-attention cache of an
-``EncoderDecoderCache`` (T5, BART, Whisper: the stand-in is dressed as the encoder-decoder cache,
-``kvcache.dressed``). Cross-attention, which reads its cache's tensors back directly after the
-first step, runs the fallback and says so. The signature of a cached call is
-the plain signature with the cache in place of an argument, plus the cache class and whether the
-past is empty; the past length is a dynamic dimension of the graph. Everything else (a
-``StaticCache``, a sliding-window layer, an ``EncoderDecoderCache``, a module that reads other
-cache attributes or updates twice, a failed capture or check) runs the exact fallback over
-``kvcache.KVNarrower`` as before, and the reason is in ``execution_report``. Both paths store a
+(``DynamicCache``, what ``generate()`` and a default forward create), a
+``DynamicSlidingWindowLayer`` (the same graph; the shim keeps the window) or a ``StaticLayer``
+(``StaticCache``, ``generate(..., cache_implementation="static")``: the graph writes the layer's
+pre-allocated buffers, held at the kept widths, in place), not offloaded; and the self-attention
+cache of an ``EncoderDecoderCache`` (T5, BART, Whisper: the stand-in is dressed as the
+encoder-decoder cache, ``kvcache.dressed``). Cross-attention, which reads its cache's tensors back
+directly after the first step, runs the fallback and says so. The signature of a cached call is
+the plain signature with the cache in place of an argument, plus the cache class, the layer kind
+and whether the past is empty; the past length is a dynamic dimension of the graph. Everything
+else (a ``StaticSlidingWindowLayer``, quantized layers, a static layer allocated at the dense
+widths before its first update, a module that reads other cache attributes or updates twice, a
+failed capture or check) runs the exact fallback over ``kvcache.KVNarrower`` as before, and the
+reason is in ``execution_report``. Both paths store a
 layer at the same kept layout (``KVNarrower.narrow_layers``), so they can alternate on one cache.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -49,7 +55,9 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from ecospa.ops import runtime as ops
+from ecospa.ops.observe import unobserved
 from ecospa.narrow.entry import MAX_VARIANTS, Entry, Refusal
+from ecospa.narrow.cachelayers import LayerKind, NotServed, layer_kind
 from ecospa.narrow.kvcache import CrossAttentionCache, KVIndex, KVNarrower, ProbeStop, dressed, inner_cache
 from ecospa.narrow.positions import analyse
 from ecospa.narrow.program import CallNotServable, Program, export_call, placeholder_feeds, signature
@@ -63,58 +71,11 @@ from ecospa.ops.registry import NarrowError
 __all__ = ["CachedGraphs", "NotServed", "kv_append", "KVEntry", "RegionParts", "same_layout"]
 
 log = logging.getLogger("ecospa")
-aten = torch.ops.aten
 _WRAP = "mod"
 _NOT_NARROWED = "no position of the cached tensor is removed"
 
 
 # ----------------------------------------------------------------------------- stand-ins
-class NotServed(Exception):
-    """A cached call the narrow graph cannot serve (the reason is the message)."""
-
-
-class _TraceCache:
-    """The cache during the capture: ``update`` appends with :func:`kv_append` to the past
-    tensors, which are graph inputs."""
-
-    def __init__(self, past_k: torch.Tensor, past_v: torch.Tensor):
-        self._past = (past_k, past_v)
-        self._out: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if self._out is not None:
-            raise CallNotServable("the module calls cache.update() more than once per call")
-        self._out = (torch.ops.ecospa.kv_append(self._past[0], key_states),
-                     torch.ops.ecospa.kv_append(self._past[1], value_states))
-        return self._out
-
-    def get_seq_length(self, *args, **kwargs):
-        return self._past[0].shape[-2]
-
-    def __getattr__(self, name):
-        raise CallNotServable(f"the module reads cache.{name} (only update() and get_seq_length() are "
-                              "served by a graph)")
-
-
-class _DenseCache:
-    """The cache for the first-call check: the fallback's ``update`` appends to dense past
-    tensors (the narrow ones scattered back) and the result is kept for comparison."""
-
-    def __init__(self, past_k: torch.Tensor, past_v: torch.Tensor):
-        self._past = (past_k, past_v)
-        self.out: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        self.out = (torch.cat([self._past[0], key_states], -2), torch.cat([self._past[1], value_states], -2))
-        return self.out
-
-    def get_seq_length(self, *args, **kwargs):
-        return self._past[0].shape[-2]
-
-    def __getattr__(self, name):
-        raise AttributeError(name)
-
-
 class _Probe:
     """The cache during the probe: records the layer index and the dense shapes of the first
     update, then stops the forward."""
@@ -139,38 +100,40 @@ class _Probe:
 
 class _CachedCall(nn.Module):
     """Calls ``mod.forward`` with the constants of a signature, the given tensors and, at the
-    cache's position, a :class:`_TraceCache` over the last two tensors (past keys, values).
-    Returns ``(module output, keys after the update, values after the update)``."""
+    cache's position, the stand-in of ``kind`` over the last ``kind.n_extra`` tensors (past keys,
+    values, ...). Returns ``(module output, keys after the update, values after the update)``."""
 
-    def __init__(self, module: nn.Module, sig, leaf: int, dress: Callable[[Any], Any] = lambda stand: stand):
+    def __init__(self, module: nn.Module, sig, leaf: int, kind: LayerKind,
+                 dress: Callable[[Any], Any] = lambda stand: stand):
         super().__init__()
         setattr(self, _WRAP, module)
-        self.sig, self.leaf, self.dress = sig, leaf, dress
+        self.sig, self.leaf, self.kind, self.dress = sig, leaf, kind, dress
         self._const = {i: v for i, _, v in sig.constants}
 
     def forward(self, *tensors):
-        *inputs, past_k, past_v = tensors
-        stand = _TraceCache(past_k, past_v)
+        n = self.kind.n_extra
+        inputs, extras = tensors[:-n], tensors[-n:]
+        stand = self.kind.trace(extras)
         n = len(self._const) + len(inputs)
         it = iter(inputs)
         leaves: list[Any] = [self._const[i] if i in self._const else next(it) for i in range(n)]
         leaves[self.leaf] = self.dress(stand)
         args, kwargs = pytree.tree_unflatten(leaves, self.sig.spec)
         out = getattr(self, _WRAP).forward(*args, **kwargs)
-        if stand._out is None:
+        if stand.out is None:
             raise CallNotServable("the module did not call update() on the cache object it was given")
-        return out, stand._out[0], stand._out[1]
+        return out, stand.out[0], stand.out[1]
 
 
 def _strip(name: str) -> str:
     return name[len(_WRAP) + 1:] if name.startswith(_WRAP + ".") else name
 
 
-def _export(module: nn.Module, sig, leaf: int, tensors: list[torch.Tensor],
+def _export(module: nn.Module, sig, leaf: int, tensors: list[torch.Tensor], kind: LayerKind,
             dress: Callable[[Any], Any] = lambda stand: stand) -> Program:
     """The dense capture of a cached call, names relative to ``module`` (as ``export_call``);
-    ``dress`` puts the stand-in cache in the place of the cache the module is given."""
-    wrap = _CachedCall(module, sig, leaf, dress)
+    ``dress`` puts the stand-in cache of ``kind`` in the place of the cache the module is given."""
+    wrap = _CachedCall(module, sig, leaf, kind, dress)
     flat = dataclasses.replace(sig, spec=pytree.tree_flatten((tuple(tensors), {}))[1], constants=())
     program = export_call(wrap, flat, tensors)
     kinds = [(k[0], _strip(k[1])) if k[0] in ("param", "buffer") else k for k in program.kinds]
@@ -238,9 +201,10 @@ def _narrow_shape(ix, dense: tuple) -> tuple:
     return (dense[0], ix.index.shape[0], dense[2], ix.index.shape[1])
 
 
-def _finish(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+def _finish(gm: torch.fx.GraphModule, kind: LayerKind) -> torch.fx.GraphModule:
     """The graph's last two outputs (keys, values after the update) at their narrow layout (not
-    scattered back to the dense width), and any :func:`kv_append` left as a plain ``cat``."""
+    scattered back to the dense width), and the cache ops of ``kind`` as they run at call time
+    (``kv_append``: a plain ``cat``; ``kv_write``: written in place)."""
     out = next(n for n in gm.graph.nodes if n.op == "output")
     flat = list(out.args[0])
     for i in (len(flat) - 2, len(flat) - 1):
@@ -250,9 +214,8 @@ def _finish(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         flat[i] = n
     out.args = (type(out.args[0])(flat),)
     for n in gm.graph.nodes:
-        if n.op == "call_function" and getattr(n.target, "overloadpacket", None) is torch.ops.ecospa.kv_append:
-            n.target = aten.cat.default
-            n.args = ([n.args[0], n.args[1]], -2)
+        if n.op == "call_function" and getattr(n.target, "overloadpacket", None) is kind.op:
+            kind.finish(n)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
@@ -264,6 +227,8 @@ class KVEntry(Entry):
 
     lay: tuple | None = None  # (keys, values): KVIndex, or a reason string (stored dense)
     past: tuple | None = None  # ``_past_plan`` of the program, once computed
+    kind: LayerKind | None = None  # the kind of cache layer the graph reads and writes
+    length: int | tuple | None = None  # ``_length_plan``: the number of new entries of a call
 
 
 # ----------------------------------------------------------------------------- the shim
@@ -304,10 +269,9 @@ class CachedGraphs:
         if self.why is not None:
             raise NotServed(self.why)
         outer, cache = cache, inner_cache(cache)
-        layer_cls = _dynamic_layer()
-        if layer_cls is None or not isinstance(getattr(cache, "layers", None), list):
-            raise NotServed(f"a cache of class {type(cache).__name__} (only caches with DynamicLayer "
-                            "layers run narrow)")
+        if not isinstance(getattr(cache, "layers", None), list):
+            raise NotServed(f"a cache of class {type(cache).__name__} (only caches with a list of layers "
+                            "run narrow)")
         if getattr(cache, "offloading", False):
             raise NotServed("an offloaded cache")
         plain_args, plain_kwargs = _without(outer, args, kwargs)
@@ -325,27 +289,31 @@ class CachedGraphs:
             while len(cache.layers) <= idx:
                 cache.layers.append(make())
         layer = cache.layers[idx]
-        if type(layer) is not layer_cls:
-            raise NotServed(f"a cache layer of class {type(layer).__name__} (only DynamicLayer runs narrow)")
-        seq = layer.get_seq_length()
+        kind = layer_kind(layer)
+        if isinstance(kind, str):
+            raise NotServed(kind)
+        seq = kind.seq(layer)
         stored = self.kv.narrow_layers.get(cache, {}).get(idx)
         if seq and stored is None:
             raise NotServed("the cache already held dense entries for this layer")
-        key = ("kv", type(outer).__name__, seq == 0, sig)
+        if stored is None and kind.preallocated(layer):
+            raise NotServed("the cache layer was allocated before its first update (e.g. by early_initialization), "
+                            "at widths ecospa did not choose")
+        key = ("kv", type(outer).__name__, seq == 0, sig, kind.name)
         variants = self.region.entries.setdefault(key, [])
         entry = None
         for v in variants:
             if v.program is None:
                 entry = v
                 break
-            if self._fits(v, tensors, seq):
+            if self._fits(v, tensors, kind, kind.past_len(layer)):
                 entry = v
                 break
         if entry is None:
             if len(variants) >= MAX_VARIANTS:
                 raise NotServed(f"more than {MAX_VARIANTS} shape variants of one signature")
             leaf = next(i for i, v in enumerate(pytree.tree_leaves((args, kwargs))) if v is outer)
-            entry = self._build(key, sig, leaf, tensors, outer, layer, seq, stored, args, kwargs)
+            entry = self._build(key, sig, leaf, tensors, outer, layer, kind, stored, args, kwargs)
             variants.append(entry)
             if entry.gm is None:
                 log.info("ecospa: %s runs on the exact fallback for calls with a cache: %s",
@@ -354,45 +322,44 @@ class CachedGraphs:
             raise NotServed(entry.reason)
         if stored is not None and stored is not entry.lay and not same_layout(stored, entry.lay):
             raise NotServed("the cache holds this layer at the fallback's layout")
-        past = self._past(entry, layer, seq, tensors)
+        t = _length(entry.length, tensors)
+        past = self._past(entry, layer, tensors, t)
         flat = entry.gm(*[f() for f in entry.feeds], *tensors, *past)
         out, k_all, v_all = _output(entry.program, flat)
-        self._store(cache, layer, idx, k_all, v_all, entry.lay)
+        entry.kind.store(layer, k_all, v_all, past, t)
+        self.kv.narrow_layers.setdefault(cache, {})[idx] = entry.lay
+        self.kv.stored += 1
         entry.calls += 1
         return out
 
-    def _fits(self, v: KVEntry, tensors, seq: int) -> bool:
-        """True when entry ``v`` serves a call with ``tensors`` and ``seq`` past positions: the
-        capture's guards hold for the inputs and for dense past tensors of that length."""
+    def _fits(self, v: KVEntry, tensors, kind: LayerKind, past_len: int) -> bool:
+        """True when entry ``v`` serves a call with ``tensors`` and past tensors ``past_len``
+        long: the capture's guards hold for the inputs and for dense past tensors of that length
+        (and the other inputs of ``kind``)."""
         if v.past is None:
-            v.past = _past_plan(v.program) or ()
+            v.past = _past_plan(v.program, kind.n_extra) or ()
         if not v.past:
             return False
         plans, dtypes = v.past
-        shapes = _plan_shapes(plans, tensors, seq)
+        shapes = _plan_shapes(plans, tensors, past_len)
+        extras = [t.shape for t in kind.examples(None)]
         try:
-            ok = v.program.guard([*tensors, *(_Shaped(s) for s in shapes)])
+            ok = v.program.guard([*tensors, *(_Shaped(s) for s in (*shapes, *extras))])
         except (AttributeError, TypeError):  # a guard that reads more than shapes: shape-only tensors
-            ok = v.program.guard([*tensors, *(torch.empty(s, device="meta", dtype=d) for s, d in zip(shapes, dtypes))])
+            metas = [torch.empty(s, device="meta", dtype=d) for s, d in zip(shapes, dtypes)]
+            ok = v.program.guard([*tensors, *metas, *(t.to("meta") for t in kind.examples(None))])
         return ok and v.state_ok()
 
-    def _past(self, entry: KVEntry, layer, seq: int, tensors) -> tuple[torch.Tensor, torch.Tensor]:
-        if seq:
-            return layer.keys, layer.values
+    def _past(self, entry: KVEntry, layer, tensors, t: int | None) -> tuple:
+        """The graph's extra inputs for a call (past keys and values at the kept widths, ...),
+        read from ``layer`` (``LayerKind.feed``)."""
         if entry.past is None:
-            entry.past = _past_plan(entry.program) or ()
+            entry.past = _past_plan(entry.program, entry.kind.n_extra) or ()
         plans, dt = entry.past
-        dense = _plan_shapes(plans, tensors, 0)
+        dense = _plan_shapes(plans, tensors, entry.kind.past_len(layer))
         dev = tensors[0].device if tensors else None
-        return tuple(torch.zeros(_narrow_shape(ix, s), dtype=d, device=dev)
-                     for ix, s, d in zip(entry.lay, dense, dt))
-
-    def _store(self, cache, layer, idx: int, k_all, v_all, lay) -> None:
-        if not layer.is_initialized:
-            layer.lazy_initialization(k_all, v_all)
-        layer.keys, layer.values = k_all, v_all
-        self.kv.narrow_layers.setdefault(cache, {})[idx] = lay
-        self.kv.stored += 1
+        shapes = [_narrow_shape(ix, s) for ix, s in zip(entry.lay, dense)]
+        return entry.kind.feed(layer, shapes, list(dt), dev, t)
 
     # ------------------------------------------------------------- building
     def _run_probe(self, cache, args, kwargs) -> _Probe | str:
@@ -426,28 +393,32 @@ class CachedGraphs:
             raise NotServed(self.why)
         self.layer_idx = probe.seen[0]
 
-    def _program(self, key, sig, leaf, tensors, cache) -> Program:
+    def _program(self, key, sig, leaf, tensors, cache, kind: LayerKind) -> Program:
         region = self.region
         program, _ = region.cache.get(region.module, region.cache.key(region.module, key), tensors,
-                                      lambda: _export(region.module, sig, leaf, tensors,
+                                      lambda: _export(region.module, sig, leaf, tensors, kind,
                                                       lambda stand: dressed(cache, stand)))
         return program
 
-    def _build(self, key, sig, leaf, tensors, cache, layer, seq, stored, args, kwargs) -> KVEntry:
+    def _build(self, key, sig, leaf, tensors, cache, layer, kind: LayerKind, stored, args, kwargs) -> KVEntry:
         region = self.region
-        shapes = self._dense_past(cache, args, kwargs, seq)
+        shapes = self._dense_past(cache, args, kwargs, kind.past_len(layer))
         if isinstance(shapes, str):
             return KVEntry(None, reason=shapes, refusal=Refusal.UNSERVABLE)
         dev = tensors[0].device if tensors else None
         with self.parts.outside_inference_mode(tensors, args, kwargs) as (tensors, args, kwargs):
-            examples = [torch.zeros(s, dtype=d, device=dev) for s, d in shapes]
+            examples = [*(torch.zeros(s, dtype=d, device=dev) for s, d in shapes), *kind.examples(dev)]
             try:
-                program = self._program(key, sig, leaf, [*tensors, *examples], cache)
+                program = self._program(key, sig, leaf, [*tensors, *examples], cache, kind)
             except CallNotServable as e:
                 return KVEntry(None, reason=str(e), refusal=Refusal.UNSERVABLE)
             if not program.guard([*tensors, *examples]):
                 return KVEntry(None, reason="the capture specialised a dimension these inputs do not match",
                                refusal=Refusal.SPECIALISED)
+            plan, length = _past_plan(program, kind.n_extra), _length_plan(program, kind)
+            if plan is None or (kind.needs_length and length is None):
+                return KVEntry(program, reason="the sizes of the cached keys/values are not sizes of the call's "
+                                               "inputs", refusal=Refusal.UNSERVABLE)
             state, buffers = self.parts.state(program)
             kept = {n: dict(r.kept) for n, r in param_records(region.module).items()}
             params, consts, feeds = placeholder_feeds(program, region.module, dev)
@@ -456,8 +427,7 @@ class CachedGraphs:
                 flow = propagate(captured)
             except Exception as e:  # an optimisation: a failure costs speed, never the forward
                 return KVEntry(program, reason=f"the channel flow of the cached call failed: {e}", refusal=Refusal.BUG)
-            appends = [n for n in program.graph.nodes if n.op == "call_function"
-                       and getattr(n.target, "overloadpacket", None) is torch.ops.ecospa.kv_append]
+            appends = _cache_ops(program, kind)
             entry = KVEntry(program, reason="no layout of the cached call could be built", refusal=Refusal.NO_RULE)
             for drop, exact in ((True, True), (True, False), (False, True), (False, False)):
                 layout = analyse(captured, kept, pad_multiple=region.pad_multiple, drop_blocks=drop,
@@ -473,7 +443,7 @@ class CachedGraphs:
                                                     "time, channels)", refusal=Refusal.NO_RULE)
                     continue
                 try:
-                    gm = _finish(rewrite(program, layout, kept, consts))
+                    gm = _finish(rewrite(program, layout, kept, consts), kind)
                 except NarrowError as e:
                     entry = KVEntry(program, reason=str(e), refusal=Refusal.NO_RULE)
                     continue
@@ -483,9 +453,10 @@ class CachedGraphs:
                     continue
                 if dev is not None:
                     gm = gm.to(dev)
-                entry = KVEntry(program, gm, feeds=feeds, state=state, buffers=buffers, lay=lay)
+                entry = KVEntry(program, gm, feeds=feeds, state=state, buffers=buffers, lay=lay, past=plan,
+                                kind=kind, length=length)
                 if region.check:
-                    problem = self._check(entry, key, sig, leaf, tensors, cache, layer, seq, args, kwargs)
+                    problem = self._check(entry, key, sig, leaf, tensors, cache, layer, args, kwargs)
                     if problem:
                         entry = KVEntry(program, reason=f"checked against the exact path: {problem}",
                                         refusal=Refusal.MISMATCH)
@@ -495,8 +466,8 @@ class CachedGraphs:
                 return entry
         return entry
 
-    def _dense_past(self, cache, args, kwargs, seq: int):
-        """``[(shape, dtype)]`` of dense past keys and values of length ``seq`` (from a probe of
+    def _dense_past(self, cache, args, kwargs, past_len: int):
+        """``[(shape, dtype)]`` of dense past keys and values ``past_len`` long (from a probe of
         the new entries' shapes), or why not."""
         probe = self._run_probe(cache, args, kwargs)
         if isinstance(probe, str):
@@ -506,9 +477,9 @@ class CachedGraphs:
         _, ks, vs, kd, vd = probe.seen
         if len(ks) != 4 or len(vs) != 4:
             return "cached keys/values that are not (batch, heads, time, channels)"
-        return [((s[0], s[1], seq, s[3]), d) for s, d in ((ks, kd), (vs, vd))]
+        return [((s[0], s[1], past_len, s[3]), d) for s, d in ((ks, kd), (vs, vd))]
 
-    def _check(self, entry: KVEntry, key, sig, leaf, tensors, cache, layer, seq, args, kwargs) -> str | None:
+    def _check(self, entry: KVEntry, key, sig, leaf, tensors, cache, layer, args, kwargs) -> str | None:
         """Compare the narrow graph (output, keys and values after the update) with the fallback
         on this call's inputs, past included (no gradients). A graph with random ops (dropout in
         training) is checked through its eval-mode twin."""
@@ -520,8 +491,8 @@ class CachedGraphs:
                     m.training = False
                 plain_args, plain_kwargs = _without(cache, args, kwargs)
                 sig_eval, _ = signature(mods, plain_args, plain_kwargs, hooks=mods[1:])
-                key_eval = (*key[:-1], sig_eval)
-                twin = self._build(key_eval, sig_eval, leaf, tensors, cache, layer, seq, None, args, kwargs)
+                key_eval = (*key[:3], sig_eval, *key[4:])
+                twin = self._build(key_eval, sig_eval, leaf, tensors, cache, layer, entry.kind, None, args, kwargs)
                 self.region.entries.setdefault(key_eval, []).append(twin)
                 if twin.gm is not None and not same_layout(twin.lay, entry.lay):
                     return "its eval-mode twin stores the cache at another layout"
@@ -529,9 +500,11 @@ class CachedGraphs:
             finally:
                 for m, t in zip(mods, modes):
                     m.training = t
-        with torch.no_grad():
-            past = self._past(entry, layer, seq, tensors)
-            dense = _DenseCache(*(_grow(ix, p) for ix, p in zip(entry.lay, past)))
+        with torch.no_grad(), unobserved():  # a check, not a call: statistics hooks skip it
+            # a copy of the layer, and of its tensors: the graph may write them in place
+            past = tuple(p.clone() for p in self._past(entry, copy.copy(layer), tensors,
+                                                       _length(entry.length, tensors)))
+            dense = entry.kind.dense((*(_grow(ix, p) for ix, p in zip(entry.lay, past)), *past[2:]))
             try:
                 flat = entry.gm(*[f() for f in entry.feeds], *tensors, *past)
                 got, k_all, v_all = _output(entry.program, flat)
@@ -546,13 +519,6 @@ class CachedGraphs:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _dynamic_layer():
-    try:
-        from transformers.cache_utils import DynamicLayer
-    except ImportError:  # transformers missing: there is no Hugging Face cache to serve
-        return None
-    return DynamicLayer
-
 
 def _with(cache, stand_in, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """The call's arguments with ``stand_in`` in the place of the cache it updates (dressed as
@@ -567,14 +533,55 @@ def _without(cache, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return _with(cache, None, args, kwargs)
 
 
-def _past_nodes(program: Program) -> list[torch.fx.Node]:
-    return [n for n in program.graph.nodes if n.op == "placeholder"][-2:]
+def _past_nodes(program: Program, n_extra: int) -> list[torch.fx.Node]:
+    """The placeholders of the past keys and values (the first two of the ``n_extra`` last)."""
+    return [n for n in program.graph.nodes if n.op == "placeholder"][-n_extra:][:2]
 
 
-def _plan_shapes(plans: list, tensors, seq: int) -> list[tuple]:
-    """Dense shapes of the past keys/values for a call with ``tensors`` and ``seq`` past
-    positions, from a :func:`_past_plan`."""
-    return [tuple(seq if d is None else d if isinstance(d, int) else tensors[d[0]].shape[d[1]] for d in dims)
+def _cache_ops(program: Program, kind: LayerKind) -> list[torch.fx.Node]:
+    """The nodes of the cache op of ``kind`` (keys, values: one each when served)."""
+    return [n for n in program.graph.nodes if n.op == "call_function"
+            and getattr(n.target, "overloadpacket", None) is kind.op]
+
+
+def _symbols(program: Program, n_extra: int) -> dict:
+    """``{symbol: (input, dim)}``: where each symbolic size first occurs among the call's own
+    inputs (the ``n_extra`` cache inputs left out)."""
+    where: dict = {}
+    for i, shape in enumerate(program.input_shapes[:-n_extra]):
+        for d, s in enumerate(shape):
+            if getattr(s, "is_Symbol", False):
+                where.setdefault(s, (i, d))
+    return where
+
+
+def _length_plan(program: Program, kind: LayerKind) -> int | tuple | None:
+    """How to compute the number of new cache entries of a call (dim -2 of the keys given to
+    ``update``) from its inputs: an int, ``(input, dim)`` holding the same symbol, or None."""
+    ops_ = _cache_ops(program, kind)
+    val = ops_[0].args[1].meta.get("val") if ops_ and isinstance(ops_[0].args[1], torch.fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() < 2:
+        return None
+    size = val.shape[-2]
+    if isinstance(size, int):
+        return size
+    sym = getattr(getattr(size, "node", None), "expr", size)
+    if getattr(sym, "is_number", False):
+        return int(sym)
+    return _symbols(program, kind.n_extra).get(sym)
+
+
+def _length(plan: int | tuple | None, tensors) -> int | None:
+    """The number of new cache entries of a call, from a :func:`_length_plan`."""
+    if plan is None or isinstance(plan, int):
+        return plan
+    return int(tensors[plan[0]].shape[plan[1]])
+
+
+def _plan_shapes(plans: list, tensors, past_len: int) -> list[tuple]:
+    """Dense shapes of the past keys/values for a call with ``tensors`` and past tensors
+    ``past_len`` long, from a :func:`_past_plan`."""
+    return [tuple(past_len if d is None else d if isinstance(d, int) else tensors[d[0]].shape[d[1]] for d in dims)
             for dims in plans]
 
 
@@ -590,17 +597,14 @@ class _Shaped:
         return len(self.shape)
 
 
-def _past_plan(program: Program) -> tuple | None:
+def _past_plan(program: Program, n_extra: int = 2) -> tuple | None:
     """How to compute the dense past shapes of a call from its other inputs: per past tensor and
     dim, an int, None (the past length) or ``(input, dim)`` holding the same symbol; and the past
-    dtypes. None when a size cannot be found that way."""
-    where: dict = {}
-    for i, shape in enumerate(program.input_shapes[:-2]):
-        for d, s in enumerate(shape):
-            if getattr(s, "is_Symbol", False):
-                where.setdefault(s, (i, d))
+    dtypes. None when a size cannot be found that way. The past keys and values are the first
+    two of the last ``n_extra`` inputs."""
+    where = _symbols(program, n_extra)
     plans = []
-    for shape in program.input_shapes[-2:]:
+    for shape in program.input_shapes[-n_extra:][:2]:
         dims: list = []
         for j, s in enumerate(shape):
             if j == 2:
@@ -612,7 +616,7 @@ def _past_plan(program: Program) -> tuple | None:
             else:
                 return None
         plans.append(dims)
-    return plans, [n.meta["val"].dtype for n in _past_nodes(program)]
+    return plans, [n.meta["val"].dtype for n in _past_nodes(program, n_extra)]
 
 
 def _output(program: Program, flat) -> tuple:

@@ -31,13 +31,15 @@ import torch.utils._pytree as pytree
 from ecospa.narrow.groups import GroupSum, head_groups, output_biases
 from ecospa.narrow.kvcache import KVNarrower, find_cache
 from ecospa.narrow.positions import analyse
-from ecospa.narrow.program import (CallNotServable, Program, Signature, export_call, getter, placeholder_feeds,
-                                  signature)
+from ecospa.narrow.program import (CallNotServable, Program, Signature, export_call, held_modules,
+                                  placeholder_feeds, signature)
+from ecospa.ops.observe import unobserved
 from ecospa.narrow.entry import LADDER, MAX_VARIANTS, Entry, Refusal, is_random, outputs_close
 from ecospa.narrow.rewrite import rewrite
+from ecospa.narrow import stored
 from ecospa.narrow.stored import written_inputs
 from ecospa.ops.registry import NarrowError
-from ecospa.ir.record import EcospaForward, dense_view, param_records
+from ecospa.ir.record import EcospaForward, dense_view, installed_forward, param_records
 from ecospa.errors import EcospaWarning
 from ecospa.capture.export import Captured
 from ecospa.analysis.flow import propagate
@@ -97,11 +99,14 @@ class RegionForward(EcospaForward):
         check: compare every new narrow graph with the fallback once (recommended).
         group_heads: run ragged heads as one graph per width group (``groups``) rather than
             padded to the widest, where the call allows it (``prune(..., narrow="grouped")``).
+        root: the model the module belongs to: a call that passes one of its modules as an
+            argument (a position-bias module) is served with that module held by identity
+            (``program.HeldModule``); without a root such calls run the fallback.
     """
 
     def __init__(self, module: nn.Module, path: str, cache: ProgramCache, *, pad_multiple: int = 8,
-                 check: bool = True, fallback=None, group_heads: bool = False):
-        self.module, self.path, self.cache = module, path, cache
+                 check: bool = True, fallback=None, group_heads: bool = False, root: nn.Module | None = None):
+        self.module, self.path, self.cache, self.root = module, path, cache, root
         self.pad_multiple, self.check = pad_multiple, check
         self.group_heads = group_heads
         self.fallback = fallback
@@ -114,6 +119,7 @@ class RegionForward(EcospaForward):
         self._kv: KVNarrower | None = None
         self.verify_calls = False  # prune(..., verify=True): check every new input shape once
         self._flows: dict[int, tuple] = {}  # id(dense graph) -> (graph, its label flow)
+        self.stores_narrow = False  # a narrow graph stored a module buffer at the kept widths
 
     @property
     def kv(self) -> KVNarrower:
@@ -138,6 +144,7 @@ class RegionForward(EcospaForward):
             layouts): :meth:`Transaction.invalidate <ecospa.pruning.transaction.Transaction.invalidate>`
             logs it, so that a rollback to the old widths finds the graphs built for them.
         """
+        self.store_dense()  # buffers stored at the old kept widths (sliced anew later)
         entries, refused, cache_refused = self.entries, self.refused, self.cache_refused
         self.entries, self.refused, self.cache_refused = {}, Counter(), Counter()
         kv = self._kv
@@ -164,12 +171,17 @@ class RegionForward(EcospaForward):
         new.__dict__.update(self.__getstate__())
         new.module = copy.deepcopy(self.module, memo)
         new.fallback = copy.deepcopy(self.fallback, memo)
+        # the copied model's root when the whole model is copied; else none (module arguments
+        # then run the fallback): copying the root here would copy the whole model
+        new.root = memo.get(id(self.root)) if self.root is not None else None
         return new
 
     def __getstate__(self):
         state = dict(self.__dict__)
+        # root left out: pickling one module must not take the whole model along (a copy gets its
+        # own in __deepcopy__; an unpickled one serves module arguments on the fallback)
         state.update(entries={}, refused=Counter(), cache_refused=Counter(), kv_bytes=None, cache=ProgramCache(),
-                     _subtree=None, _kv=None, _flows={})
+                     _subtree=None, _kv=None, _flows={}, root=None)
         return state
 
     def report(self) -> list[dict[str, Any]]:
@@ -187,8 +199,16 @@ class RegionForward(EcospaForward):
         """The exact fallback (see :class:`~ecospa.ir.record.EcospaForward`)."""
         return self.run_fallback
 
+    def store_dense(self) -> None:
+        """Buffers a narrow graph stores at the kept widths take their dense width back
+        (``narrow.stored``): ``record.dense_view`` calls it before a capture."""
+        if getattr(self, "stores_narrow", False):
+            stored.make_dense(self.module)
+
     def run_fallback(self, *args, **kwargs):
-        """The exact path: the module's own forward over the scatter adapters (dense head width)."""
+        """The exact path: the module's own forward over the scatter adapters (dense head width),
+        on its buffers at their dense width (``narrow.stored``)."""
+        self.store_dense()
         if self.fallback is not None:
             return self.fallback(*args, **kwargs)
         return type(self.module).forward(self.module, *args, **kwargs)
@@ -200,7 +220,9 @@ class RegionForward(EcospaForward):
         if cache is not None:  # (checked first: a decode step computes its signature once)
             return self._cached_call(cache, args, kwargs)
         try:
-            sig, tensors = signature(self._mods, args, kwargs, hooks=self._mods[1:])
+            sig, tensors = signature(self._mods, args, kwargs, hooks=self._mods[1:], hold_modules=True)
+            if sig not in self.entries:
+                self._check_held(sig)
         except CallNotServable as e:
             self.refused[str(e)] += 1
             return self.run_fallback(*args, **kwargs)
@@ -213,6 +235,15 @@ class RegionForward(EcospaForward):
             entry.calls += 1
             return self.run_fallback(*args, **kwargs)
         feeds = [f() for f in entry.feeds]
+        slots = stored.slots(entry.gm)
+        if slots:  # module buffers stored at the kept widths (sliced at the first such call)
+            sliced = stored.make_narrow(self.module, slots, feeds)
+            if isinstance(sliced, str):
+                self.refused[sliced] += 1
+                return self.run_fallback(*args, **kwargs)
+            if sliced:
+                self.stores_narrow = True
+                self.kv_bytes = stored.buffer_bytes(self.module, slots)
         try:
             out = entry.gm(*feeds, *tensors)
         except Exception as e:  # a graph that cannot run this call must cost speed, never the forward
@@ -290,6 +321,23 @@ class RegionForward(EcospaForward):
             stored += n
             dense += round(n / ix.fraction) if hasattr(ix, "fraction") and ix.fraction else n
         self.kv_bytes = (dense, stored)
+
+    def _check_held(self, sig: Signature) -> None:
+        """Raise :class:`CallNotServable` unless every module ``sig`` holds is a submodule of the
+        model (a module made per call would be a new signature per call) whose parameters are
+        dense and whose forward is its own (a capture traces it as it is)."""
+        held = held_modules(sig)
+        if not held:
+            return
+        owned = {id(m) for m in self.root.modules()} if self.root is not None else set()
+        for m in held:
+            name = type(m).__name__
+            if id(m) not in owned:
+                raise CallNotServable(f"an argument of type {name} that is not a submodule of the model (a module "
+                                      "made per call would need a capture per call)")
+            if param_records(m) or any(installed_forward(x) is not None for x in m.modules()):
+                raise CallNotServable(f"an argument of type {name} holding pruned parameters or an ecospa "
+                                      "forward (a capture of this module would not see them dense)")
 
     def _entry(self, sig: Signature, tensors, args, kwargs) -> Entry | None:
         variants = self.entries.setdefault(sig, [])
@@ -391,6 +439,8 @@ class RegionForward(EcospaForward):
                 if not layout.dropped:
                     return None
                 graphs.append(rewrite(program, layout, kept, consts))
+            if any(stored.slots(g) for g in graphs):
+                return None  # one buffer cannot be stored at each group's widths
             gm = GroupSum(graphs, [()] + [slots] * (len(graphs) - 1))
         except NarrowError:
             return None
@@ -408,8 +458,10 @@ class RegionForward(EcospaForward):
     def _state(self, program: Program) -> tuple[tuple, tuple]:
         """What an entry of ``program`` on this module guards: the live values of the attributes
         the capture read and the shapes of the buffers the graph reads."""
-        buffers = tuple((getter(self.module, "_buffers", n), torch.Size(shape))
+        buffers = tuple((stored.logical(self.module, n), torch.Size(shape))  # a narrow-stored one: its dense shape
                         for n, shape in program.buffer_shapes.items())
+        buffers += tuple((lambda table=owner._buffers, name=name: table.get(name), torch.Size(shape))
+                         for owner, name, shape in program.held_buffers)
         if program.reads is None:
             return (), buffers
         mods = dict(self.module.named_modules(remove_duplicate=False))
@@ -426,7 +478,7 @@ class RegionForward(EcospaForward):
             try:
                 for m in self._mods:
                     m.training = False
-                sig_eval, _ = signature(self._mods, args, kwargs, hooks=self._mods[1:])
+                sig_eval, _ = signature(self._mods, args, kwargs, hooks=self._mods[1:], hold_modules=True)
                 twin = self._build(sig_eval, tensors, args, kwargs, shared=True)
                 self.entries.setdefault(sig_eval, []).append(twin)
                 return twin.reason if twin.gm is None else None
@@ -438,14 +490,21 @@ class RegionForward(EcospaForward):
     def _compare(self, entry: Entry, tensors, args, kwargs) -> str | None:
         """The narrow graph against the fallback on this call's inputs (no gradients); None when
         they agree."""
-        with torch.no_grad():
+        with torch.no_grad(), unobserved():  # a check, not a call: statistics hooks skip it
             feeds = [f() for f in entry.feeds]
+            slots = stored.slots(entry.gm)
+            if slots:  # buffers stored at the kept widths: the graph runs on them narrow
+                problem = stored.make_narrow(self.module, slots, feeds)
+                if isinstance(problem, str):
+                    return problem
+                self.stores_narrow = True
             # buffers (a KV cache) and inputs the graph writes in place: both paths start from
             # the state before the call, their writes are compared, and the state is put back
             # (the call itself runs after the check)
             values = list(feeds) + list(tensors)  # the graph's placeholders, in order
-            written = [values[i] for i in written_inputs(entry.program.graph)
-                       if i < len(values) and isinstance(values[i], torch.Tensor)]
+            where = [i for i in written_inputs(entry.program.graph)
+                     if i < len(values) and isinstance(values[i], torch.Tensor)]
+            written = [values[i] for i in where]
             saved = [t.clone() for t in written]
             try:
                 got = entry.program.output(entry.gm(*feeds, *tensors))
@@ -454,13 +513,19 @@ class RegionForward(EcospaForward):
                 return f"the narrow graph failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             after = [t.clone() for t in written]
             _restore(written, saved)
+            # the fallback runs on the buffers at their dense width (run_fallback scatters the
+            # narrow ones back); its writes are compared at the kept widths
+            narrow = {s.position: s for s in slots}
+            self.store_dense()
+            live_written = [stored.live(self.module, narrow[i]) if i in narrow else t for i, t in zip(where, written)]
+            live_saved = [t.clone() for t in live_written]
             try:
                 want = self.run_fallback(*args, **kwargs)
                 problem = outputs_close(got, want) or next(
-                    (f"a buffer written in place differs: {p}" for a, t in zip(after, written)
-                     if (p := outputs_close(a, t))), None)
+                    (f"a buffer written in place differs: {p}" for i, a, t in zip(where, after, live_written)
+                     if (p := outputs_close(a, narrow[i].to_narrow(t) if i in narrow else t))), None)
             finally:
-                _restore(written, saved)
+                _restore(live_written, live_saved)
         return problem
 
 

@@ -1,8 +1,8 @@
 """KV caches at the kept widths, for calls with a cache that no narrow graph serves.
 
-Calls with a ``DynamicCache`` run narrow graphs that read and write the cache at the kept widths
-(``cached``); this module covers the rest (a ``StaticCache``, sliding-window or encoder-decoder
-caches, a failed capture or check) and keeps, per cache and layer, the layout a layer is stored
+Calls with a ``DynamicCache`` or a ``StaticCache`` run narrow graphs that read and write the cache
+at the kept widths (``cached``); this module covers the rest (a ``StaticSlidingWindowLayer``,
+cross-attention, a failed capture or check) and keeps, per cache and layer, the layout a layer is stored
 at (:attr:`KVNarrower.narrow_layers`), which both paths read and write.
 
 A call that passes a KV cache object (Hugging Face ``Cache``: anything with ``update(key, value,
@@ -26,7 +26,8 @@ instead, found from the graph's data flow, not from names:
 Exact: the attention sees the same keys and values as the masked dense model. What shrinks is the
 memory of the cache (its bytes scale with the kept widths); attention itself still runs at the
 dense width on this path. A cache that already holds entries this narrower did not write (for
-example, filled by the dense model) is left dense, and so is a cache the module does not update
+example, filled by the dense model), or a layer allocated at other widths before its first update
+(``StaticCache.early_initialization``), is left dense, and so is a cache the module does not update
 through the object it was passed (an ``EncoderDecoderCache``, whose inner caches the attention
 picks itself: cross-attention reads their tensors directly, so they must keep their layout).
 """
@@ -173,6 +174,20 @@ def _poisoned(module: nn.Module):
     return [f for m in module.modules() if (f := installed_forward(m)) is not None and f.poisonable]
 
 
+def _allocated_otherwise(cache, layer_idx: int, k_n: torch.Tensor, v_n: torch.Tensor) -> bool:
+    """True when the cache's layer already holds ``(B, H, L, D)`` tensors whose heads or channels
+    are not those of the narrow entries ``k_n``/``v_n`` (a ``StaticLayer`` allocated at the dense
+    widths by ``early_initialization``): they can only be stored dense."""
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list) or len(layers) <= layer_idx:
+        return False
+    layer = layers[layer_idx]
+    if not getattr(layer, "is_initialized", False):
+        return False
+    return any(isinstance(t, torch.Tensor) and t.dim() == 4 and (t.shape[1], t.shape[3]) != (n.shape[1], n.shape[3])
+               for t, n in ((getattr(layer, "keys", None), k_n), (getattr(layer, "values", None), v_n)))
+
+
 class KVNarrower:
     """Per attention scope: stores its KV-cache entries at the kept widths (module docstring).
 
@@ -275,6 +290,10 @@ class KVNarrower:
                 return real(key, value, layer_idx, *args, **kwargs)
             k_n = key if isinstance(ki, str) else ki.shrink(key)
             v_n = value if isinstance(vi, str) else vi.shrink(value)
+            if fresh and _allocated_otherwise(cache, layer_idx, k_n, v_n):
+                self.dense += 1
+                self.why_dense = "the cache layer was allocated at other widths before its first update"
+                return real(key, value, layer_idx, *args, **kwargs)
             exact = ((isinstance(ki, str) or torch.equal(ki.grow(k_n), key))
                      and (isinstance(vi, str) or torch.equal(vi.grow(v_n), value)))
             if not exact:

@@ -14,6 +14,8 @@ property of a call                        guard
 ========================================  ==================================================
 argument structure, keyword order, None   ``Signature.spec`` (pytree spec of args/kwargs)
 non-tensor argument values and types      ``Signature.constants``
+a module passed as an argument (held)     ``Signature.constants``: the module by identity, the
+                                          train/eval flags and hooks of its subtree
 tensor rank, dtype, device, class          ``Signature.tensors``
 requires_grad of each tensor              ``Signature.tensors``
 strides / memory format                   ``Signature.tensors`` (contiguous, else stride order
@@ -23,14 +25,20 @@ grad mode, default dtype, autocast        ``Signature.modes``/``grad``/``autocas
 train/eval of every module of the scope   ``Signature.modes``
 hooks on the scope's submodules           ``Signature.hooks`` (hook ids, global hooks)
 tensor sizes                              :meth:`Program.guard` (export's symbols and ranges)
+buffers of a held module the graph reads  their shapes (``Program.held_buffers``)
 module attributes the forward reads       :class:`Reads`: recorded during the capture, compared
 (``num_heads``, ``sliding_window``,        at every call (values; plain tensor attributes by
 plain tensor attributes), buffer shapes   identity and version; buffer shapes)
 ========================================  ==================================================
 
+A module passed as an argument (x-transformers hands its attention the model's ALiBi module) is
+*held* (``signature(..., hold_modules=True)``): the signature keeps the object itself, the capture
+registers it on the traced wrapper so that its parameters and buffers become graph inputs fed live
+at every call (kind ``"held"``), and its computation is traced as part of the region.
+
 Not guarded: attributes of objects that modules hold (a Hugging Face config read as
-``self.config.x``): a change to such a setting after a signature's first call is not seen; make it
-before pruning. Made general instead of guarded: the module's own hooks (the capture calls
+``self.config.x``) and the plain attributes of a held module: a change to such a setting after a
+signature's first call is not seen; make it before pruning. Made general instead of guarded: the module's own hooks (the capture calls
 ``forward``, its ``__call__`` runs the hooks around the installed forward, once), output classes
 pytree does not know (returned as plain containers, rebuilt after the graph), and state a forward
 writes while it is captured (restored by ``ecospa.capture.state.preserved``).
@@ -42,6 +50,7 @@ import dataclasses
 import functools
 import io
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -52,11 +61,13 @@ import torch.utils._pytree as pytree
 from torch.export import Dim
 from torch.export.graph_signature import InputKind, OutputKind
 
+from ecospa.capture.argtypes import rebuildable, register_argument_types
 from ecospa.capture.asserts import asserts_as_checks
 from ecospa.capture.inline import WRAPPERS, inline_wrappers
 from ecospa.capture.state import preserved
 
-__all__ = ["Program", "Signature", "signature", "export_call", "CallNotServable", "Reads", "hooks_of",
+__all__ = ["Program", "Signature", "signature", "export_call", "CallNotServable", "Reads", "hooks_of", "HeldModule",
+           "held_modules",
            "plain_output", "track_reads", "MISSING",
            "getter", "placeholder_feeds"]
 
@@ -64,6 +75,7 @@ _SIMPLE = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.m
            torch.layout, type(Ellipsis))
 _CONTAINERS = (tuple, list, dict)
 _WRAP = "mod"
+_HELD = "held"  # prefix of the names a held module argument gets on the traced wrapper
 
 
 class CallNotServable(Exception):
@@ -141,6 +153,7 @@ def _flatten(args: tuple, kwargs: dict) -> tuple[list, pytree.TreeSpec]:
         spec = _FLAT_SPECS[key]
         if spec is not None:
             return leaves, spec
+    register_argument_types()  # a BlockMask among the arguments (capture/argtypes.py)
     leaves, spec = pytree.tree_flatten((args, kwargs))
     return leaves, _interned(spec)
 
@@ -148,8 +161,8 @@ def _flatten(args: tuple, kwargs: dict) -> tuple[list, pytree.TreeSpec]:
 def _check_spec(spec: pytree.TreeSpec) -> None:
     if spec.type is None or spec.is_leaf():
         return
-    if spec.type not in _CONTAINERS and not (isinstance(spec.type, type) and issubclass(spec.type, tuple)
-                                             and hasattr(spec.type, "_fields")):
+    if spec.type not in _CONTAINERS and spec.type not in rebuildable() and not (
+            isinstance(spec.type, type) and issubclass(spec.type, tuple) and hasattr(spec.type, "_fields")):
         raise CallNotServable(f"an argument of type {getattr(spec.type, '__name__', spec.type)} "
                               "(a container ecospa cannot rebuild around a graph)")
     for child in spec.children():
@@ -184,13 +197,45 @@ def hooks_of(modules: Sequence[nn.Module]) -> tuple:
     return tuple(out)
 
 
+class HeldModule:
+    """A module passed as an argument, held in a signature by identity (with the train/eval flags
+    and hooks of its subtree: a capture traces its forward as it is now)."""
+
+    __slots__ = ("module", "_key")
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        subtree = list(module.modules())
+        self._key = (id(module), tuple(m.training for m in subtree), hooks_of(subtree))
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, HeldModule):
+            return NotImplemented
+        return self.module is other.module and self._key == other._key
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __repr__(self) -> str:
+        return f"HeldModule({type(self.module).__name__} at {id(self.module):#x})"
+
+
+def held_modules(sig: Signature) -> list[nn.Module]:
+    """The modules ``sig`` holds (module arguments of the call), in argument order."""
+    return [v.module for _, _, v in sig.constants if isinstance(v, HeldModule)]
+
+
 def signature(modules: Sequence[nn.Module], args: tuple, kwargs: dict, *,
-              hooks: Sequence[nn.Module] | None = None) -> tuple[Signature, list[torch.Tensor]]:
+              hooks: Sequence[nn.Module] | None = None,
+              hold_modules: bool = False) -> tuple[Signature, list[torch.Tensor]]:
     """The :class:`Signature` of a call and its tensor arguments, in order.
 
     Args:
         modules: the modules of the scope's subtree (their train/eval flags).
         hooks: the modules whose hooks a capture runs (default: ``modules``).
+        hold_modules: an ``nn.Module`` argument is held by identity (:class:`HeldModule`); the
+            caller checks that it belongs to the model (else a new module per call would be a new
+            signature per call).
 
     Raises:
         CallNotServable: an argument holds Python-side state or is not a plain value.
@@ -206,6 +251,8 @@ def signature(modules: Sequence[nn.Module], args: tuple, kwargs: dict, *,
             metas.append((leaf.dim(), leaf.dtype, leaf.device, type(leaf), leaf.requires_grad, _strides(leaf)))
         elif isinstance(leaf, _SIMPLE):
             consts.append((i, type(leaf), leaf))
+        elif hold_modules and isinstance(leaf, nn.Module):
+            consts.append((i, HeldModule, HeldModule(leaf)))
         else:
             raise CallNotServable(f"an argument of type {type(leaf).__name__} (Python-side state "
                                   "such as a KV cache: the graph cannot update it)")
@@ -234,7 +281,10 @@ class _Call(nn.Module):
         super().__init__()
         setattr(self, _WRAP, module)
         self.sig = sig
-        self._const = {i: v for i, _, v in sig.constants}
+        self._const = {i: v.module if isinstance(v, HeldModule) else v for i, _, v in sig.constants}
+        for i, _, v in sig.constants:  # their parameters and buffers become graph inputs
+            if isinstance(v, HeldModule):
+                self.add_module(f"{_HELD}{i}", v.module)
         self._rebuild = _Box()
 
     @property
@@ -387,11 +437,14 @@ class Program:
 
     Attributes:
         graph: the ATen graph (placeholders: parameters, buffers, constants, then inputs).
-        kinds: per placeholder, ``("param" | "buffer", relative name)``, ``("const", tensor)``
-            or ``("input", position)``.
+        kinds: per placeholder, ``("param" | "buffer", relative name)``, ``("const", tensor)``,
+            ``("held", "_parameters" | "_buffers", owner module, attribute name)`` (a tensor of a
+            held module argument, see :class:`HeldModule`) or ``("input", position)``.
         out_spec: the structure of the module's output.
         input_shapes: per tensor input, its shape with ints and sympy symbols.
         lower: smallest value of each symbol.
+        upper: largest value of the symbols export bounded above (a size compared with a
+            buffer's length), absent where unbounded.
         shapes: ``{relative parameter name: shape}`` of the dense module.
         reads: the plain module attributes the forward read while it was captured.
         read_values: their values on the captured (dense) module; a twin module shares this
@@ -399,6 +452,8 @@ class Program:
         buffer_shapes: ``{relative buffer name: shape}`` the graph was captured with.
         rebuild: gives back the module's own output class from the graph's plain output (None:
             the output is made of types pytree knows).
+        held_buffers: ``(owner, attribute name, shape)`` of every buffer of a held module
+            argument the graph reads.
     """
 
     graph: torch.fx.Graph
@@ -412,6 +467,8 @@ class Program:
     buffer_shapes: dict = dataclasses.field(default_factory=dict)
     rebuild: Any = None
     shared: bool = False  # taken from a twin module's capture
+    upper: dict = dataclasses.field(default_factory=dict)
+    held_buffers: tuple = ()
 
     def output(self, flat: Sequence[Any]) -> Any:
         """The module's output from the graph's flat outputs."""
@@ -459,7 +516,8 @@ class Program:
                     if size != want:
                         return False
                 elif isinstance(want, sympy.Symbol):
-                    if bound.setdefault(want, size) != size or size < self.lower.get(want, 0):
+                    if bound.setdefault(want, size) != size or size < self.lower.get(want, 0) \
+                            or size > self.upper.get(want, size):
                         return False
                 else:
                     later.append((size, want))
@@ -577,6 +635,16 @@ def _mode_blocks_are_noops(graph: torch.fx.Graph, sig: Signature) -> bool:
     return found
 
 
+@contextlib.contextmanager
+def _preserved_all(modules: Sequence[nn.Module]):
+    """:func:`~ecospa.capture.state.preserved` around each of ``modules`` (held arguments: an
+    ALiBi module that registers its bias table as a buffer when it first runs)."""
+    with contextlib.ExitStack() as stack:
+        for m in modules:
+            stack.enter_context(preserved(m))
+        yield
+
+
 def export_call(module: nn.Module, sig: Signature, tensors: Sequence[torch.Tensor]) -> Program:
     """Capture ``module`` (as it is now: call it inside ``record.dense_view``) for one call.
 
@@ -588,8 +656,8 @@ def export_call(module: nn.Module, sig: Signature, tensors: Sequence[torch.Tenso
     dyn = (tuple({i: Dim.AUTO for i in range(t.dim())} for t in tensors),)
     try:
         with _quiet_export(), _no_fake_tensor_cache(), torch.inference_mode(False), \
-                torch.set_grad_enabled(sig.grad), preserved(module), track_reads(module) as read, \
-                asserts_as_checks():
+                torch.set_grad_enabled(sig.grad), preserved(module), _preserved_all(held_modules(sig)), \
+                track_reads(module) as read, asserts_as_checks():
             ep = torch.export.export(wrap, tuple(tensors), dynamic_shapes=dyn, strict=False)
     except Exception as exc:  # any export failure: this call runs on the fallback path
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -604,7 +672,9 @@ def export_call(module: nn.Module, sig: Signature, tensors: Sequence[torch.Tenso
     kinds: list[tuple] = []
     n_input = 0
     for spec in ep.graph_signature.input_specs:
-        if spec.kind == InputKind.PARAMETER:
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and not spec.target.startswith(_WRAP + "."):
+            kinds.append(_held_kind(wrap, spec.target, spec.kind == InputKind.PARAMETER))
+        elif spec.kind == InputKind.PARAMETER:
             kinds.append(("param", spec.target[len(_WRAP) + 1:]))
         elif spec.kind == InputKind.BUFFER:
             kinds.append(("buffer", spec.target[len(_WRAP) + 1:]))
@@ -617,17 +687,30 @@ def export_call(module: nn.Module, sig: Signature, tensors: Sequence[torch.Tenso
             raise CallNotServable(f"an input of kind {spec.kind.name} ({spec.target})")
     placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
     input_shapes = [_shape(n.meta["val"]) for n, k in zip(placeholders, kinds) if k[0] == "input"]
-    lower = {}
+    lower, upper = {}, {}
     for sym, vr in ep.range_constraints.items():
-        lo = vr.lower
+        lo, hi = vr.lower, vr.upper
         lower[sym] = int(lo) if getattr(lo, "is_number", True) and lo not in (-sympy.oo,) else 0
+        if getattr(hi, "is_number", True) and getattr(hi, "is_finite", True) is not False and hi < sys.maxsize:
+            upper[sym] = int(hi)
     shapes = {k[1]: tuple(int(s) for s in n.meta["val"].shape)
               for n, k in zip(placeholders, kinds) if k[0] == "param"}
     reads = Reads(read)
     buffer_shapes = {k[1]: tuple(int(x) for x in n.meta["val"].shape)  # the buffers the graph reads
                      for n, k in zip(placeholders, kinds) if k[0] == "buffer" and n.users}
+    held_buffers = tuple((k[2], k[3], tuple(int(x) for x in n.meta["val"].shape))
+                         for n, k in zip(placeholders, kinds) if k[0] == "held" and k[1] == "_buffers" and n.users)
     return Program(ep.graph, kinds, ep.call_spec.out_spec, input_shapes, lower, shapes, reads,
-                   reads.values(module), buffer_shapes, wrap.rebuild)
+                   reads.values(module), buffer_shapes, wrap.rebuild, upper=upper, held_buffers=held_buffers)
+
+
+def _held_kind(wrap: nn.Module, target: str, param: bool) -> tuple:
+    """The kind of a lifted parameter or buffer that belongs to a held module argument
+    (``held<i>.<path>``): ``("held", store, owner module, attribute name)``."""
+    path, _, attr = target.rpartition(".")
+    if not path.startswith(_HELD):
+        raise CallNotServable(f"an input {target!r} that is neither the module's nor a held argument's")
+    return ("held", "_parameters" if param else "_buffers", wrap.get_submodule(path), attr)
 
 
 def getter(root: nn.Module, store: str, name: str):
@@ -669,4 +752,11 @@ def placeholder_feeds(program: Program, module: nn.Module, device) -> tuple[dict
             consts[node.name] = kind[1]
             value = kind[1].to(device) if device is not None else kind[1]
             feeds.append(lambda v=value: v)
+        elif kind[0] == "held":
+            if not node.users:
+                feeds.append(_none)
+                continue
+            table = getattr(kind[2], kind[1])
+            consts[node.name] = table[kind[3]]
+            feeds.append(lambda table=table, name=kind[3]: table[name])
     return params, consts, feeds

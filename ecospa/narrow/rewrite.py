@@ -43,9 +43,12 @@ class Builder:
         self.zero: dict[torch.fx.Node, bool] = {}
         self._constants = constants
         self._padded_env: dict[torch.fx.Node, torch.fx.Node] = {}
-        # tensors written in place and read back (a KV cache in a buffer): dense in the narrow
-        # graph, gathered where read (``narrow.stored``)
+        # tensors written in place and read back (``narrow.stored``): module buffers stored at
+        # the kept widths (``narrow_stored``: the buffers, their views and the writes into them)
+        # and tensors kept at their dense width (``stored``: gathered where read)
         self.stored: frozenset[torch.fx.Node] = frozenset()
+        self.narrow_stored: frozenset[torch.fx.Node] = frozenset()
+        self.slots: list[stored.BufferSlot] = []
 
     # --------------------------------------------------------------------- queries
     def layout(self, node) -> dict:
@@ -225,19 +228,21 @@ def rewrite(program: Program, layout: Layout, kept: Mapping[str, Mapping[int, np
     if layout.problem:
         raise NarrowError(layout.problem)
     b = Builder(program, layout, constants)
-    if stored.SERVE:
-        b.stored = stored_nodes(program.graph)
-    elif stored.written_inputs(program.graph):  # a tensor that outlives the call, written in place
-        raise NarrowError(stored.REFUSED)
+    _plan_stored(b, program)
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
     kinds = dict(zip(placeholders, program.kinds))
+    narrow_roots = {n: i for i, n in enumerate(placeholders) if n in b.narrow_stored}
     for node in program.graph.nodes:
         try:
             if node.op == "placeholder":
                 new = b.graph.placeholder(node.name)
                 new.meta["val"] = node.meta.get("val")
                 kind = kinds[node]
-                if kind[0] == "param" and kind[1] in layout.retained:
+                if node in narrow_roots:  # a buffer stored at the kept widths: fed narrow
+                    b.slots.append(stored.BufferSlot(narrow_roots[node], kind[1], b.shape(node),
+                                                     tuple(b.layout(node).values())))
+                    b.zero[node] = True  # every write into it is checked to be (store_write)
+                elif kind[0] == "param" and kind[1] in layout.retained:
                     shape = program.shapes[kind[1]]
                     for dim, ret in sorted(layout.retained[kind[1]].items()):
                         src = _param_src(kept.get(kind[1], {}).get(dim), ret, shape[dim])
@@ -269,7 +274,22 @@ def rewrite(program: Program, layout: Layout, kept: Mapping[str, Mapping[int, np
     for name, t in b.buffers.items():
         root.register_buffer(name, t, persistent=False)
     _copy_attrs(program.graph, root)
-    return torch.fx.GraphModule(root, b.graph)
+    gm = torch.fx.GraphModule(root, b.graph)
+    if b.slots:
+        gm.meta[stored.META] = tuple(b.slots)
+    return gm
+
+
+def _plan_stored(b: Builder, program: Program) -> None:
+    """Which tensors written in place the graph stores at the kept widths (module buffers whose
+    layout narrows them: ``b.narrow_stored``) and which at their dense width (``b.stored``); a
+    graph that would gather a dense one is refused unless ``stored.SERVE`` (see ``narrow.stored``)."""
+    graph = program.graph
+    roots = stored.narrow_buffers(graph, program.kinds, b.layout)
+    b.narrow_stored = stored_nodes(graph, roots=set(roots)) if roots else frozenset()
+    b.stored = stored_nodes(graph, skip=roots)
+    if not stored.SERVE and any(b.layout(n) for n in b.stored):
+        raise NarrowError(stored.REFUSED)
 
 
 def _narrow(b: Builder, node: torch.fx.Node) -> torch.fx.Node:

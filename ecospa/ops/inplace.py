@@ -11,12 +11,16 @@ same channel positions as the tensor written into (which ``ecospa.analysis.mutat
 written labels, with the view chain back to the buffer). A write *along* channels by a known
 index is ``aten.index_copy``'s scatter rule; by an unknown one, poisoned.
 
-Narrow rule (:func:`store_write`): the tensor written into stays at its dense width (the model
-allocated it; a buffer the model allocates again needs no care), so the write runs on the real
-storage, dense: every other tensor operand is scattered back to its dense width with zeros at the
-removed positions (exact only where those are zero in the masked dense model: ``Builder.zero``).
-Reads of the stored tensor are gathered at the kept positions by the rewrite
-(``ecospa.narrow.stored``), so the attention that follows runs narrow.
+Narrow rule (:func:`store_write`), two cases (``ecospa.narrow.stored`` says which tensors are which):
+
+- a module buffer stored at the kept widths (``b.narrow_stored``: the buffer and its views): the
+  write runs at the kept widths, the value written laid out like the tensor it is written into
+  and zero at the removed positions in the masked dense model (so that the buffer scattered back
+  to its dense width for the fallback is the masked dense model's);
+- a tensor kept at its dense width (``b.stored``: a graph input, a tensor created in the forward,
+  a position counter): the write runs dense on the real storage, every other tensor operand
+  scattered back to its dense width with zeros at the removed positions (exact only where those
+  are zero in the masked dense model: ``Builder.zero``); reads are gathered by the rewrite.
 """
 from __future__ import annotations
 
@@ -90,12 +94,53 @@ def _written_arg(node: torch.fx.Node) -> int | None:
     return None
 
 
+#: The positional argument holding the value written, per in-place write op.
+_VALUE = {"index_copy_": 3, "index_put_": 2, "copy_": 1}
+
+
+def _one_dim_indices(node: torch.fx.Node) -> bool:
+    """The indices of an ``index_put_`` are 1-D (or None): the indexed tensor keeps the rank of
+    the tensor written into, and the value broadcasts against it right-aligned."""
+    return all(ix is None or (isinstance(ix, torch.fx.Node) and len(shape_of(ix) or ()) == 1)
+               for ix in node.args[1])
+
+
+def _write_narrow(b, node: torch.fx.Node, k: int) -> torch.fx.Node:
+    """``node`` writing into a buffer stored at the kept widths, run there: the value written
+    must be laid out like the tensor written into (``(B, H_kept, T, w)`` into ``(B, H_kept,
+    T_max, w)``) and zero at the removed positions in the masked dense model."""
+    dst = node.args[k]
+    want, nd = b.layout(dst), len(b.shape(dst))
+    name = getattr(getattr(node.target, "overloadpacket", None), "__name__", str(node.target))
+    args = list(b.arg(node.args))
+    v = node.args[_VALUE[name]] if name in _VALUE and len(node.args) > _VALUE.get(name, 0) else None
+    if isinstance(v, torch.fx.Node) and isinstance(v.meta.get("val"), torch.Tensor):
+        own, vshape = b.layout(v), b.shape(v)
+        off = nd - len(vshape)
+        mine = {d + off: nar for d, nar in own.items()}
+        same = off >= 0 and mine.keys() == want.keys() and all(
+            nar.same(want[d]) and tuple(s + off for s in nar.selectors) == want[d].selectors
+            for d, nar in mine.items())
+        if not same or (name == "index_put_" and not _one_dim_indices(node)):
+            raise NarrowError("a value written into a buffer stored at the kept widths is not laid out like it")
+        if own and not b.zero.get(v, True):
+            raise NarrowError("a value written into a buffer stored at the kept widths has removed positions "
+                              "that are not zero")
+    elif want:
+        raise NarrowError("a write of a constant into a buffer stored at the kept widths")
+    b.zero[node] = True
+    return b.emit(node, tuple(args), b.arg(node.kwargs), mapped=True)
+
+
 def store_write(b, node: torch.fx.Node):
-    """Narrow rule of an in-place write into a tensor stored at its dense width (a cache buffer,
-    ``b.stored``; see the module docstring): the write runs dense on the real storage, its other
-    tensor operands scattered back to the dense width (their removed positions must be zero in
-    the masked dense model). The result is the storage, dense (reads gather it)."""
+    """Narrow rule of an in-place write into a stored tensor (see the module docstring): at the
+    kept widths into a buffer stored there (``b.narrow_stored``), else dense on the real storage
+    of a tensor kept at its dense width (``b.stored``), its other tensor operands scattered back
+    to the dense width (their removed positions must be zero in the masked dense model); the
+    result is the storage, dense (reads gather it)."""
     k = _written_arg(node)
+    if k is not None and node.args[k] in getattr(b, "narrow_stored", ()):
+        return _write_narrow(b, node, k)
     if k is None or node.args[k] not in b.stored:
         raise NarrowError("an in-place write into a tensor that loses channels (not a stored buffer)")
 

@@ -48,6 +48,7 @@ FACTS: dict[str, str] = {
     "zero": "zero wherever one labelled operand is zero (mul, neg, relu, gelu, to, ...; div: its numerator)",
     "additive": "zero wherever every operand is zero (add, sub)",
     "fresh": "creates a tensor whose values do not depend on any weight (zeros, arange, ...)",
+    "observer": "only its first operand reaches the output; the others are looked at (ecospa::observe)",
 }
 
 

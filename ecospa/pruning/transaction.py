@@ -320,7 +320,7 @@ def _update_regions(model: nn.Module, modules, resolved, tx: Transaction, *, gro
             continue
         fwd = installed_forward(mod)
         if not isinstance(fwd, RegionForward):
-            fwd = RegionForward(mod, path, cache, fallback=fwd, group_heads=group_heads)
+            fwd = RegionForward(mod, path, cache, fallback=fwd, group_heads=group_heads, root=model)
             tx.set_forward(mod, fwd)
         tx.set_attr_of(fwd, "couplings", frozenset(fwd.couplings | scopes[path]))
         if fwd.group_heads != group_heads:

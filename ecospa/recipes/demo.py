@@ -44,8 +44,8 @@ class DemoConfig:
     out: str = "runs/demo"
     threads: int = 1
     every: int | None = None  # None: steps // 40
-    start: int | None = None  # None: 15% of steps
-    end: float | None = None  # fraction of the steps by which EcoSpa reaches the target (cubic schedule); None: Algorithm 1's pace
+    start: int | None = None  # None: 5% of steps
+    end: float | None = 0.4  # fraction of the steps by which EcoSpa reaches the target (cubic schedule); None: Algorithm 1's pace
     top_k: float = 0.3
     theta: float = 0.9
     n_layer: int = 4
@@ -102,7 +102,7 @@ class DemoConfig:
     @property
     def prune_start(self) -> int:
         """First step at which EcoSpa may prune."""
-        return self.start if self.start is not None else int(round(0.15 * self.steps))
+        return self.start if self.start is not None else int(round(0.05 * self.steps))
 
 
 def _host() -> dict[str, Any]:

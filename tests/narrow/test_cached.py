@@ -38,6 +38,16 @@ def _qwen2(dropout: float | None = None):
     return transformers.Qwen2ForCausalLM(cfg)
 
 
+def _qwen2_sliding(dropout: float | None = None, max_window_layers: int = 0):
+    """Qwen2 with a sliding window of 4 on the layers from ``max_window_layers`` on (the others
+    full attention): a ``StaticCache`` gives those ``StaticSlidingWindowLayer`` layers."""
+    cfg = transformers.Qwen2Config(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   bos_token_id=1, eos_token_id=2, use_sliding_window=True, sliding_window=4,
+                                   max_window_layers=max_window_layers)
+    return transformers.Qwen2ForCausalLM(cfg)
+
+
 ARCHS = {"gpt2": _gpt2, "llama": _llama, "qwen2": _qwen2}
 
 
@@ -55,9 +65,10 @@ def _plan(cg, kind: str, rng: random.Random) -> dict:
     return plan
 
 
-def _pruned(arch: str, kind: str, seed: int = 0, dropout: float | None = None):
+def _pruned(arch, kind: str, seed: int = 0, dropout: float | None = None):
+    """``arch``: a name of :data:`ARCHS` or a model builder."""
     torch.manual_seed(seed)
-    model = ARCHS[arch](dropout).eval()
+    model = (ARCHS[arch] if isinstance(arch, str) else arch)(dropout).eval()
     assert model.config.use_cache  # the default config, as a user gets it
     x = torch.randint(3, 100, (2, 9))
     cg = ecospa.auto_couple(model, {"input_ids": x})
@@ -121,8 +132,9 @@ def test_report_counts_prefill_and_decode_and_the_cache_bytes(arch):
 
 
 def test_report_counts_calls_with_a_cache_that_fall_back():
-    """A StaticCache runs the exact fallback: its calls are counted as such, per kind."""
-    model, _, x = _pruned("llama", "uniform")
+    """A cache layer no graph serves (a StaticSlidingWindowLayer) runs the exact fallback: its
+    calls are counted as such, per kind."""
+    model, _, x = _pruned(_qwen2_sliding, "uniform")
     cache = transformers.StaticCache(config=model.config, max_cache_len=16)
     with torch.no_grad():
         model(x, cache=cache, use_cache=True)
@@ -237,16 +249,18 @@ def test_fallback_and_graph_share_one_cache():
     assert all(r.fallback_calls == 1 and r.narrow_calls >= 2 for r in rep), rep
 
 
-def test_static_cache_falls_back_exactly_and_says_why():
-    """A cache class the graphs do not serve (StaticCache) runs the exact fallback, reported."""
-    model, ref, x = _pruned("llama", "uniform")
+def test_static_sliding_window_cache_falls_back_exactly_and_says_why():
+    """A cache layer class the graphs do not serve (StaticSlidingWindowLayer, what a static cache
+    gives a sliding-window model) runs the exact fallback, reported. (A plain StaticCache runs
+    narrow: tests/narrow/test_static_cache.py.)"""
+    model, ref, x = _pruned(_qwen2_sliding, "uniform")
     kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
               output_logits=True, cache_implementation="static")
     got, want = model.generate(x[:1], **kw), ref.generate(x[:1], **kw)
     assert torch.equal(got.sequences, want.sequences)
     assert all(_rel(a, b) <= TOL for a, b in zip(got.logits, want.logits))
     rep = ecospa.execution_report(model)
-    assert all(r.fallback_calls > 0 and any("StaticLayer" in w for w in r.reasons) for r in rep), rep
+    assert all(r.fallback_calls > 0 and any("StaticSlidingWindowLayer" in w for w in r.reasons) for r in rep), rep
 
 
 def test_layers_share_one_capture_though_each_reads_its_own_layer_idx(monkeypatch):

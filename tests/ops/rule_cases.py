@@ -104,6 +104,31 @@ def _kv_append_attn(q, k, v):
     return _merge(F.scaled_dot_product_attention(q, k, v))
 
 
+class ObservedAttn(Attn):
+    """:class:`Attn` whose output projection's input is shown to ``ecospa::observe`` (what a
+    calibration hook puts in a captured region)."""
+
+    def __init__(self):
+        super().__init__(_sdpa_attn)
+
+    def forward(self, x):
+        from ecospa.ops.observe import observe
+
+        h = self.core(self.q(x), self.k(x), self.v(x))
+        return observe(self.o(h), h, self.o.weight)
+
+
+def _kv_write_attn(q, k, v):
+    """SDPA over keys/values written into a static cache's buffer (ecospa::kv_write, as a cached
+    call's capture holds it); the buffer is zeros here, with the dense widths."""
+    from ecospa.ops.cache import kv_write  # noqa: F401  (defines ecospa::kv_write)
+
+    q, k, v = _split(q), _split(k), _split(v)
+    buf, start = torch.zeros(k.shape[0], 2, k.shape[2] + 2, 4), torch.tensor(1)
+    k, v = torch.ops.ecospa.kv_write(buf, k, start), torch.ops.ecospa.kv_write(buf, v, start)
+    return _merge(F.scaled_dot_product_attention(q, k, v))
+
+
 def _softcap(score, b, h, q_idx, kv_idx):  # a score_mod: scalar scores and indices only
     return torch.tanh(score / 4) * 4
 
@@ -400,8 +425,12 @@ CASES: dict[str, Case] = {
     "flex_attention_vo": Case(lambda: (Attn(FlexCore()), _x()), True, "vo", param="v.weight"),
     "flex_attention_captures_q": Case(lambda: (Attn(FlexCore(capture=True)), _x()), False,
                                       reason="captured by the score_mod of flex_attention", param="q.weight"),
+    "observe_vo": Case(lambda: (ObservedAttn(), _x()), True, "vo", param="v.weight"),
+    "observe_qk": Case(lambda: (ObservedAttn(), _x()), True, "qk", param="q.weight"),
     "kv_append_qk": attn(_kv_append_attn),
     "kv_append_vo": attn(_kv_append_attn, "v.weight", "vo"),
+    "kv_write_qk": attn(_kv_write_attn),
+    "kv_write_vo": attn(_kv_write_attn, "v.weight", "vo"),
     "bmm_qk": attn(_bmm_attn),
     "bmm_vo": attn(_bmm_attn, "v.weight", "vo"),
     "baddbmm_qk": attn(_baddbmm_attn),

@@ -5,17 +5,21 @@ captured without gradients, and pruned models are run under ``torch.no_grad``.""
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn as nn
 
 import ecospa
+from ecospa.ops import flex as flex_ops
+from ecospa.ops.flex import run_flex
 from tests.helpers import assert_pruned_equals_masked, param_count
 
 flex = pytest.importorskip("torch.nn.attention.flex_attention")
 
 C, H, HS, T = 32, 4, 16, 16
+FLEX_TARGETS = (torch.ops.higher_order.flex_attention, run_flex)  # the op, or the op compiled
 
 
 def _causal(b, h, q_idx, kv_idx):
@@ -134,14 +138,14 @@ def test_flex_narrow_rule_refuses_heads_left_out_when_score_mod_reads_the_head()
         fwd = installed_forward(model.attn)
         assert isinstance(fwd, RegionForward)
         (entry,) = [e for es in fwd.entries.values() for e in es]
-        flex_nodes = [n for n in entry.gm.graph.nodes if n.target is torch.ops.higher_order.flex_attention]
+        flex_nodes = [n for n in entry.gm.graph.nodes if n.target in FLEX_TARGETS]
         assert len(flex_nodes) == 1
         feeds = [f() for f in entry.feeds]
         shapes = {}
 
         class Spy(torch.fx.Interpreter):
             def call_function(self, target, args, kwargs):
-                if target is torch.ops.higher_order.flex_attention:
+                if target in FLEX_TARGETS:
                     shapes["q"] = tuple(args[0].shape)
                 return super().call_function(target, args, kwargs)
 
@@ -158,3 +162,54 @@ def test_flex_runs_narrow_with_parameters_that_require_grad():
         assert_pruned_equals_masked(model, x, _half_plan(cg), cg=cg)
     (rep,) = ecospa.execution_report(model)
     assert rep.narrow_calls >= 1 and rep.fallback_calls == 0, rep
+
+
+def _flex_targets(model) -> list:
+    """The targets of the flex nodes in the narrow graphs of ``model.attn`` (after a call)."""
+    from ecospa.ir.record import installed_forward
+
+    fwd = installed_forward(model.attn)
+    return [n.target for es in fwd.entries.values() for e in es for n in e.gm.graph.nodes
+            if n.target in FLEX_TARGETS]
+
+
+def test_flex_narrow_graph_calls_the_compiled_kernel_and_is_exact():
+    """The narrow graph's flex node calls ``run_flex``, which runs the op through torch.compile
+    (the fused kernel, as models call flex_attention), not torch's eager reference: exact."""
+    model, x = _model()
+    cg = ecospa.auto_couple(model, x)
+    before = Counter(flex_ops.calls)
+    with torch.no_grad():
+        assert_pruned_equals_masked(model, x, _half_plan(cg), cg=cg, check_inputs=[(torch.randn(3, T, C),)])
+    assert set(_flex_targets(model)) == {run_flex}
+    assert flex_ops.calls["compiled"] >= before["compiled"] + 2, flex_ops.calls
+    assert flex_ops.calls["eager"] == before["eager"], flex_ops.calls
+    (rep,) = ecospa.execution_report(model)
+    assert rep.fallback_calls == 0, rep
+
+
+def test_flex_runs_eagerly_and_exact_when_compiling_is_off_or_fails(monkeypatch):
+    """``COMPILE = False``: the eager op; a compiler failure: one EcospaWarning, then the eager op
+    for that score_mod / mask_mod. Exact either way."""
+    model, x = _model()
+    cg = ecospa.auto_couple(model, x)
+    plan = _half_plan(cg)
+    monkeypatch.setattr(flex_ops, "COMPILE", False)
+    before = Counter(flex_ops.calls)
+    with torch.no_grad():
+        assert_pruned_equals_masked(model, x, plan, cg=cg)
+    assert flex_ops.calls["eager"] > before["eager"] and flex_ops.calls["compiled"] == before["compiled"]
+
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(flex_ops, "COMPILE", True)
+    monkeypatch.setattr(flex_ops, "_EAGER", set())
+    monkeypatch.setattr(flex_ops, "_compiled", lambda: broken)
+    model, x = _model()
+    cg = ecospa.auto_couple(model, x)
+    before = Counter(flex_ops.calls)
+    with pytest.warns(ecospa.EcospaWarning, match="compiling flex_attention failed.*no compiler here"):
+        with torch.no_grad():
+            assert_pruned_equals_masked(model, x, _half_plan(cg), cg=cg, check_inputs=[(torch.randn(3, T, C),)])
+    assert flex_ops.calls["eager"] >= before["eager"] + 2 and flex_ops.calls["compiled"] == before["compiled"]

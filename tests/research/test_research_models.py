@@ -3,8 +3,10 @@
 ``bench/research/setup_venv.sh`` builds, not in the main one).
 
 Asserted: the couplings the config implies are found, pruning half of every coupling's units
-matches the masked dense model, and plain softmax attention runs narrow on the prefill; where the
-library's KV cache decode runs, it matches the masked model too (narrow or not: see the matrix).
+matches the masked dense model, every attention region runs narrow on the prefill (an ALiBi module
+passed as an argument, a FlexAttention BlockMask passed as an argument included); where the
+library's KV cache decode runs, it matches the masked model too (narrow or not: see the matrix);
+``ecospa.save`` / ``ecospa.load`` round-trip (torchtitan's fused-QKV state_dict hooks included).
 """
 from __future__ import annotations
 
@@ -14,11 +16,7 @@ from bench.research.matrix import TOL, run_spec
 from bench.research.models import all_specs
 
 # Known failures (bench/results/research_matrix.md has the reasons): strict, so a fix shows up.
-KNOWN = {
-    "torchtitan llama3 sdpa": "no q.k couplings (aten.view_as_complex has no channel rule in the complex RoPE), and "
-                              "ecospa.save fails in torchtitan's FusedQKVLinear state_dict hook (RuntimeError on a "
-                              "reshape at the dense head counts)",
-}
+KNOWN: dict[str, str] = {}
 FAST = [pytest.param(s, id=s.name, marks=[pytest.mark.xfail(reason=KNOWN[s.name], strict=True)] if s.name in KNOWN else [])
         for s in all_specs() if s.fast]
 
@@ -31,7 +29,7 @@ def test_research_model(spec):
     assert row["couplings_ok"], (row["found"], row["expected"], row["inexact"])
     assert row["exact"], row["rel_err"]
     assert row["params_after"] < row["params"]
-    if spec.plain_softmax:
+    if spec.narrow_prefill:
         assert row["prefill"]["fallback"] == 0 and row["prefill"]["narrow"] > 0, row["prefill"]
     dec = row.get("decode")
     if dec is not None:

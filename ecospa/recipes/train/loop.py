@@ -129,6 +129,7 @@ class Run:
         self.param_trace: list[tuple[int, int]] = [(0, self.params())]
         self.peak_state_bytes = 0
         self.state_bytes_sum = 0
+        self.state_trace: list[tuple[int, int]] = []  # (step, state bytes) where it changes
         self.last_loss = float("nan")
         self.final_val_loss: float | None = None
 
@@ -158,6 +159,8 @@ class Run:
         self.peak_state_bytes = max(self.peak_state_bytes, sb)
         self.state_bytes_sum += sb
         self.steps += 1
+        if not self.state_trace or self.state_trace[-1][1] != sb:
+            self.state_trace.append((self.steps, sb))
         excluded = float(getattr(self.hook, "excluded_seconds", 0.0))
         t2 = time.perf_counter()
         if self.hook is not None:
@@ -199,6 +202,7 @@ class Run:
             "final_state_bytes": self.state_bytes(),
             "history": [asdict(p) for p in self.history],
             "param_trace": [list(t) for t in self.param_trace],
+            "state_trace": [list(t) for t in self.state_trace],
             "hook": info_fn() if info_fn is not None else None,
         }
 

@@ -1,4 +1,5 @@
-"""Training curves as a PNG: validation loss vs step and vs wall clock, parameter count vs step.
+"""Training curves as a PNG: validation loss vs step and vs wall clock, parameter count and training
+memory (weights + gradients + optimizer state) vs step.
 
 Uses matplotlib's non-interactive Agg backend (no display needed).
 """
@@ -34,14 +35,17 @@ def plot_curves(series: Sequence[Mapping], path: str | Path, *, title: str = "")
 
     Each series is a mapping with ``label`` and the run summary fields ``history`` (a list of
     ``{"step", "train_seconds", "val_loss", ...}``) and ``param_trace`` (``[[step, params], ...]``);
-    optional ``band``: ``{"step": [...], "lo": [...], "hi": [...]}`` shaded around the loss.
+    optional ``state_trace`` (``[[step, bytes], ...]``: weights + gradients + optimizer state after
+    each step where it changed; a fourth panel when any series has it) and ``band``: ``{"step":
+    [...], "lo": [...], "hi": [...]}`` shaded around the loss.
     Returns the path written.
 
     Raises:
         ImportError: matplotlib is not installed.
     """
-    fig, axes = pyplot().subplots(1, 3, figsize=(16, 4.6))
-    ax_step, ax_wall, ax_params = axes
+    memory = any(s.get("state_trace") for s in series)
+    fig, axes = pyplot().subplots(1, 4 if memory else 3, figsize=(21 if memory else 16, 4.6))
+    ax_step, ax_wall, ax_params = axes[:3]
     for s in series:
         h = s["history"]
         steps = [p["step"] for p in h]
@@ -57,6 +61,10 @@ def plot_curves(series: Sequence[Mapping], path: str | Path, *, title: str = "")
         xs = [t[0] for t in trace] + [last_step]
         ys = [t[1] / 1e3 for t in trace] + [trace[-1][1] / 1e3]
         ax_params.step(xs, ys, where="post", label=s["label"], lw=1.6, color=line.get_color())
+        mem = s.get("state_trace")
+        if memory and mem:
+            axes[3].step([t[0] for t in mem] + [last_step], [t[1] / 2 ** 20 for t in mem] + [mem[-1][1] / 2 ** 20],
+                         where="post", label=s["label"], lw=1.6, color=line.get_color())
     lo = min((p["val_loss"] for s in series for p in s["history"][1:]), default=None)
     hi = max((p["val_loss"] for s in series for p in s["history"][1:]), default=None)
     for ax in (ax_step, ax_wall):
@@ -73,6 +81,11 @@ def plot_curves(series: Sequence[Mapping], path: str | Path, *, title: str = "")
     ax_wall.set_title("validation loss vs wall clock")
     ax_params.set_title("model size vs step")
     ax_params.legend(fontsize=8)
+    if memory:
+        axes[3].set_xlabel("optimizer step")
+        axes[3].set_ylabel("MiB")
+        axes[3].set_title("training memory: weights + grads + optimizer")
+        axes[3].grid(alpha=0.3)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

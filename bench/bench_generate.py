@@ -2,6 +2,8 @@
 
     python bench/bench_generate.py                      # writes bench/results/generate.{json,md}
     python bench/bench_generate.py --quick              # 2 layers, short prompt: a smoke run
+    python bench/bench_generate.py --cache static --out generate_static   # generate() with a StaticCache
+    python bench/bench_generate.py --plot-only          # redraw generate.png from generate.json
 
 Subjects, built from their configs (random weights, eval, fp32, ``use_cache`` on as the configs
 default): the GPT-2-small shape (``GPT2Config``: 12 layers, width 768, 12 heads, FFN 3072) and a
@@ -57,11 +59,14 @@ def smollm2(layers: int, head_dim: int = 64, ffn: int = 1536):
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
+CACHE: dict = {}  # extra generate() arguments: {"cache_implementation": "static"} with --cache static
+
+
 def _gen(model, x, n: int):
     def run():
         with torch.inference_mode():
             return model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, pad_token_id=0)
+                                  do_sample=False, pad_token_id=0, **CACHE)
     return run
 
 
@@ -186,12 +191,20 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="2 layers, 32-token prompt, 8 new tokens, 2 rounds")
     ap.add_argument("--out", default="generate", help="file stem under bench/results")
+    ap.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
+                    help="the cache generate() uses: its default (dynamic) or cache_implementation='static'")
+    ap.add_argument("--plot-only", action="store_true", help="time nothing: redraw OUT.png from OUT.json")
     a = ap.parse_args(argv)
+    if a.plot_only:
+        print(f"wrote {plot(json.loads((OUT / f'{a.out}.json').read_text()), OUT / f'{a.out}.png')}")
+        return
+    if a.cache == "static":
+        CACHE["cache_implementation"] = "static"
     if a.quick:
         a.layers, a.prompt, a.new_tokens, a.rounds = 2, 32, 8, 2
     torch.set_num_threads(a.threads)
     res = {"command": "python bench/bench_generate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "threads": a.threads, "torch": torch.__version__, "subjects": {}}
+           "threads": a.threads, "torch": torch.__version__, "cache": a.cache, "subjects": {}}
     for name in a.subjects.split(","):
         res["subjects"][name] = subject(name, a)
         print(json.dumps({name: {k: v for k, v in res["subjects"][name].items() if k != "regions"}}, indent=1),
@@ -199,7 +212,41 @@ def main(argv=None) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{a.out}.json").write_text(json.dumps(res, indent=1, default=str))
     (OUT / f"{a.out}.md").write_text(markdown(res))
+    plot(res, OUT / f"{a.out}.png")
     print(markdown(res))
+
+
+def plot(res: dict, path: Path) -> Path:
+    """Bars of decode and prefill speed against dense (wall clock), one group per subject."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    subjects = list(res["subjects"])
+    fig, axes = plt.subplots(1, len(subjects), figsize=(6.5 * len(subjects), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], subjects):
+        row = res["subjects"][name]
+        variants = [k for k in row["decode_speedup_vs_dense"] if k != "dense"]
+        xs = range(len(variants))
+        dec = [row["decode_speedup_vs_dense"][k] for k in variants]
+        pre = [row["prefill_speedup_vs_dense"][k] for k in variants]
+        ax.bar([x - 0.2 for x in xs], dec, width=0.4, label="decode tokens/s")
+        ax.bar([x + 0.2 for x in xs], pre, width=0.4, label="prefill")
+        for x, v in zip(xs, dec):
+            ax.text(x - 0.2, v + 0.02, f"{v:.2f}x", ha="center", fontsize=8)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(list(xs), variants)
+        ax.set_ylabel("speed vs dense (wall clock)")
+        ax.set_title(f"{name}: batch {row['batch']}, prompt {row['prompt']}, {row['new_tokens']} new")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"generate() with the {res.get('cache', 'dynamic')} KV cache, half of every coupling removed")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

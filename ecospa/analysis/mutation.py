@@ -10,9 +10,10 @@ written value varies, at every position of the others: a cache holds the same ch
 position it was written).
 
 Writing channels into a buffer or tensor attribute of the model, or a graph input (a KV cache
-that research code keeps in a module buffer) is exact at any width: the narrow graph writes into
-it at its dense width, zeros at the removed positions as in the masked dense model, and gathers
-the kept positions where it is read (``ecospa.ops.inplace``, ``ecospa.narrow.stored``). Writing
+that research code keeps in a module buffer) is exact at any width: the narrow graph stores such
+a module buffer at the kept widths, or (another tensor, or with ``ECOSPA_NARROW_BUFFER_CACHES=dense``)
+writes it at its dense width, zeros at the removed positions as in the masked dense model, and
+gathers the kept positions where it is read (``ecospa.ops.inplace``, ``ecospa.narrow.stored``). Writing
 them into a parameter or a tensor created in the forward keeps a pruned model from running at the
 smaller width: those labels are poisoned with the reason. A write the chain cannot be
 followed through loses its labels with the reason (``LabelSpace.lose``). An in-place op on a
@@ -110,8 +111,8 @@ def _storage(ctx: Ctx, base: torch.fx.Node) -> str | None:
 
 
 def _stored(ctx: Ctx, base: torch.fx.Node) -> bool:
-    """A buffer (or tensor attribute) of the model, or a graph input: it keeps its dense width and
-    the narrow graph writes into it dense and gathers its reads (``ecospa.narrow.stored``), so
+    """A buffer (or tensor attribute) of the model, or a graph input: the narrow graph stores it at
+    the kept widths or writes it dense and gathers its reads (``ecospa.narrow.stored``), so
     removing the written channels stays exact and runs narrow (a KV cache in a module buffer)."""
     return base.op == "placeholder" and base.name not in ctx.captured.params
 

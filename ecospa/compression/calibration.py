@@ -273,12 +273,14 @@ class _Grams:
 
     def _hook(self, pname: str, attr: str):
         def hook(mod, args, out):
-            if not args or not isinstance(args[0], torch.Tensor) or is_unobserved():
+            if not args or not isinstance(args[0], torch.Tensor):
                 return None
             if torch.compiler.is_compiling():  # a region being captured: its narrow graph will tell
                 w = getattr(mod, attr, None)
                 if isinstance(out, torch.Tensor) and isinstance(w, torch.Tensor):
                     return observe(out, args[0], w)
+                return None
+            if is_unobserved():  # a check or probe run of ecospa's own, not a call of the model
                 return None
             x = args[0].detach()
             n_in, where = self._n_in[pname], self._where[pname]
@@ -389,7 +391,7 @@ def calibrate(model: nn.Module, couplings: Sequence[Coupling], batches: Sequence
                     if p.grad is None:
                         continue
                     other = [d for d in range(p.dim()) if d != dim]
-                    wg = p.detach() * p.grad  # float32 product, float64 sum: the products are exact to 1e-7
+                    wg = p.detach().float() * p.grad.float()  # float32 product (no copy of fp32), float64 sum
                     chan[(pname, dim)] = wg.sum(other, dtype=torch.float64) if other else wg.double()
                 for c in couplings:
                     v = torch.zeros(c.width, dtype=torch.float64)

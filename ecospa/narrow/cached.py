@@ -46,10 +46,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import sys
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+import sympy
 import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
@@ -229,6 +232,8 @@ class KVEntry(Entry):
     past: tuple | None = None  # ``_past_plan`` of the program, once computed
     kind: LayerKind | None = None  # the kind of cache layer the graph reads and writes
     length: int | tuple | None = None  # ``_length_plan``: the number of new entries of a call
+    past_range: tuple | None = None  # ``_past_range`` of the program, once computed (``()``: none)
+    fits: dict = dataclasses.field(default_factory=dict)  # input shapes -> guard of all but the past length
 
 
 # ----------------------------------------------------------------------------- the shim
@@ -258,6 +263,9 @@ class CachedGraphs:
         self.region, self.kv, self.parts = region, kv, parts
         self.layer_idx: int | None = None
         self.why: str | None = None  # why this module's calls cannot be served at all
+        self._last: tuple | None = None  # (weak reference to the last cache, its stored layouts)
+        # (keys bytes, values bytes, layout) of the layer after the last call served here
+        self.last_bytes: tuple | None = None
 
     # ------------------------------------------------------------- per call
     def __call__(self, cache, args: tuple, kwargs: dict):
@@ -293,7 +301,8 @@ class CachedGraphs:
         if isinstance(kind, str):
             raise NotServed(kind)
         seq = kind.seq(layer)
-        stored = self.kv.narrow_layers.get(cache, {}).get(idx)
+        layers = self._stored_layers(cache)
+        stored = layers.get(idx) if layers is not None else None
         if seq and stored is None:
             raise NotServed("the cache already held dense entries for this layer")
         if stored is None and kind.preallocated(layer):
@@ -327,39 +336,77 @@ class CachedGraphs:
         flat = entry.gm(*[f() for f in entry.feeds], *tensors, *past)
         out, k_all, v_all = _output(entry.program, flat)
         entry.kind.store(layer, k_all, v_all, past, t)
-        self.kv.narrow_layers.setdefault(cache, {})[idx] = entry.lay
+        if layers is None:
+            layers = self._stored_layers(cache, create=True)
+        layers[idx] = entry.lay
         self.kv.stored += 1
         entry.calls += 1
+        keys, values = layer.keys, layer.values
+        self.last_bytes = (keys.numel() * keys.element_size(), values.numel() * values.element_size(), entry.lay)
         return out
+
+    def _stored_layers(self, cache, create: bool = False) -> dict | None:
+        """``kv.narrow_layers[cache]`` (``{layer index: layout}``; created when ``create``), with
+        the last cache remembered by a weak reference (its dict lives as long as the cache: the
+        entry of ``narrow_layers`` is only created, never replaced)."""
+        last = self._last
+        if last is not None and last[0]() is cache:
+            return last[1]
+        layers = self.kv.narrow_layers.setdefault(cache, {}) if create else self.kv.narrow_layers.get(cache)
+        if layers is not None:
+            self._last = (weakref.ref(cache), layers)
+        return layers
 
     def _fits(self, v: KVEntry, tensors, kind: LayerKind, past_len: int) -> bool:
         """True when entry ``v`` serves a call with ``tensors`` and past tensors ``past_len``
         long: the capture's guards hold for the inputs and for dense past tensors of that length
-        (and the other inputs of ``kind``)."""
+        (and the other inputs of ``kind``). Where the past length is a size of its own (a symbol
+        no other size mentions: :func:`_past_range`), the guard of the rest is remembered per
+        input shapes and the past length is checked against its range alone (the same answer)."""
         if v.past is None:
             v.past = _past_plan(v.program, kind.n_extra) or ()
         if not v.past:
             return False
+        if v.past_range is None:
+            v.past_range = _past_range(v.program, kind.n_extra)
+        if not v.past_range:
+            return v.state_ok() and self._guard(v, tensors, kind, past_len)
+        lo, hi = v.past_range
+        if not lo <= past_len <= hi:
+            return False
+        key = tuple([t.shape for t in tensors])
+        ok = v.fits.get(key)
+        if ok is None:
+            if len(v.fits) >= _FITS_MEMO:
+                v.fits.clear()
+            ok = v.fits[key] = self._guard(v, tensors, kind, lo)
+        return ok and v.state_ok()
+
+    @staticmethod
+    def _guard(v: KVEntry, tensors, kind: LayerKind, past_len: int) -> bool:
+        """:meth:`Program.guard` of ``v`` for the inputs and dense past tensors ``past_len`` long."""
         plans, dtypes = v.past
         shapes = _plan_shapes(plans, tensors, past_len)
         extras = [t.shape for t in kind.examples(None)]
         try:
-            ok = v.program.guard([*tensors, *(_Shaped(s) for s in (*shapes, *extras))])
+            return v.program.guard([*tensors, *(_Shaped(s) for s in (*shapes, *extras))])
         except (AttributeError, TypeError):  # a guard that reads more than shapes: shape-only tensors
             metas = [torch.empty(s, device="meta", dtype=d) for s, d in zip(shapes, dtypes)]
-            ok = v.program.guard([*tensors, *metas, *(t.to("meta") for t in kind.examples(None))])
-        return ok and v.state_ok()
+            return v.program.guard([*tensors, *metas, *(t.to("meta") for t in kind.examples(None))])
 
     def _past(self, entry: KVEntry, layer, tensors, t: int | None) -> tuple:
         """The graph's extra inputs for a call (past keys and values at the kept widths, ...),
-        read from ``layer`` (``LayerKind.feed``)."""
+        read from ``layer`` (``LayerKind.feed``; the narrow past shapes computed only where the
+        kind asks for them)."""
         if entry.past is None:
             entry.past = _past_plan(entry.program, entry.kind.n_extra) or ()
         plans, dt = entry.past
-        dense = _plan_shapes(plans, tensors, entry.kind.past_len(layer))
         dev = tensors[0].device if tensors else None
-        shapes = [_narrow_shape(ix, s) for ix, s in zip(entry.lay, dense)]
-        return entry.kind.feed(layer, shapes, list(dt), dev, t)
+
+        def shapes() -> list[tuple]:
+            dense = _plan_shapes(plans, tensors, entry.kind.past_len(layer))
+            return [_narrow_shape(ix, s) for ix, s in zip(entry.lay, dense)]
+        return entry.kind.feed(layer, shapes, dt, dev, t)
 
     # ------------------------------------------------------------- building
     def _run_probe(self, cache, args, kwargs) -> _Probe | str:
@@ -368,7 +415,7 @@ class CachedGraphs:
         probe = _Probe(inner_cache(cache))
         a, k = _with(cache, probe, args, kwargs)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), unobserved():  # a probe, not a call: statistics hooks skip it
                 self.parts.fallback(*a, **k)
         except ProbeStop:
             pass
@@ -595,6 +642,31 @@ class _Shaped:
 
     def dim(self) -> int:
         return len(self.shape)
+
+
+_FITS_MEMO = 64  # input shapes remembered per entry by ``CachedGraphs._fits``
+
+
+def _past_range(program: Program, n_extra: int) -> tuple:
+    """``(lowest, highest)`` past length :meth:`Program.guard` accepts where the past keys' and
+    values' length (dim 2) is a symbol each that no other size of the graph's inputs mentions
+    (their guard is then that range alone, whatever the other sizes); ``()`` where not."""
+    shapes = program.input_shapes
+    first = len(shapes) - n_extra
+    past = shapes[first:first + 2]
+    if len(past) != 2 or any(len(s) != 4 for s in past):
+        return ()
+    syms = {past[0][2], past[1][2]}
+    if not all(isinstance(sym, sympy.Symbol) for sym in syms):
+        return ()
+    for i, shape in enumerate(shapes):
+        for d, size in enumerate(shape):
+            if d == 2 and first <= i < first + 2:
+                continue
+            if syms & set(getattr(size, "free_symbols", ())):
+                return ()
+    return (max(program.lower.get(sym, 0) for sym in syms),
+            min(program.upper.get(sym, sys.maxsize) for sym in syms))
 
 
 def _past_plan(program: Program, n_extra: int = 2) -> tuple | None:

@@ -124,8 +124,9 @@ class LayerKind:
         """The stand-in for the check: ``extras`` with the past grown to the dense widths."""
         raise NotImplementedError
 
-    def feed(self, layer, shapes: list[tuple], dtypes: list, device, t: int | None) -> tuple:
-        """The extra inputs of a call: past keys and values at ``shapes`` (narrow), and the rest.
+    def feed(self, layer, shapes: Callable[[], list[tuple]], dtypes: list, device, t: int | None) -> tuple:
+        """The extra inputs of a call: past keys and values at ``shapes()`` (narrow: computed only
+        where needed), and the rest.
 
         Raises:
             NotServed: the layer's tensors do not fit the graph (the reason is the message).
@@ -172,7 +173,7 @@ class Appended(LayerKind):
     def feed(self, layer, shapes, dtypes, device, t) -> tuple:
         if self.past_len(layer):
             return layer.keys, layer.values
-        return _zeros(shapes, dtypes, device)
+        return _zeros(shapes(), dtypes, device)
 
     def store(self, layer, k_all, v_all, past, t) -> None:
         if not layer.is_initialized:
@@ -236,6 +237,7 @@ class Written(LayerKind):
         return DenseCache(lambda k, v: (kv_write(bk, k, start), kv_write(bv, v, start)), start)
 
     def feed(self, layer, shapes, dtypes, device, t) -> tuple:
+        shapes = shapes()
         if not layer.is_initialized:  # allocate the layer's buffers at the kept widths
             empty = [torch.empty((s[0], s[1], 0, s[3]), dtype=d, device=device) for s, d in zip(shapes, dtypes)]
             layer.lazy_initialization(*empty)

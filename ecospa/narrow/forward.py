@@ -33,7 +33,7 @@ from ecospa.narrow.kvcache import KVNarrower, find_cache
 from ecospa.narrow.positions import analyse
 from ecospa.narrow.program import (CallNotServable, Program, Signature, export_call, held_modules,
                                   placeholder_feeds, signature)
-from ecospa.ops.observe import unobserved
+from ecospa.ops.observe import observed, unobserved
 from ecospa.narrow.entry import LADDER, MAX_VARIANTS, Entry, Refusal, is_random, outputs_close
 from ecospa.narrow.rewrite import rewrite
 from ecospa.narrow import stored
@@ -180,7 +180,8 @@ class RegionForward(EcospaForward):
         state = dict(self.__dict__)
         # root left out: pickling one module must not take the whole model along (a copy gets its
         # own in __deepcopy__; an unpickled one serves module arguments on the fallback)
-        state.update(entries={}, refused=Counter(), cache_refused=Counter(), kv_bytes=None, cache=ProgramCache(),
+        state.update(entries={}, refused=Counter(), cache_refused=Counter(), _kv_bytes=None, _kv_sizes=None,
+                     cache=ProgramCache(),
                      _subtree=None, _kv=None, _flows={}, root=None)
         return state
 
@@ -288,8 +289,25 @@ class RegionForward(EcospaForward):
             self.refused[str(e)] += 1
             self.cache_refused[self._cache_kind(cache)] += 1
             out = kv(cache, args, kwargs)
-        self._count_bytes(cache)
+            self._count_bytes(cache)
+            return out
+        self._kv_sizes = kv.graphs.last_bytes  # kv_bytes from these when read
         return out
+
+    @property
+    def kv_bytes(self) -> tuple[int, int] | None:
+        """``(dense, stored)`` bytes of this module's cache layer after its last call with a cache
+        (or of the buffers its narrow graph stores at the kept widths)."""
+        sizes = self.__dict__.get("_kv_sizes")
+        if sizes is not None:
+            self.__dict__["_kv_bytes"] = _layer_bytes(*sizes)
+            self._kv_sizes = None
+        return self.__dict__.get("_kv_bytes")
+
+    @kv_bytes.setter
+    def kv_bytes(self, value: tuple[int, int] | None) -> None:
+        self._kv_sizes = None
+        self.__dict__["_kv_bytes"] = value
 
     def _layer(self, cache):
         """This module's layer of ``cache`` (its index learnt by the first narrow call), or None."""
@@ -315,12 +333,7 @@ class RegionForward(EcospaForward):
         if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
             return
         lay = self.kv.narrow_layers.get(cache, {}).get(idx, ("dense", "dense"))
-        stored = dense = 0
-        for t, ix in zip((keys, values), lay):
-            n = t.numel() * t.element_size()
-            stored += n
-            dense += round(n / ix.fraction) if hasattr(ix, "fraction") and ix.fraction else n
-        self.kv_bytes = (dense, stored)
+        self.kv_bytes = _layer_bytes(keys.numel() * keys.element_size(), values.numel() * values.element_size(), lay)
 
     def _check_held(self, sig: Signature) -> None:
         """Raise :class:`CallNotServable` unless every module ``sig`` holds is a submodule of the
@@ -441,6 +454,8 @@ class RegionForward(EcospaForward):
                 graphs.append(rewrite(program, layout, kept, consts))
             if any(stored.slots(g) for g in graphs):
                 return None  # one buffer cannot be stored at each group's widths
+            if any(n.target is observed for g in graphs for n in g.graph.nodes):
+                return None  # an observer must see the whole input of a module, not one group's
             gm = GroupSum(graphs, [()] + [slots] * (len(graphs) - 1))
         except NarrowError:
             return None
@@ -527,6 +542,16 @@ class RegionForward(EcospaForward):
             finally:
                 _restore(live_written, live_saved)
         return problem
+
+
+def _layer_bytes(keys: int, values: int, lay: tuple) -> tuple[int, int]:
+    """``(dense, stored)`` bytes of a cache layer holding ``keys`` and ``values`` bytes at the
+    ``(keys, values)`` layout ``lay`` (``KVIndex`` or a string: stored dense)."""
+    stored = dense = 0
+    for n, ix in zip((keys, values), lay):
+        stored += n
+        dense += round(n / ix.fraction) if hasattr(ix, "fraction") and ix.fraction else n
+    return dense, stored
 
 
 def _restore(tensors, saved) -> None:

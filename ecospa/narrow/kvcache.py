@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 
 from ecospa.ops import runtime as ops
+from ecospa.ops.observe import unobserved
 from ecospa.ir.record import installed_forward
 
 __all__ = ["KVNarrower", "find_cache", "KVIndex", "ProbeStop"]
@@ -223,7 +224,7 @@ class KVNarrower:
         try:
             for a in adapters:
                 a.poison = True
-            with torch.no_grad():
+            with torch.no_grad(), unobserved():  # a probe, not a call: statistics hooks skip it
                 self.fallback(*args, **kwargs)
         except ProbeStop:
             pass

@@ -139,13 +139,38 @@ def _interned(spec: pytree.TreeSpec) -> pytree.TreeSpec:
     return hit
 
 
+def _leaf(v: Any) -> bool:
+    return v is None or type(v) is torch.Tensor or isinstance(v, _SIMPLE)
+
+
+def _shallow(v: Any) -> Any:
+    """The structure key of one argument for :func:`_flatten`'s fast path: ``True``/``False`` for
+    a leaf (None or not), ``(type, None flags)`` for a plain tuple or list of leaves (Hugging Face's
+    ``position_embeddings``), ``_DEEP`` for anything else."""
+    if _leaf(v):
+        return v is None
+    kind = type(v)
+    if (kind is tuple or kind is list) and all(_leaf(x) for x in v):
+        return kind, tuple(x is None for x in v)
+    return _DEEP
+
+
+_DEEP = object()
+
+
 def _flatten(args: tuple, kwargs: dict) -> tuple[list, pytree.TreeSpec]:
     """``pytree.tree_flatten((args, kwargs))`` with an interned spec; calls whose arguments are
-    all leaves (tensors, plain values) take a fast path that does not walk a pytree."""
-    if all(a is None or type(a) is torch.Tensor or isinstance(a, _SIMPLE) for a in args) and all(
-            v is None or type(v) is torch.Tensor or isinstance(v, _SIMPLE) for v in kwargs.values()):
-        key = (tuple(a is None for a in args), tuple((k, v is None) for k, v in kwargs.items()))
-        leaves = [*args, *kwargs.values()]
+    leaves (tensors, plain values) or plain tuples/lists of leaves take a fast path that does
+    not walk a pytree (checked once per structure against ``tree_flatten``: same leaves, same
+    order)."""
+    key = (tuple(_shallow(a) for a in args), tuple((k, _shallow(v)) for k, v in kwargs.items()))
+    if not any(k is _DEEP for k in key[0]) and not any(k is _DEEP for _, k in key[1]):
+        leaves = []
+        for v in (*args, *kwargs.values()):
+            if type(v) is tuple or type(v) is list:
+                leaves.extend(v)
+            else:
+                leaves.append(v)
         if key not in _FLAT_SPECS:
             full, spec = pytree.tree_flatten((args, kwargs))
             same = len(full) == len(leaves) and all(a is b for a, b in zip(full, leaves))

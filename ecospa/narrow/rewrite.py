@@ -22,7 +22,7 @@ from ecospa.narrow.positions import Layout
 from ecospa.narrow.program import Program
 from ecospa.ops.registry import NarrowError, spec
 from ecospa.ops.inplace import store_write
-from ecospa.analysis.mutation import written_arg
+from ecospa.analysis.mutation import base_of, written_arg
 from ecospa.narrow import stored
 from ecospa.narrow.stored import read_stored, stored_nodes
 from ecospa.capture.export import module_of
@@ -48,6 +48,8 @@ class Builder:
         # and tensors kept at their dense width (``stored``: gathered where read)
         self.stored: frozenset[torch.fx.Node] = frozenset()
         self.narrow_stored: frozenset[torch.fx.Node] = frozenset()
+        # the new placeholder of each parameter, before any padding (``env`` may hold a padded copy)
+        self.raw: dict[torch.fx.Node, torch.fx.Node] = {}
         self.slots: list[stored.BufferSlot] = []
 
     # --------------------------------------------------------------------- queries
@@ -237,6 +239,7 @@ def rewrite(program: Program, layout: Layout, kept: Mapping[str, Mapping[int, np
             if node.op == "placeholder":
                 new = b.graph.placeholder(node.name)
                 new.meta["val"] = node.meta.get("val")
+                b.raw[node] = new
                 kind = kinds[node]
                 if node in narrow_roots:  # a buffer stored at the kept widths: fed narrow
                     b.slots.append(stored.BufferSlot(narrow_roots[node], kind[1], b.shape(node),
@@ -270,6 +273,7 @@ def rewrite(program: Program, layout: Layout, kept: Mapping[str, Mapping[int, np
         except NarrowError as e:
             raise NarrowError(f"{e} at {node.format_node()} in module "
                               f"{module_of(node) or '<root>'!r}") from None
+    _shared_gathers(b)
     root = nn.Module()
     for name, t in b.buffers.items():
         root.register_buffer(name, t, persistent=False)
@@ -278,6 +282,47 @@ def rewrite(program: Program, layout: Layout, kept: Mapping[str, Mapping[int, np
     if b.slots:
         gm.meta[stored.META] = tuple(b.slots)
     return gm
+
+
+def _shared_gathers(b: Builder) -> None:
+    """One gather per (tensor, dim, positions): the rule of each elementwise op gathers its own
+    copy of a shared operand (the rotary ``cos``/``sin`` tables of the queries and of the keys,
+    at the same kept channels); later copies are replaced by the first and their index buffers
+    dropped. ``ops.gather`` is pure, so the graph computes the same; a gather of a tensor the
+    graph writes in place (through any view or write result of it) is left alone (the copies
+    may read it before and after a write)."""
+    seen: dict[tuple, torch.fx.Node] = {}
+    written = {_storage_root(n.args[k]) for n in b.graph.nodes if (k := written_arg(n)) is not None}
+    for node in list(b.graph.nodes):
+        if node.op != "call_function" or node.target is not ops.gather:
+            continue
+        x, dim, index, ndim = node.args
+        if _storage_root(x) in written:
+            continue
+        if not isinstance(index, torch.fx.Node) or index.op != "get_attr" or index.target not in b.buffers:
+            continue
+        t = b.buffers[index.target]
+        key = (x, dim, ndim, tuple(t.shape), t.numpy().tobytes())
+        first = seen.setdefault(key, node)
+        if first is node:
+            continue
+        node.replace_all_uses_with(first)
+        b.graph.erase_node(node)
+        if not index.users:
+            b.graph.erase_node(index)
+            del b.buffers[index.target]
+
+
+def _storage_root(node):
+    """The tensor whose storage ``node`` shares: back through views and in-place writes (which
+    return the tensor they write)."""
+    while isinstance(node, torch.fx.Node):
+        _, node = base_of(node)
+        k = written_arg(node) if isinstance(node, torch.fx.Node) else None
+        if k is None:
+            return node
+        node = node.args[k]
+    return node
 
 
 def _plan_stored(b: Builder, program: Program) -> None:

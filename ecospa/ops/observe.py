@@ -15,6 +15,7 @@ Channel rule: the output carries the labels of ``out``; ``x`` and ``weight`` are
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Callable, Iterator
 
 import numpy as np
@@ -31,8 +32,16 @@ aten = torch.ops.aten
 #: entries (None: ``x`` has the width the module's own forward would see).
 Observer = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
 
-_ACTIVE: list[Observer] = []
-_MUTED = [0]
+class _State(threading.local):
+    """Per thread: the active observers and the depth of :func:`unobserved` blocks (a check in
+    one thread must not mute, or feed, another thread's observers)."""
+
+    def __init__(self) -> None:
+        self.active: list[Observer] = []
+        self.muted = 0
+
+
+_STATE = _State()
 
 
 @contextlib.contextmanager
@@ -40,34 +49,34 @@ def unobserved() -> Iterator[None]:
     """Calls made in the block are checks of ecospa's own (a new narrow graph against the exact
     path), not calls of the model: observers are not told, and hooks that gather statistics
     should skip them (:func:`is_unobserved`), or the call that follows would count twice."""
-    _MUTED[0] += 1
+    _STATE.muted += 1
     try:
         yield
     finally:
-        _MUTED[0] -= 1
+        _STATE.muted -= 1
 
 
 def is_unobserved() -> bool:
     """True inside :func:`unobserved`."""
-    return _MUTED[0] > 0
+    return _STATE.muted > 0
 
 
 @contextlib.contextmanager
 def observing(fn: Observer) -> Iterator[None]:
     """Hand ``fn`` every input that an ``observe`` op of a narrow graph sees, while in the block."""
-    _ACTIVE.append(fn)
+    _STATE.active.append(fn)
     try:
         yield
     finally:
-        _ACTIVE.remove(fn)
+        _STATE.active.remove(fn)
 
 
 def observed(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
              positions: torch.Tensor | None = None) -> torch.Tensor:
     """What the narrow graph runs: tell the active observers, return ``out`` itself."""
-    if _MUTED[0]:
+    if _STATE.muted or not _STATE.active:
         return out
-    for fn in tuple(_ACTIVE):
+    for fn in tuple(_STATE.active):
         fn(weight, x, positions)
     return out
 
@@ -117,4 +126,6 @@ def _observe_narrow(b, node: torch.fx.Node):
             raise NarrowError("an observed module input is narrowed per head (ragged padding)")
         positions = b.index(np.asarray(n.index))
     b.zero[node] = b.zero.get(out, True)
-    return b.call(observed, (b.env[out], b.env[x], b.env[weight], positions))
+    # the parameter as the model holds it (its placeholder, not a copy padded for ragged heads):
+    # observers know it by identity
+    return b.call(observed, (b.env[out], b.env[x], b.raw.get(weight, b.env[weight]), positions))

@@ -333,12 +333,19 @@ class CachedGraphs:
             raise NotServed("the cache holds this layer at the fallback's layout")
         t = _length(entry.length, tensors)
         past = self._past(entry, layer, tensors, t)
-        flat = entry.gm(*[f() for f in entry.feeds], *tensors, *past)
-        out, k_all, v_all = _output(entry.program, flat)
-        entry.kind.store(layer, k_all, v_all, past, t)
         if layers is None:
             layers = self._stored_layers(cache, create=True)
-        layers[idx] = entry.lay
+        layers[idx] = entry.lay  # (feeding may have allocated the layer at the kept widths)
+        try:
+            flat = entry.gm(*[f() for f in entry.feeds], *tensors, *past)
+        except Exception as e:  # a graph that cannot run this call must cost speed, never the forward
+            entry.gm, entry.refusal = None, Refusal.BUG
+            entry.reason = f"the narrow graph failed on a later call: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            log.warning("ecospa: %s: %s; calls with a cache run on the exact fallback from now on. Please "
+                        "report this with the model.", self.region.path or "<root>", entry.reason)
+            raise NotServed(entry.reason) from None
+        out, k_all, v_all = _output(entry.program, flat)
+        entry.kind.store(layer, k_all, v_all, past, t)
         self.kv.stored += 1
         entry.calls += 1
         keys, values = layer.keys, layer.values

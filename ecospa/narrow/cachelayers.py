@@ -59,7 +59,8 @@ class TraceCache:
 
     def get_seq_length(self, *args, **kwargs):
         if self.length is None:
-            raise CallNotServable("the module reads cache.get_seq_length() of a static cache")
+            raise CallNotServable("the module reads cache.get_seq_length() of a sliding-window layer (its "
+                                  "cumulative length, which the graph does not hold)")
         return self.length
 
     def __getattr__(self, name):
@@ -198,6 +199,12 @@ class Windowed(Appended):
 
     def seq(self, layer) -> int:
         return int(layer.cumulative_length)
+
+    def trace(self, extras) -> TraceCache:
+        # the layer's get_seq_length() is its cumulative length, not the length of the window the
+        # graph holds: a module that asks for it is not served (the capture raises)
+        pk, pv = extras
+        return TraceCache(lambda k, v: (kv_append(pk, k), kv_append(pv, v)), None)
 
     def store(self, layer, k_all, v_all, past, t) -> None:
         if not layer.is_initialized:

@@ -22,7 +22,7 @@ from ecospa.narrow.positions import Layout
 from ecospa.narrow.program import Program
 from ecospa.ops.registry import NarrowError, spec
 from ecospa.ops.inplace import store_write
-from ecospa.analysis.mutation import base_of, written_arg
+from ecospa.analysis.mutation import written_arg
 from ecospa.narrow import stored
 from ecospa.narrow.stored import read_stored, stored_nodes
 from ecospa.capture.export import module_of
@@ -288,17 +288,17 @@ def _shared_gathers(b: Builder) -> None:
     """One gather per (tensor, dim, positions): the rule of each elementwise op gathers its own
     copy of a shared operand (the rotary ``cos``/``sin`` tables of the queries and of the keys,
     at the same kept channels); later copies are replaced by the first and their index buffers
-    dropped. ``ops.gather`` is pure, so the graph computes the same; a gather of a tensor the
-    graph writes in place (through any view or write result of it) is left alone (the copies
-    may read it before and after a write)."""
+    dropped. ``ops.gather`` is pure, so the graph computes the same. A graph that writes any
+    tensor in place is left as it is: a copy may read a tensor before a write and the other after
+    it, and aliases an op's schema does not declare (the pieces of a ``split``) cannot all be
+    followed."""
     seen: dict[tuple, torch.fx.Node] = {}
-    written = {_storage_root(n.args[k]) for n in b.graph.nodes if (k := written_arg(n)) is not None}
+    if any(written_arg(n) is not None for n in b.graph.nodes):
+        return
     for node in list(b.graph.nodes):
         if node.op != "call_function" or node.target is not ops.gather:
             continue
         x, dim, index, ndim = node.args
-        if _storage_root(x) in written:
-            continue
         if not isinstance(index, torch.fx.Node) or index.op != "get_attr" or index.target not in b.buffers:
             continue
         t = b.buffers[index.target]
@@ -311,18 +311,6 @@ def _shared_gathers(b: Builder) -> None:
         if not index.users:
             b.graph.erase_node(index)
             del b.buffers[index.target]
-
-
-def _storage_root(node):
-    """The tensor whose storage ``node`` shares: back through views and in-place writes (which
-    return the tensor they write)."""
-    while isinstance(node, torch.fx.Node):
-        _, node = base_of(node)
-        k = written_arg(node) if isinstance(node, torch.fx.Node) else None
-        if k is None:
-            return node
-        node = node.args[k]
-    return node
 
 
 def _plan_stored(b: Builder, program: Program) -> None:

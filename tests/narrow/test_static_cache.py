@@ -199,3 +199,33 @@ def test_kv_write_op_and_its_gradient():
     assert torch.autograd.gradcheck(lambda b, n: kv_write(b, n, start), (buf, new))
     held = buf.detach().clone()
     assert kv_write_into(held, new.detach(), start) is held and torch.equal(held, out.detach())
+
+
+def test_a_module_asking_a_sliding_layer_its_length_runs_the_fallback():
+    """A ``DynamicSlidingWindowLayer`` answers ``get_seq_length()`` with its cumulative length,
+    which the narrow graph does not hold (it holds the window): an attention that asks is not
+    served by a graph (it would see the window's length), and runs the exact fallback, saying so."""
+
+    class AsksLength(transformers.models.qwen2.modeling_qwen2.Qwen2Attention):
+        def forward(self, hidden_states, *args, **kwargs):
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if cache is not None:  # what an attention offsetting its positions by the cache would read
+                hidden_states = hidden_states + 0.0 * cache.get_seq_length(self.layer_idx)
+            return super().forward(hidden_states, *args, **kwargs)
+
+    torch.manual_seed(0)
+    model = _qwen2_sliding(max_window_layers=1).eval()
+    model.model.layers[1].self_attn.__class__ = AsksLength
+    x = torch.randint(3, 100, (1, 9))
+    cg = ecospa.auto_couple(model, {"input_ids": x})
+    plan = _plan(cg, "uniform", random.Random(0))
+    ref = masked_copy(model, plan_units(plan))
+    ecospa.prune(model, plan, couplings=cg)
+    kw = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True,
+              output_logits=True, pad_token_id=0)
+    got, want = model.generate(x, **kw), ref.generate(x, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    assert all(_rel(a, b) <= TOL for a, b in zip(got.logits, want.logits))
+    sliding = [r for r in ecospa.execution_report(model) if r.path == "model.layers.1.self_attn"]
+    assert sliding and sliding[0].narrow_calls == 0, sliding
+    assert any("get_seq_length() of a sliding-window layer" in w for w in sliding[0].reasons), sliding[0].reasons

@@ -253,6 +253,7 @@ class _Grams:
         self._where: dict[str, torch.Tensor] = {}  # (dense width,) current column of each dense one, -1: removed
         self._kept: dict[str, torch.Tensor] = {}  # (n_in,) dense position of each current column
         self._by_ptr: dict[int, str] = {}
+        self._cols: dict[tuple[str, int], tuple] = {}  # (consumer, id of a positions buffer) -> _columns
         self._mods: dict[str, tuple[nn.Module, str]] = {}
         for pname, cons in consumers.items():
             w = params[pname]
@@ -299,14 +300,28 @@ class _Grams:
             return
         x = x.detach()
         if positions is not None:
-            n_in = self._n_in[pname]
-            cols = self._where[pname].to(positions.device)[positions]
-            if not (cols.numel() == n_in and bool((cols == torch.arange(n_in, device=cols.device)).all())):
-                keep = cols >= 0
-                full = x.new_zeros(x.shape[:-1] + (n_in,))
-                full[..., cols[keep]] = x[..., keep]
+            cols = self._columns(pname, positions)
+            if cols is not None:  # x's columns are not the weight's, in order: scatter them there
+                src, dst = cols
+                full = x.new_zeros(x.shape[:-1] + (self._n_in[pname],))
+                full[..., dst] = x[..., src]
                 x = full
         self.add(pname, x)
+
+    def _columns(self, pname: str, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(x columns, weight columns)`` of the kept inputs for a narrow input with dense
+        ``positions``; None when they are the weight's columns in order. Computed once per
+        (consumer, index buffer of the graph): the same for every sample."""
+        key = (pname, id(positions))
+        hit = self._cols.get(key)
+        if hit is None or hit[0] is not positions:
+            n_in = self._n_in[pname]
+            cols = self._where[pname].to(positions.device)[positions]
+            same = cols.numel() == n_in and bool((cols == torch.arange(n_in, device=cols.device)).all())
+            keep = cols >= 0
+            hit = (positions, None if same else (torch.nonzero(keep).flatten(), cols[keep]))
+            self._cols[key] = hit  # (the buffer itself kept: its id stays its own)
+        return hit[1]
 
     def add(self, pname: str, x: torch.Tensor) -> None:
         """Accumulate ``x`` ``(..., n_in)`` into the Gram and the mean of ``pname``."""

@@ -63,7 +63,8 @@ from ecospa.narrow.entry import MAX_VARIANTS, Entry, Refusal
 from ecospa.narrow.cachelayers import LayerKind, NotServed, layer_kind
 from ecospa.narrow.kvcache import CrossAttentionCache, KVIndex, KVNarrower, ProbeStop, dressed, inner_cache
 from ecospa.narrow.positions import analyse
-from ecospa.narrow.program import CallNotServable, Program, export_call, placeholder_feeds, signature
+from ecospa.narrow.program import CallNotServable, Program, Signature, export_call, placeholder_feeds, signature
+from ecospa.narrow import fastcall
 from ecospa.narrow.rewrite import rewrite
 from ecospa.ir.record import param_records
 from ecospa.capture.export import Captured
@@ -221,7 +222,7 @@ def _finish(gm: torch.fx.GraphModule, kind: LayerKind) -> torch.fx.GraphModule:
             kind.finish(n)
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    return gm
+    return fastcall.bind(gm)
 
 
 @dataclass
@@ -234,6 +235,20 @@ class KVEntry(Entry):
     length: int | tuple | None = None  # ``_length_plan``: the number of new entries of a call
     past_range: tuple | None = None  # ``_past_range`` of the program, once computed (``()``: none)
     fits: dict = dataclasses.field(default_factory=dict)  # input shapes -> guard of all but the past length
+
+
+@dataclass(frozen=True)
+class _Hot:
+    """The last call :class:`CachedGraphs` served: what the next call must share to be served by
+    the same entry without the full lookup (``CachedGraphs._hot_entry``)."""
+
+    outer: weakref.ref  # the cache object passed (weakly: a finished generate() frees its cache)
+    sig: Signature
+    layer: Any  # the cache layer object
+    prefill: bool  # the layer was empty (the key's prefill flag)
+    key: tuple  # the key of ``region.entries``
+    variants: list  # ``region.entries[key]`` (replaced when the region forgets its graphs)
+    entry: KVEntry
 
 
 # ----------------------------------------------------------------------------- the shim
@@ -264,6 +279,7 @@ class CachedGraphs:
         self.layer_idx: int | None = None
         self.why: str | None = None  # why this module's calls cannot be served at all
         self._last: tuple | None = None  # (weak reference to the last cache, its stored layouts)
+        self._hot: _Hot | None = None  # the last call served, for the next (``_hot_entry``)
         # (keys bytes, values bytes, layout) of the layer after the last call served here
         self.last_bytes: tuple | None = None
 
@@ -287,6 +303,9 @@ class CachedGraphs:
             sig, tensors = signature(self.parts.modules, plain_args, plain_kwargs, hooks=self.parts.modules[1:])
         except CallNotServable as e:
             raise NotServed(str(e)) from None
+        entry = self._hot_entry(outer, cache, sig, tensors)
+        if entry is not None:
+            return self._run(entry, cache.layers[self.layer_idx], self._stored_layers(cache), tensors)
         if self.layer_idx is None:
             self._probe(outer, args, kwargs)
         idx = self.layer_idx
@@ -331,18 +350,51 @@ class CachedGraphs:
             raise NotServed(entry.reason)
         if stored is not None and stored is not entry.lay and not same_layout(stored, entry.lay):
             raise NotServed("the cache holds this layer at the fallback's layout")
-        t = _length(entry.length, tensors)
-        past = self._past(entry, layer, tensors, t)
         if layers is None:
             layers = self._stored_layers(cache, create=True)
-        layers[idx] = entry.lay  # (feeding may have allocated the layer at the kept widths)
+        out = self._run(entry, layer, layers, tensors)
         try:
-            flat = entry.gm(*[f() for f in entry.feeds], *tensors, *past)
+            self._hot = _Hot(weakref.ref(outer), sig, layer, seq == 0, key, variants, entry)
+        except TypeError:  # a cache class without weak references: every call takes the full lookup
+            self._hot = None
+        return out
+
+    def _hot_entry(self, outer, cache, sig, tensors) -> KVEntry | None:
+        """The entry that served the last call, where this call is one the full lookup would
+        serve with it: the same cache object and layer object, the same signature, still a
+        prefill or still a decode step, the layer stored at the entry's layout, the entry still
+        among the region's and fitting these inputs and this past length (``_fits``: the guards,
+        the module state). A decode loop calls each module with one cache step after step: this
+        skips the lookup, whose bookkeeping is a fair share of a batch-1 decode step."""
+        hot = self._hot
+        if hot is None or hot.outer() is not outer or hot.sig != sig:
+            return None
+        entry, layer, layers, idx = hot.entry, hot.layer, cache.layers, self.layer_idx
+        if entry.gm is None or self.region.entries.get(hot.key) is not hot.variants or entry not in hot.variants:
+            return None
+        if len(layers) <= idx or layers[idx] is not layer or layer_kind(layer) is not entry.kind:
+            return None
+        if (entry.kind.seq(layer) == 0) is not hot.prefill:
+            return None
+        stored = self._stored_layers(cache)
+        if stored is None or stored.get(idx) is not entry.lay:
+            return None
+        return entry if self._fits(entry, tensors, entry.kind, entry.kind.past_len(layer)) else None
+
+    def _run(self, entry: KVEntry, layer, layers: dict, tensors: list):
+        """Run ``entry``'s graph on ``tensors`` and the past of ``layer``; store the new keys and
+        values in the layer (at the entry's layout, recorded in ``layers``); the module's output."""
+        t = _length(entry.length, tensors)
+        past = self._past(entry, layer, tensors, t)
+        layers[self.layer_idx] = entry.lay  # (feeding may have allocated the layer at the kept widths)
+        try:
+            flat = entry.gm.forward(*[f() for f in entry.feeds], *tensors, *past)  # (no module hooks: skipped)
         except Exception as e:  # a graph that cannot run this call must cost speed, never the forward
             entry.gm, entry.refusal = None, Refusal.BUG
             entry.reason = f"the narrow graph failed on a later call: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             log.warning("ecospa: %s: %s; calls with a cache run on the exact fallback from now on. Please "
                         "report this with the model.", self.region.path or "<root>", entry.reason)
+            self._hot = None
             raise NotServed(entry.reason) from None
         out, k_all, v_all = _output(entry.program, flat)
         entry.kind.store(layer, k_all, v_all, past, t)

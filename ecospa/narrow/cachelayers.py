@@ -274,16 +274,29 @@ _NOT_SERVED = {
 }
 
 
+_KINDS: dict[type, LayerKind] | None = None  # layer class -> kind, once transformers is imported
+
+
+def _kinds() -> dict[type, LayerKind] | str:
+    global _KINDS
+    if _KINDS is None:
+        try:
+            from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
+        except ImportError:  # transformers missing: there is no Hugging Face cache layer to serve
+            return "transformers cache layers are not available"
+        _KINDS = {DynamicLayer: APPENDED, DynamicSlidingWindowLayer: WINDOWED, StaticLayer: WRITTEN}
+    return _KINDS
+
+
 def layer_kind(layer) -> LayerKind | str:
     """The :class:`LayerKind` serving ``layer`` (by exact class: a subclass may update otherwise),
     or why none does."""
-    try:
-        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
-    except ImportError:  # transformers missing: there is no Hugging Face cache layer to serve
-        return "transformers cache layers are not available"
-    kind = {DynamicLayer: APPENDED, DynamicSlidingWindowLayer: WINDOWED, StaticLayer: WRITTEN}.get(type(layer))
-    cls = type(layer).__name__
+    kinds = _kinds()
+    if isinstance(kinds, str):
+        return kinds
+    kind = kinds.get(type(layer))
     if kind is None:
+        cls = type(layer).__name__
         why = _NOT_SERVED.get(cls)
         return (f"a cache layer of class {cls}" + (f" ({why})" if why else "")
                 + "; only DynamicLayer, DynamicSlidingWindowLayer and StaticLayer run narrow")

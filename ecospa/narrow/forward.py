@@ -246,7 +246,7 @@ class RegionForward(EcospaForward):
                 self.stores_narrow = True
                 self.kv_bytes = stored.buffer_bytes(self.module, slots)
         try:
-            out = entry.gm(*feeds, *tensors)
+            out = entry.gm.forward(*feeds, *tensors)  # (ecospa's own graph: no module hooks to run)
         except Exception as e:  # a graph that cannot run this call must cost speed, never the forward
             entry.gm, entry.refusal = None, Refusal.BUG
             entry.reason = f"the narrow graph failed on a later call: {type(e).__name__}: {str(e).splitlines()[0][:200]}"

@@ -23,7 +23,7 @@ from ecospa.narrow.program import Program
 from ecospa.ops.registry import NarrowError, spec
 from ecospa.ops.inplace import store_write
 from ecospa.analysis.mutation import written_arg
-from ecospa.narrow import stored
+from ecospa.narrow import fastcall, stored
 from ecospa.narrow.stored import read_stored, stored_nodes
 from ecospa.capture.export import module_of
 
@@ -278,7 +278,7 @@ def rewrite(program: Program, layout: Layout, kept: Mapping[str, Mapping[int, np
     for name, t in b.buffers.items():
         root.register_buffer(name, t, persistent=False)
     _copy_attrs(program.graph, root)
-    gm = torch.fx.GraphModule(root, b.graph)
+    gm = fastcall.bind(torch.fx.GraphModule(root, b.graph))
     if b.slots:
         gm.meta[stored.META] = tuple(b.slots)
     return gm

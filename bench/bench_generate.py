@@ -11,7 +11,12 @@ SmolLM2-135M-shaped Llama (``LlamaConfig``: 30 layers, width 576, 9 query / 3 KV
 FFN 1536, tied embeddings). Variants: dense; ``uniform`` (half of every coupling removed, the
 same units in every head); ``ragged`` (``bench/speed/plans.ragged_plan``: half of all units, per
 head a random 25-75 %); for the Llama also ``kept-width dense``, a dense ``LlamaConfig`` built at
-the uniform plan's widths (``head_dim`` 32, FFN 768): what a model trained at that size runs.
+the uniform plan's widths (``head_dim`` 32, FFN 768): what a model trained at that size runs,
+and ``Torch-Pruning``, Torch-Pruning's model of the uniform variant's parameter count
+(``bench/smollm2_tp.py``, magnitude importance; where it fails or runs past ``--tp-timeout``, the
+report says so).
+*ideal*: the decode speedup if a step cost only the bytes it reads (every parameter, the KV cache
+at mid-decode length); *of ideal*: the measured CPU-time speedup over it.
 
 Timed (variants interleaved round by round, ``--threads`` torch threads, median of per-round
 ratios): greedy ``generate(max_new_tokens=n, min_new_tokens=n)`` after a ``--prompt``-token
@@ -26,6 +31,7 @@ import argparse
 import copy
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -88,6 +94,38 @@ def _cache_bytes(model, x) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
+def _torch_pruning(dense, target: int, timeout_s: int = 180):
+    """Torch-Pruning's model of the same parameter count (``bench/smollm2_tp.py``: whole query
+    heads, one per KV group, and MLP channels, magnitude importance; the residual width kept), or
+    why there is none (torch_pruning missing, or it failed or ran past ``timeout_s``)."""
+    try:
+        from bench.smollm2_tp import tp_compress
+        import torch_pruning  # noqa: F401
+    except ImportError:
+        return "torch_pruning is not installed"
+
+    def stop(*_):
+        raise TimeoutError(f"no result after {timeout_s} s (in its dependency graph)")
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(timeout_s)
+    try:
+        return tp_compress(copy.deepcopy(dense), "tp_magnitude", target, log=lambda *_: None)[0].eval()
+    except Exception as e:  # a baseline's failure is a result to report, not a crash of the benchmark
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _ideal(row: dict) -> dict:
+    """Decode speedup over dense if a step cost only the bytes it reads: every parameter once
+    (the tied LM head reads the whole embedding) and the KV cache at mid-decode length."""
+    n = row["prompt"] + row["new_tokens"] / 2
+    scale = n / row["prompt"]
+    read = {k: 4 * p + row["kv_cache_bytes_prompt"][k] * scale for k, p in row["params"].items()}
+    return {k: read["dense"] / v for k, v in read.items()}
+
+
 def subject(name: str, a) -> dict:
     torch.manual_seed(0)
     layers = a.layers or (12 if name == "gpt2" else 30)
@@ -97,6 +135,7 @@ def subject(name: str, a) -> dict:
     x = torch.randint(3, vocab, (a.batch, a.prompt), generator=torch.Generator().manual_seed(1))
     models = {"dense": dense}
     check = {}
+    tp_failed = None  # why Torch-Pruning has no model here
     for kind, make in (("uniform", uniform_plan), ("ragged", ragged_plan)):
         m = copy.deepcopy(dense)
         cg = ecospa.auto_couple(m, {"input_ids": x[:, :8]})
@@ -107,7 +146,13 @@ def subject(name: str, a) -> dict:
     if name == "smollm2":
         torch.manual_seed(0)
         models["kept-width dense"] = smollm2(layers, head_dim=32, ffn=768)
+        tp_model = _torch_pruning(dense, sum(p.numel() for p in models["uniform"].parameters()), a.tp_timeout)
+        if isinstance(tp_model, str):
+            tp_failed = tp_model
+        else:
+            models["Torch-Pruning"] = tp_model
     row: dict = {"layers": layers, "prompt": a.prompt, "new_tokens": a.new_tokens, "batch": a.batch,
+                 "torch_pruning": tp_failed,
                  "params": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}}
     # exactness of the timed path: greedy tokens of each pruned model equal its masked copy's
     n_check = min(a.new_tokens, 16)
@@ -130,11 +175,15 @@ def subject(name: str, a) -> dict:
         row[f"decode_tokens_per_s{sfx}"] = {k: statistics.median(v) for k, v in decode.items()}
         row[f"decode_speedup_vs_dense{sfx}"] = {k: paired([1 / r for r in decode["dense"]], [1 / r for r in v])
                                                 for k, v in decode.items()}
+        if "kept-width dense" in decode:
+            row[f"decode_vs_kept_width{sfx}"] = {k: paired([1 / r for r in decode["kept-width dense"]], [1 / r for r in v])
+                                                 for k, v in decode.items()}
         row[f"generate_speedup_vs_dense{sfx}"] = {k: paired(t["dense n"][clock], t[f"{k} n"][clock]) for k in models}
         row[f"prefill_speedup_vs_dense{sfx}"] = {k: paired(t["dense 1"][clock], t[f"{k} 1"][clock]) for k in models}
     row["generate_s"] = {k: statistics.median(t[f"{k} n"]["wall"]) for k in models}
     row["loads"] = loads
     row["kv_cache_bytes_prompt"] = {k: _cache_bytes(m, x) for k, m in models.items()}
+    row["ideal_speedup_vs_dense"] = _ideal(row)
     row["regions"] = {k: _regions(models[k]) for k in ("uniform", "ragged")}
     # a default-config forward (cache on) against use_cache=False, pruned uniform and dense
     ff = {"dense cache": _fwd(dense, x), "uniform cache": _fwd(models["uniform"], x),
@@ -157,17 +206,25 @@ def markdown(res: dict) -> str:
                   f"{row['new_tokens']} new tokens)", "",
                   "Wall clock / this process's CPU time (the CPU figure is less sensitive to other jobs on "
                   "the machine).", "",
-                  "| variant | params | decode tok/s | decode vs dense | generate vs dense | prefill vs dense | KV bytes (prompt) |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| variant | params | decode tok/s | decode vs dense | ideal | of ideal (CPU) | generate vs dense | prefill vs dense | KV bytes (prompt) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        ideal = row.get("ideal_speedup_vs_dense") or _ideal(row)
         for k in row["decode_tokens_per_s"]:
             lines.append(f"| {k} | {row['params'][k] / 1e6:.1f}M | {row['decode_tokens_per_s'][k]:.1f} / "
                          f"{row['decode_tokens_per_s_cpu'][k]:.1f} | {row['decode_speedup_vs_dense'][k]:.2f}x / "
-                         f"{row['decode_speedup_vs_dense_cpu'][k]:.2f}x | {row['generate_speedup_vs_dense'][k]:.2f}x / "
+                         f"{row['decode_speedup_vs_dense_cpu'][k]:.2f}x | {ideal[k]:.2f}x | "
+                         f"{row['decode_speedup_vs_dense_cpu'][k] / ideal[k]:.2f} | {row['generate_speedup_vs_dense'][k]:.2f}x / "
                          f"{row['generate_speedup_vs_dense_cpu'][k]:.2f}x | {row['prefill_speedup_vs_dense'][k]:.2f}x / "
                          f"{row['prefill_speedup_vs_dense_cpu'][k]:.2f}x | {row['kv_cache_bytes_prompt'][k] / 1e6:.2f} MB |")
+        if "decode_vs_kept_width" in row:
+            lines += ["", "Decode speed against the dense model built at the kept widths (wall / CPU): " +
+                      ", ".join(f"{k} {v:.2f} / {row['decode_vs_kept_width_cpu'][k]:.2f}"
+                                for k, v in row["decode_vs_kept_width"].items() if k != "kept-width dense")]
         lines += ["", "Forward of the prompt (`model(x)`), speedup vs the dense model with its cache on (wall / CPU): " +
                   ", ".join(f"{k} {v:.2f}x / {row['forward_speedup_vs_dense_cpu'][k]:.2f}x"
                             for k, v in row["forward_speedup_vs_dense"].items()), "",
+                  *([f"Torch-Pruning, asked for the uniform variant's parameter count: {row['torch_pruning']}.", ""]
+                    if row.get("torch_pruning") else []),
                   f"Greedy tokens equal to the masked dense model's: {row['tokens_equal_masked_dense']}. "
                   f"Load averages during the rounds: {row['loads']}.", ""]
         for k, regs in row["regions"].items():
@@ -185,7 +242,7 @@ def main(argv=None) -> None:
     ap.add_argument("--subjects", default="gpt2,smollm2")
     ap.add_argument("--layers", type=int, default=0, help="0: the real depth (12 / 30)")
     ap.add_argument("--prompt", type=int, default=256)
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
@@ -193,6 +250,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="generate", help="file stem under bench/results")
     ap.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
                     help="the cache generate() uses: its default (dynamic) or cache_implementation='static'")
+    ap.add_argument("--tp-timeout", type=int, default=180, help="seconds Torch-Pruning may take to prune")
     ap.add_argument("--plot-only", action="store_true", help="time nothing: redraw OUT.png from OUT.json")
     a = ap.parse_args(argv)
     if a.plot_only:

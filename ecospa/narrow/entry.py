@@ -14,6 +14,7 @@ from ecospa.narrow.program import MISSING, Program, plain_output
 __all__ = ["MAX_VARIANTS", "Refusal", "Strategy", "LADDER", "Entry", "is_random", "output_tensors", "outputs_close"]
 
 MAX_VARIANTS = 8  # shape variants per signature before a signature stays on the fallback
+_GUARD_MEMO = 64  # input shapes whose guard an entry remembers
 _RANDOM = {"dropout", "native_dropout", "feature_dropout", "alpha_dropout", "bernoulli", "rand",
            "randn", "rand_like", "randn_like", "randint", "multinomial"}
 
@@ -77,6 +78,18 @@ class Entry:
     verified: set = field(default_factory=set)  # input shapes checked under verify
     strategy: str | None = None  # the LADDER rung (or "grouped") that built gm
     tried: tuple = ()  # (strategy, Refusal kind or why skipped) of the rungs before it
+    guarded: dict = field(default_factory=dict)  # input shapes -> program.guard of them
+
+    def fits(self, tensors) -> bool:
+        """:meth:`Program.guard` of ``tensors``, remembered per input shapes (a guard reads
+        nothing but the shapes; a decode loop repeats a handful of them)."""
+        key = tuple([t.shape for t in tensors])
+        ok = self.guarded.get(key)
+        if ok is None:
+            if len(self.guarded) >= _GUARD_MEMO:
+                self.guarded.clear()
+            ok = self.guarded[key] = self.program.guard(tensors)
+        return ok
 
     def state_ok(self) -> bool:
         """True while the module attributes and buffer shapes the capture depends on are unchanged."""

@@ -355,7 +355,7 @@ class RegionForward(EcospaForward):
     def _entry(self, sig: Signature, tensors, args, kwargs) -> Entry | None:
         variants = self.entries.setdefault(sig, [])
         for v in variants:
-            if v.program is None or (v.program.guard(tensors) and v.state_ok()):
+            if v.program is None or (v.fits(tensors) and v.state_ok()):
                 return v
         if len(variants) >= MAX_VARIANTS:
             self.refused[f"more than {MAX_VARIANTS} shape variants or module states of one signature"] += 1

@@ -343,8 +343,28 @@ def repeat(ctx: Ctx, node: torch.fx.Node):
 # ----------------------------------------------------------------------------- narrow rules
 narrow_rule(aten.permute, aten.transpose, aten.swapaxes, aten.swapdims, aten.t, aten.numpy_T, aten.mT, aten.mH,
             aten.adjoint, aten.matrix_H, aten.movedim, aten.moveaxis, aten.concatenate, aten.view_as, aten.expand_as,
-            aten.unsqueeze, aten.squeeze, aten.flatten, aten.cat, aten.concat, aten.stack, aten.repeat_interleave,
+            aten.unsqueeze, aten.squeeze, aten.flatten, aten.stack, aten.repeat_interleave,
             aten.repeat, operator.getitem)(narrow_copy)
+
+
+def _no_elements(b, x) -> bool:
+    """True when the narrow value of ``x`` keeps no position along some dim (every channel it
+    carries was removed)."""
+    lay = b.layout(x) if isinstance(x, torch.fx.Node) else None
+    return isinstance(lay, dict) and any(n.width == 0 for n in lay.values())
+
+
+@narrow_rule(aten.cat, aten.concat)
+def narrow_cat(b, node):
+    """Join the narrow pieces; a piece that keeps no position (all its channels removed, its
+    layout possibly along another dim than the join's, as the rotary part of GPT-J's heads whose
+    rotary pairs all went) adds nothing to the join and is left out."""
+    xs = list(node.args[0])
+    keep = [x for x in xs if not _no_elements(b, x)]
+    if not keep or len(keep) == len(xs):
+        return narrow_copy(b, node)
+    b.zero[node] = all(b.zero.get(x, True) for x in keep if isinstance(x, torch.fx.Node))
+    return b.copy(node, args=(keep, *node.args[1:]))
 
 
 _SIZE_ARITHMETIC = {operator.floordiv: operator.floordiv, operator.mul: operator.mul, operator.add: operator.add,
@@ -472,10 +492,33 @@ def narrow_slice(b, node):
     end = node.args[3] if len(node.args) > 3 else None
     step = node.args[4] if len(node.args) > 4 else 1
     start, end, step = slice(concrete(start), concrete(end), concrete(step)).indices(size)
-    nout = b.layout(node).get(dim)
+    out_layout = b.layout(node)
+    if any(n.width == 0 for n in out_layout.values()):
+        return _empty_slice(b, node, x, dim, len(range(start, end, step)))
+    nout = out_layout.get(dim)
     out_pos = nout.index if nout is not None else np.arange(len(range(start, end, step)))
     b.zero[node] = b.zero.get(x, True)
     return select_positions(b, node, x, dim, dense_to_narrow(nin, start + out_pos * step))
+
+
+def _empty_slice(b, node, x, dim: int, length: int):
+    """A slice that keeps no position along some dim of its output (it reads only removed
+    channels: the rotary part of a head whose rotary pairs all went, say, laid out along the head
+    dim): the narrow value has no elements, so it is a zero-size tensor of the narrow shape,
+    whatever positions of ``x`` the slice read."""
+    out, xin = b.layout(node), b.layout(x)
+    sizes = []
+    for i in range(len(b.shape(node))):
+        if i in out:
+            sizes.append(out[i].width)
+        elif i == dim:
+            sizes.append(length)
+        elif i in xin:
+            sizes.append(xin[i].size)
+        else:
+            sizes.append(b.call(aten.sym_size.int, (b.arg(x), i)))
+    b.zero[node] = True
+    return b.call(aten.new_zeros.default, (b.arg(x), sizes))
 
 
 @narrow_rule(aten.select)

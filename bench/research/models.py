@@ -167,7 +167,7 @@ def _litgpt_specs() -> list[Spec]:
         Spec("litgpt MoE", "litgpt", "LLaMAMoE, 4 experts, top-2, GQA",
              gpt(n_query_groups=KV, n_expert=4, n_expert_per_token=2, moe_intermediate_size=64,
                  **{**llama, "mlp_class_name": "LLaMAMoE"}), tok,
-             {"qk": L * KV, "vo": L * KV, "ffn": L * 4}, decode=_lit_decode),
+             {"qk": L * KV, "vo": L * KV, "ffn": L * 4}, decode=_lit_decode, fast=True),
     ]
 
 

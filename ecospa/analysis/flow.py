@@ -4,8 +4,13 @@ Placeholders of parameters get fresh labels (one per index of every dimension); 
 buffers carry none. Each op's rule computes the factors of its output and records edges, poison,
 tags and events in the :class:`LabelSpace`. Labels that reach the model's output are poisoned.
 In-place writes give the tensor written into the labels written (``ecospa.analysis.mutation``), and
-labels a rule lets fall without a reason are lost with one (``ecospa.analysis.accounting``). An op
-whose rule meets a data-dependent size (an unbacked symbol: MoE routing by ``torch.where(mask)``)
+labels a rule lets fall without a reason are lost with one (``ecospa.analysis.accounting``).
+
+Sizes computed from tensor values (unbacked symbols: the token rows MoE routing picks with
+``torch.where(mask)`` or ``nonzero``) reach the rules as stand-ins (``ecospa.ops.symbolic``): an
+expert's channels pass through its token gather, its linears and its scatter-add like any
+other's. Labels a rule puts along such a dimension are lost with a reason naming the op and the
+dim (which channel sits where depends on the data), and an op whose rule fails on such a size
 loses the labels that enter it, with a reason naming the op, instead of failing the flow.
 """
 from __future__ import annotations
@@ -18,11 +23,12 @@ import numpy as np
 import torch
 
 from ecospa.capture.export import Captured, module_of
-from ecospa.ir.labels import LabelSpace
+from ecospa.ir.labels import LabelSpace, to_ndim
 from ecospa.ops import lookup
 from ecospa.analysis.accounting import ENDS, account, labels_of, silent_drops, value_args
 from ecospa.analysis.mutation import apply_write
-from ecospa.ops.base import Ctx, flat_factors, poison_value
+from ecospa.ops.base import Ctx, flat_factors, poison_value, tensor_args
+from ecospa.ops.symbolic import data_dependent_dims
 from ecospa.ops.registry import op_name
 
 __all__ = ["FlowResult", "propagate", "coupled_factors"]
@@ -72,9 +78,10 @@ def propagate(captured: Captured) -> FlowResult:
             try:
                 ctx.values[node] = _run(ctx, node)
                 if node.op == "call_function":
+                    ctx.values[node] = _refuse_channels_along_data_dependent(ctx, node, ctx.values[node])
                     apply_write(ctx, node)
             except Exception as exc:
-                if node.op != "call_function" or not _is_data_dependent(exc):
+                if node.op != "call_function" or not (_is_data_dependent(exc) or _touches_data_dependent(node)):
                     raise
                 ctx.values[node] = _data_dependent(ctx, node)
             if node.op == "call_function":
@@ -128,13 +135,53 @@ def _is_data_dependent(exc: BaseException) -> bool:
     return mod is not None and isinstance(exc, mod.GuardOnDataDependentSymNode)
 
 
+_DATA_DEPENDENT = "meets a data-dependent shape (a size computed from tensor values, as after torch.where(mask) or nonzero)"
+
+
+def _touches_data_dependent(node: torch.fx.Node) -> bool:
+    """``node`` or one of its tensor operands has a size computed from tensor values."""
+    vals = [node.meta.get("val")] + [a.meta.get("val") for a in tensor_args(node)]
+    vals += [v for t in vals if isinstance(t, (tuple, list)) for v in t]
+    return any(data_dependent_dims(v) for v in vals)
+
+
+def _refuse_channels_along_data_dependent(ctx: Ctx, node: torch.fx.Node, value):
+    """Rules read a data-dependent size as a stand-in (``ecospa.ops.symbolic``), which is right
+    where it sizes a dimension that carries no weight channels (MoE routing's token rows). Where
+    the rule put weight channels along such a dimension (a reshape that merges token rows with
+    channels, a gather of channels by a computed index), which channel sits where depends on the
+    data: those labels are lost with a reason naming the op and the dimension, and leave the
+    output."""
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return _refuse_one(ctx, node, val, value)
+    if isinstance(val, (tuple, list)) and isinstance(value, tuple) and len(value) == len(val):
+        return tuple(_refuse_one(ctx, node, t, v) for t, v in zip(val, value))
+    return value
+
+
+def _refuse_one(ctx: Ctx, node: torch.fx.Node, val, value):
+    dims = data_dependent_dims(val)
+    if not dims or not isinstance(value, list):
+        return value
+    keep = []
+    for f in value:
+        g = to_ndim(f, val.dim()) if f.ndim <= val.dim() else f
+        bad = [d for d in dims if d < g.ndim and g.shape[d] > 1]
+        if not bad:
+            keep.append(f)
+            continue
+        ctx.space.lose(f, f"op {op_name(node.target)} {_DATA_DEPENDENT} along dim {bad[0]}, which carries "
+                          f"weight channels, at {ctx.where(node)}", ctx.index[node])
+    return keep
+
+
 def _data_dependent(ctx: Ctx, node: torch.fx.Node):
     """An op whose rule met a size that depends on the values of a tensor (an unbacked symbol:
     the rows picked by ``torch.where(mask)`` / ``nonzero`` in MoE routing) cannot be followed:
     the labels that enter it are lost with a reason naming the op, its output carries none, and
     the flow goes on (the rest of the model still couples)."""
-    return poison_value(ctx, node, f"op {op_name(node.target)} meets a data-dependent shape (a size computed "
-                                   "from tensor values, as after torch.where(mask) or nonzero)")
+    return poison_value(ctx, node, f"op {op_name(node.target)} {_DATA_DEPENDENT}")
 
 
 def _input_factors(ctx: Ctx, node: torch.fx.Node):

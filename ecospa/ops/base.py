@@ -10,16 +10,18 @@ import torch
 from ecospa.capture.export import Captured, module_of
 from ecospa.ir.labels import LabelSpace, to_ndim
 from ecospa.ops.registry import has
+from ecospa.ops.symbolic import size_of
 
 __all__ = ["Ctx", "concrete", "flat_factors", "param_behind", "poison_value", "shape_of", "tensor_args", "all_zero",
            "narrow_copy"]
 
 
 def shape_of(node) -> tuple[int, ...] | None:
-    """Static shape of a node's tensor value, or None (not a tensor)."""
+    """Static shape of a node's tensor value, or None (not a tensor). A size computed from
+    tensor values (MoE routing's token count) is its stand-in (``ecospa.ops.symbolic``)."""
     val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
     if isinstance(val, torch.Tensor):
-        return tuple(int(s) for s in val.shape)
+        return tuple(size_of(s) for s in val.shape)
     return None
 
 

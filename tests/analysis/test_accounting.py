@@ -9,8 +9,9 @@ or an inexact one with a reason; nothing vanishes silently.
 - A reference Llama writing k/v into its own cache tensors: the q.k and v.o couplings are found,
   inexact with the reason; with a complex-number rotary, q and k still couple per kv head.
 - An op without a rule, and a rule that drops labels, report the channels with a reason.
-- MoE routing by ``torch.where(mask)`` / ``nonzero`` (data-dependent row counts): the experts'
-  channels are reported with the reason, the rest of the model still couples.
+- MoE routing by ``torch.where(mask)`` / ``nonzero`` (data-dependent row counts): nothing vanishes,
+  the experts couple exactly next to attention and the dense FFN (tests/analysis/
+  test_data_dependent.py has the cases where such a size meets channels).
 """
 from __future__ import annotations
 
@@ -313,11 +314,11 @@ class _SdpaAttention(nn.Module):
 
 
 @pytest.mark.parametrize("nonzero_rows", [False, True])
-def test_data_dependent_shapes_lose_their_channels_and_the_rest_couples(nonzero_rows):
-    """The rows an MoE router picks have a data-dependent count (an unbacked size): the rules that
-    meet it cannot follow the experts' channels, which are reported inexact with a reason naming
-    the op and "data-dependent shape"; attention and the dense FFN still couple, exactly, prune
-    to the masked dense model, and attention runs narrow."""
+def test_data_dependent_token_rows_keep_every_coupling(nonzero_rows):
+    """The rows an MoE router picks have a data-dependent count (an unbacked size) that sizes
+    only token dimensions: nothing vanishes from the flow, every expert couples as an exact GLU
+    next to attention and the dense FFN, all prune to the masked dense model, and attention runs
+    narrow."""
     torch.manual_seed(0)
     model = nn.Sequential(_MoEBlock(nonzero_rows), _MoEBlock(nonzero_rows)).eval()
     x = (torch.randn(2, 6, 32),)
@@ -325,11 +326,11 @@ def test_data_dependent_shapes_lose_their_channels_and_the_rest_couples(nonzero_
     assert flow.drops == [] and flow.unaccounted() == []
     cg = ecospa.auto_couple(model, x)
     for p in ("moe.experts.0.fc_1.weight", "moe.experts.2.proj.weight"):
-        hits = [c for c in cg.all if any(t.param.endswith(p) for t in c.tables)]
-        assert hits and all(not c.exact and "data-dependent shape" in c.reason and "op " in c.reason
-                            for c in hits), cg.summary()
+        hits = [c for c in cg if any(t.param.endswith(p) for t in c.tables)]
+        assert len(hits) == 2 and all(c.exact and c.kind == "glu" for c in hits), cg.summary()
+    assert not any("data-dependent" in c.reason for c in cg.inexact), cg.summary()
     kinds = sorted(c.kind for c in cg)
-    assert kinds == ["glu"] * 2 + ["qk"] * 8 + ["vo"] * 8, cg.summary()
+    assert kinds == ["glu"] * 8 + ["qk"] * 8 + ["vo"] * 8, cg.summary()
     plan = random_plan(list(cg), random.Random(0))
     assert_pruned_equals_masked(model, x, plan, cg=cg, check_inputs=[(torch.randn(1, 5, 32),)])
     reps = [r for r in ecospa.execution_report(model) if r.path.endswith("attn")]

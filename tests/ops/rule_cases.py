@@ -306,6 +306,10 @@ def _routed_rows(h, x):  # MoE routing: the rows of the tokens a mask picks (a d
     return h.reshape(-1, HID)[rows]
 
 
+def _routed_rows_flattened(h, x):  # the routed rows flattened into the channels: where each sits depends on the data
+    return _routed_rows(h, x).flatten().view(-1, HID)
+
+
 def _norm_nd(fn):  # (B, T, C) -> channels second for batch/instance/group norms, and back
     return lambda h: fn(h.transpose(1, 2)).transpose(1, 2)
 
@@ -369,7 +373,10 @@ CASES: dict[str, Case] = {
                                 **LOST),
     "index_copy_constant": ok(lambda h: h.new_zeros(2, 3, HID + 2).index_copy(-1, torch.tensor([9, 0, 1, 3, 4, 6, 7, 8]), h),
                               out_hid=HID + 2),
-    "rows_by_data_dependent_count": bad(_routed_rows, "data-dependent shape", with_input=True),
+    "rows_by_data_dependent_count": ok(_routed_rows, with_input=True),
+    "rows_by_data_dependent_count_flattened": bad(_routed_rows_flattened, "data-dependent shape (a size computed "
+                                                  "from tensor values, as after torch.where(mask) or nonzero) along "
+                                                  "dim 0, which carries weight channels", with_input=True),
     "sym_size_of_data": ok(lambda h, x: h * (x[0, 0] > 0).nonzero().shape[0], with_input=True),
     # reductions over other dims keep the channels; over the channels they poison
     "sum_over_channels": ok(lambda h: h + h.sum(-1, keepdim=True)),

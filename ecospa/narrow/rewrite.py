@@ -22,10 +22,12 @@ from ecospa.narrow.positions import Layout
 from ecospa.narrow.program import Program
 from ecospa.ops.registry import NarrowError, spec
 from ecospa.ops.inplace import store_write
-from ecospa.analysis.mutation import written_arg
+from ecospa.analysis.mutation import base_of, written_arg
 from ecospa.narrow import fastcall, stored
 from ecospa.narrow.stored import read_stored, stored_nodes
 from ecospa.capture.export import module_of
+
+aten = torch.ops.aten
 
 __all__ = ["Builder", "rewrite"]
 
@@ -263,6 +265,9 @@ def rewrite(program: Program, layout: Layout, kept: Mapping[str, Mapping[int, np
                 b.graph.output(torch.fx.node.map_arg(node.args[0], b.dense))
             elif node.op == "get_attr":
                 b.env[node] = b.graph.get_attr(node.target)
+            elif (src := _identity_of(b, node)) is not None:
+                b.env[node] = b.env[src]
+                b.zero[node] = b.zero.get(src, True)
             elif node in b.stored:  # a view of a stored tensor or a write into it: dense
                 b.env[node] = store_write(b, node) if written_arg(node) is not None else b.copy(node)
                 b.zero[node] = True
@@ -284,23 +289,62 @@ def rewrite(program: Program, layout: Layout, kept: Mapping[str, Mapping[int, np
     return gm
 
 
+def _same_layout(a, b) -> bool:
+    if not isinstance(a, dict) or not isinstance(b, dict) or a.keys() != b.keys():
+        return False
+    return all(a[d].same(b[d]) and a[d].selectors == b[d].selectors for d in a)
+
+
+def _identity_of(b: Builder, node: torch.fx.Node) -> torch.fx.Node | None:
+    """The input ``node`` returns unchanged in eager mode, where the narrow graph may use that
+    input's value in its place: ``aten.alias`` (a view with the same metadata; not where the
+    module returns it, nor for tensors kept at their dense width) and ``aten.to`` to the dtype the
+    tensor has (``Tensor.to`` returns the tensor itself then). Exported graphs of research code
+    carry several per attention call; each is one dispatch less per decode step."""
+    if node.op != "call_function" or node in b.stored or node.kwargs:
+        return None
+    target = node.target
+    if target is aten.alias.default and len(node.args) == 1:
+        src = node.args[0]
+        if any(u.op == "output" for u in node.users):
+            return None
+    elif target is aten.to.dtype and len(node.args) == 2:
+        src = node.args[0]
+        val = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
+        if not isinstance(val, torch.Tensor) or val.dtype != node.args[1]:
+            return None
+    else:
+        return None
+    if not isinstance(src, torch.fx.Node) or src not in b.env or src in b.stored:
+        return None
+    return src if _same_layout(b.layout(node), b.layout(src)) else None
+
+
 def _shared_gathers(b: Builder) -> None:
     """One gather per (tensor, dim, positions): the rule of each elementwise op gathers its own
     copy of a shared operand (the rotary ``cos``/``sin`` tables of the queries and of the keys,
     at the same kept channels); later copies are replaced by the first and their index buffers
-    dropped. ``ops.gather`` is pure, so the graph computes the same. A graph that writes any
-    tensor in place is left as it is: a copy may read a tensor before a write and the other after
-    it, and aliases an op's schema does not declare (the pieces of a ``split``) cannot all be
-    followed."""
+    dropped. ``ops.gather`` is pure, so the graph computes the same as long as the gathered tensor
+    is not written between the two: in a graph that writes any tensor in place (a KV cache in a
+    module buffer), only gathers of views of a graph input that nothing writes are shared (a
+    copy may otherwise read a tensor before a write and the other after it, and aliases an op's
+    schema does not declare, the pieces of a ``split``, cannot all be followed)."""
     seen: dict[tuple, torch.fx.Node] = {}
-    if any(written_arg(n) is not None for n in b.graph.nodes):
-        return
+    written = set()
+    for n in b.graph.nodes:
+        k = written_arg(n)
+        if k is not None:
+            written.add(base_of(n.args[k])[1])
     for node in list(b.graph.nodes):
         if node.op != "call_function" or node.target is not ops.gather:
             continue
         x, dim, index, ndim = node.args
         if not isinstance(index, torch.fx.Node) or index.op != "get_attr" or index.target not in b.buffers:
             continue
+        if written:
+            base = base_of(x)[1]
+            if not isinstance(base, torch.fx.Node) or base.op != "placeholder" or base in written:
+                continue
         t = b.buffers[index.target]
         key = (x, dim, ndim, tuple(t.shape), t.numpy().tobytes())
         first = seen.setdefault(key, node)

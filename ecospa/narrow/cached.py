@@ -63,6 +63,7 @@ from ecospa.narrow.entry import MAX_VARIANTS, Entry, Refusal
 from ecospa.narrow.cachelayers import LayerKind, NotServed, layer_kind
 from ecospa.narrow.kvcache import CrossAttentionCache, KVIndex, KVNarrower, ProbeStop, dressed, inner_cache
 from ecospa.narrow.positions import analyse
+from ecospa.capture import datafields
 from ecospa.narrow.program import CallNotServable, Program, Signature, export_call, placeholder_feeds, signature
 from ecospa.narrow import fastcall
 from ecospa.narrow.rewrite import rewrite
@@ -122,8 +123,13 @@ class _CachedCall(nn.Module):
         it = iter(inputs)
         leaves: list[Any] = [self._const[i] if i in self._const else next(it) for i in range(n)]
         leaves[self.leaf] = self.dress(stand)
-        args, kwargs = pytree.tree_unflatten(leaves, self.sig.spec)
+        with datafields.watch() as made:  # dataclass arguments rebuilt from their fields
+            args, kwargs = pytree.tree_unflatten(leaves, self.sig.spec)
         out = getattr(self, _WRAP).forward(*args, **kwargs)
+        field = datafields.assigned(made)
+        if field is not None:
+            raise CallNotServable(f"the forward assigns {field} of a dataclass argument, which a graph run "
+                                  "would not write back")
         if stand.out is None:
             raise CallNotServable("the module did not call update() on the cache object it was given")
         return out, stand.out[0], stand.out[1]

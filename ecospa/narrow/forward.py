@@ -354,8 +354,11 @@ class RegionForward(EcospaForward):
 
     def _entry(self, sig: Signature, tensors, args, kwargs) -> Entry | None:
         variants = self.entries.setdefault(sig, [])
-        for v in variants:
+        for i, v in enumerate(variants):
             if v.program is None or (v.fits(tensors) and v.state_ok()):
+                if i and v.program is not None:  # the last call's variant first (decode after prefill); an
+                    # unservable entry (no program) stays where it is: it would answer every call
+                    variants.insert(0, variants.pop(i))
                 return v
         if len(variants) >= MAX_VARIANTS:
             self.refused[f"more than {MAX_VARIANTS} shape variants or module states of one signature"] += 1

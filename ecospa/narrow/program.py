@@ -14,6 +14,10 @@ property of a call                        guard
 ========================================  ==================================================
 argument structure, keyword order, None   ``Signature.spec`` (pytree spec of args/kwargs)
 non-tensor argument values and types      ``Signature.constants``
+a plain dataclass argument (a cache of    ``Signature.spec`` (its class and field names: an
+tensors, x-transformers' Intermediates)   ecospa pytree node, ``capture/datafields.py``); its
+                                          fields as the other leaves; a field the forward
+                                          assigns: refused at the capture
 a module passed as an argument (held)     ``Signature.constants``: the module by identity, the
                                           train/eval flags and hooks of its subtree
 tensor rank, dtype, device, class          ``Signature.tensors``
@@ -63,6 +67,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from ecospa.capture.argtypes import rebuildable, register_argument_types
 from ecospa.capture.asserts import asserts_as_checks
+from ecospa.capture import datafields
 from ecospa.capture.inline import WRAPPERS, inline_wrappers
 from ecospa.capture.state import preserved
 
@@ -146,16 +151,57 @@ def _leaf(v: Any) -> bool:
 def _shallow(v: Any) -> Any:
     """The structure key of one argument for :func:`_flatten`'s fast path: ``True``/``False`` for
     a leaf (None or not), ``(type, None flags)`` for a plain tuple or list of leaves (Hugging Face's
-    ``position_embeddings``), ``_DEEP`` for anything else."""
+    ``position_embeddings``), ``(class, field keys)`` for a dataclass instance whose fields are
+    such leaves or tuples (x-transformers' ``Intermediates``), ``_DEEP`` for anything else."""
     if _leaf(v):
         return v is None
     kind = type(v)
     if (kind is tuple or kind is list) and all(_leaf(x) for x in v):
         return kind, tuple(x is None for x in v)
+    names = _field_names(kind)
+    if names is not None and len(getattr(v, "__dict__", names)) == len(names):
+        sub = []
+        for n in names:
+            x = getattr(v, n, _DEEP)
+            if _leaf(x):
+                sub.append(x is None)
+            elif type(x) is tuple and all(_leaf(y) for y in x):
+                sub.append((tuple, tuple(y is None for y in x)))
+            else:
+                return _DEEP
+        return kind, tuple(sub)
     return _DEEP
 
 
 _DEEP = object()
+_FIELDS: dict[type, tuple[str, ...] | None] = {}
+
+
+def _field_names(kind: type) -> tuple[str, ...] | None:
+    """The field names of a dataclass (None for any other class), looked up once per class."""
+    names = _FIELDS.get(kind, _DEEP)
+    if names is _DEEP:
+        names = tuple(f.name for f in dataclasses.fields(kind)) if dataclasses.is_dataclass(kind) else None
+        _FIELDS[kind] = names
+    return names
+
+
+def _add_leaves(leaves: list, v: Any) -> None:
+    """The leaves of one argument of a call on :func:`_flatten`'s fast path, in pytree's order."""
+    kind = type(v)
+    if kind is tuple or kind is list:
+        leaves.extend(v)
+        return
+    names = _FIELDS.get(kind) if not _leaf(v) else None
+    if names is None:
+        leaves.append(v)
+        return
+    for n in names:
+        x = getattr(v, n)
+        if type(x) is tuple:
+            leaves.extend(x)
+        else:
+            leaves.append(x)
 
 
 def _flatten(args: tuple, kwargs: dict) -> tuple[list, pytree.TreeSpec]:
@@ -167,26 +213,39 @@ def _flatten(args: tuple, kwargs: dict) -> tuple[list, pytree.TreeSpec]:
     if not any(k is _DEEP for k in key[0]) and not any(k is _DEEP for _, k in key[1]):
         leaves = []
         for v in (*args, *kwargs.values()):
-            if type(v) is tuple or type(v) is list:
-                leaves.extend(v)
-            else:
-                leaves.append(v)
+            _add_leaves(leaves, v)
         if key not in _FLAT_SPECS:
-            full, spec = pytree.tree_flatten((args, kwargs))
+            full, spec = _deep_flatten(args, kwargs)
             same = len(full) == len(leaves) and all(a is b for a, b in zip(full, leaves))
             _FLAT_SPECS[key] = _interned(spec) if same else None
         spec = _FLAT_SPECS[key]
         if spec is not None:
             return leaves, spec
+    leaves, spec = _deep_flatten(args, kwargs)
+    return leaves, _interned(spec)
+
+
+def _deep_flatten(args: tuple, kwargs: dict) -> tuple[list, pytree.TreeSpec]:
+    """``pytree.tree_flatten((args, kwargs))``, plain dataclass instances flattened into their
+    fields (``capture/datafields.py``).
+
+    Raises:
+        CallNotServable: a dataclass argument holds a field the graph could not update.
+    """
     register_argument_types()  # a BlockMask among the arguments (capture/argtypes.py)
     leaves, spec = pytree.tree_flatten((args, kwargs))
-    return leaves, _interned(spec)
+    if any(datafields.is_dataclass_instance(v) for v in leaves):  # x-transformers' Intermediates
+        tree, why = datafields.as_nodes((args, kwargs))
+        if why is not None:
+            raise CallNotServable(why)
+        leaves, spec = pytree.tree_flatten(tree)
+    return leaves, spec
 
 
 def _check_spec(spec: pytree.TreeSpec) -> None:
     if spec.type is None or spec.is_leaf():
         return
-    if spec.type not in _CONTAINERS and spec.type not in rebuildable() and not (
+    if spec.type not in _CONTAINERS and spec.type is not datafields.DataFields and spec.type not in rebuildable() and not (
             isinstance(spec.type, type) and issubclass(spec.type, tuple) and hasattr(spec.type, "_fields")):
         raise CallNotServable(f"an argument of type {getattr(spec.type, '__name__', spec.type)} "
                               "(a container ecospa cannot rebuild around a graph)")
@@ -311,6 +370,7 @@ class _Call(nn.Module):
             if isinstance(v, HeldModule):
                 self.add_module(f"{_HELD}{i}", v.module)
         self._rebuild = _Box()
+        self._assigned = _Box()  # "Class.field" of a dataclass argument the forward assigned
 
     @property
     def rebuild(self) -> Any:
@@ -321,8 +381,10 @@ class _Call(nn.Module):
         n = len(self._const) + len(tensors)
         it = iter(tensors)
         leaves: list[Any] = [self._const[i] if i in self._const else next(it) for i in range(n)]
-        args, kwargs = pytree.tree_unflatten(leaves, self.sig.spec)
+        with datafields.watch() as made:  # dataclass arguments rebuilt from their fields
+            args, kwargs = pytree.tree_unflatten(leaves, self.sig.spec)
         out = getattr(self, _WRAP).forward(*args, **kwargs)
+        self._assigned.value = datafields.assigned(made)
         plain, self._rebuild.value = plain_output(out)
         return plain
 
@@ -547,22 +609,78 @@ class Program:
                 else:
                     later.append((size, want))
         for size, expr in later:
-            value = expr.subs(bound)
-            if not value.is_number or int(value) != size:
+            value = _evaluator(expr)(bound)
+            if value is None or value != size:
                 return False
         return True
 
 
+@functools.lru_cache(maxsize=1024)
+def _evaluator(expr: sympy.Expr):
+    """``f(bound) -> int | None``: the value of a size expression of export's symbols (``s0 + 1``,
+    the length of a KV cache after a step) for ``{symbol: size}``, None when it is not a number.
+    Sums, products, powers and the integer divisions of torch's shape symbols are compiled to
+    Python once per expression (``sympy.subs`` on every call of a decode step cost about a third
+    of a millisecond per guard); anything else is substituted by sympy."""
+    from torch.utils._sympy import functions as symfn
+
+    def compile_(e):
+        if e.is_Integer:
+            value = int(e)
+            return lambda b: value
+        if e.is_Symbol:
+            return lambda b: b.get(e)
+        parts = [compile_(a) for a in e.args]
+        if any(p is None for p in parts):
+            return None
+        if e.is_Add:
+            return lambda b: _fold(parts, b, lambda x, y: x + y)
+        if e.is_Mul:
+            return lambda b: _fold(parts, b, lambda x, y: x * y)
+        if e.is_Pow and e.args[1].is_Integer and int(e.args[1]) >= 0:
+            return lambda b: _fold(parts, b, lambda x, y: x ** y)
+        if isinstance(e, symfn.FloorDiv):
+            return lambda b: _fold(parts, b, lambda x, y: x // y if y else None)
+        if isinstance(e, (symfn.Mod, symfn.PythonMod)):
+            return lambda b: _fold(parts, b, lambda x, y: x % y if y else None)
+        return None
+
+    fn = compile_(expr)
+    if fn is not None:
+        return fn
+
+    def slow(bound):
+        value = expr.subs(bound)
+        return int(value) if value.is_number else None
+    return slow
+
+
+def _fold(parts, bound, op):
+    """``op`` folded over the values of compiled ``parts`` (None if any is None)."""
+    acc = None
+    for p in parts:
+        v = p(bound)
+        if v is None:
+            return None
+        acc = v if acc is None else op(acc, v)
+        if acc is None:
+            return None
+    return acc
+
+
 def _tuple_builder(spec: pytree.TreeSpec):
-    """``f(iterator) -> value`` rebuilding ``spec`` where it is made of plain tuples, lists and
-    leaves; None for any other container."""
+    """``f(iterator) -> value`` rebuilding ``spec`` where it is made of plain tuples, lists, dicts
+    (an output dataclass made plain: ``plain_output``) and leaves; None for any other container."""
     if spec.is_leaf():
         return next
-    if spec.type not in (tuple, list):
+    if spec.type not in (tuple, list, dict):
         return None
     parts = [_tuple_builder(c) for c in spec.children()]
     if any(p is None for p in parts):
         return None
+    if spec.type is dict:
+        keys = list(spec.context)
+        return lambda it: {k: p(it) for k, p in zip(keys, parts)}
     kind = spec.type
     return lambda it: kind([p(it) for p in parts])
 
@@ -684,9 +802,14 @@ def export_call(module: nn.Module, sig: Signature, tensors: Sequence[torch.Tenso
                 torch.set_grad_enabled(sig.grad), preserved(module), _preserved_all(held_modules(sig)), \
                 track_reads(module) as read, asserts_as_checks():
             ep = torch.export.export(wrap, tuple(tensors), dynamic_shapes=dyn, strict=False)
+    except CallNotServable:  # the traced forward itself said why (a stand-in cache not updated)
+        raise
     except Exception as exc:  # any export failure: this call runs on the fallback path
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CallNotServable(f"torch.export failed: {type(exc).__name__}: {first[:200]}") from exc
+    if wrap._assigned.value is not None:
+        raise CallNotServable(f"the forward assigns {wrap._assigned.value} of a dataclass argument, which a graph "
+                              "run would not write back")
     bad = [s for s in ep.graph_signature.output_specs if s.kind != OutputKind.USER_OUTPUT]
     if bad:
         raise CallNotServable(f"the forward writes {bad[0].kind.name.lower()} {bad[0].target!r}, which a "

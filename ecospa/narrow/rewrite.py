@@ -53,6 +53,9 @@ class Builder:
         # the new placeholder of each parameter, before any padding (``env`` may hold a padded copy)
         self.raw: dict[torch.fx.Node, torch.fx.Node] = {}
         self.slots: list[stored.BufferSlot] = []
+        # inputs of the call gathered at the retained positions: their dense placeholder
+        self.inputs: dict[torch.fx.Node, torch.fx.Node] = {}
+        self._twins: dict[torch.fx.Node, torch.fx.Node | None] = {}
 
     # --------------------------------------------------------------------- queries
     def layout(self, node) -> dict:
@@ -102,7 +105,10 @@ class Builder:
         if not lay or node in self.stored:  # stored tensors are dense already
             return new
         if not self.zero.get(node, True):
-            raise NarrowError("the module returns pruned channels that are not zero")
+            twin = self.dense_twin(node)
+            if twin is None:
+                raise NarrowError("the module returns pruned channels that are not zero")
+            return twin
         ndim = len(self.shape(node))
         # per-head channel positions first, while the head dim is still narrow (their index
         # rows follow the kept heads), then the heads themselves
@@ -118,6 +124,38 @@ class Builder:
                 arr = nar.index
             new = self.call(ops.scatter, (new, dim, self.index(arr), nar.size))
         return new
+
+    def dense_twin(self, node: torch.fx.Node) -> torch.fx.Node | None:
+        """``node`` computed at its dense width from dense operands, for an output whose dropped
+        positions are not known to be zero: the call's inputs as they came (``self.inputs``), nodes
+        whose dropped positions are zero scattered back (:meth:`dense`), joined by ops that move
+        whole positions along dims that are not narrowed (``cat``, ``slice``, ``clone``). A KV
+        cache returned as ``cat(past, new)`` is then exact for any past, also one whose removed
+        channels are not zero. None where ``node`` is not such a computation."""
+        memo = self._twins
+        if node in memo:
+            return memo[node]
+        twin = None
+        lay = self.layout(node)
+        if node in self.inputs:
+            twin = self.inputs[node]
+        elif not lay or self.zero.get(node, True):
+            twin = self.dense(node)
+        elif node.op == "call_function" and node.target in _TWIN_OPS:
+            nd = len(self.shape(node))
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            tensors = node.args[0] if node.target in _JOINS else [node.args[0]]
+            if node.target in _JOINS or node.target in _SLICES:
+                if not isinstance(dim, int) or dim % nd in lay:
+                    return None
+            parts = [self.dense_twin(a) if isinstance(a, torch.fx.Node) else None for a in tensors]
+            if all(p is not None for p in parts):
+                if node.target in _JOINS:
+                    twin = self.call(node.target, (parts, *node.args[1:]), dict(node.kwargs))
+                else:
+                    twin = self.call(node.target, (parts[0], *node.args[1:]), dict(node.kwargs))
+        memo[node] = twin
+        return twin
 
     def relayout(self, new: torch.fx.Node, have: Mapping[int, Narrowing], want: Mapping[int, Narrowing]) -> torch.fx.Node:
         """``new`` moved from layout ``have`` to layout ``want`` of the same tensor, where one
@@ -208,6 +246,12 @@ class Builder:
         return new
 
 
+_JOINS = frozenset({torch.ops.aten.cat.default})
+_SLICES = frozenset({torch.ops.aten.slice.Tensor})
+# ops that move whole positions (Builder.dense_twin): joins and slices along a dim not narrowed
+_TWIN_OPS = _JOINS | _SLICES | frozenset({torch.ops.aten.clone.default, torch.ops.aten.alias.default})
+
+
 def _param_src(kept: np.ndarray | None, retained: np.ndarray, dense: int) -> np.ndarray | None:
     """Where each retained dense position sits in the live parameter (``len(kept)``: zeros)."""
     k = np.arange(dense) if kept is None else kept
@@ -257,6 +301,7 @@ def rewrite(program: Program, layout: Layout, kept: Mapping[str, Mapping[int, np
                     # an input whose channels meet removed ones elementwise (a rotary table times
                     # a single k head): gathered at the retained positions; they are not zero
                     ndim = len(b.shape(node))
+                    b.inputs[node] = new
                     for dim, nar in sorted(b.layout(node).items()):
                         new = b.gather(new, dim, nar.index, nar.selectors, ndim)
                     b.zero[node] = False

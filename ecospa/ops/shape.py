@@ -356,15 +356,69 @@ def _no_elements(b, x) -> bool:
 
 @narrow_rule(aten.cat, aten.concat)
 def narrow_cat(b, node):
-    """Join the narrow pieces; a piece that keeps no position (all its channels removed, its
-    layout possibly along another dim than the join's, as the rotary part of GPT-J's heads whose
-    rotary pairs all went) adds nothing to the join and is left out."""
+    """Join along ``dim``. An operand that keeps no position (all its channels removed, its layout
+    possibly along another dim than the join's, as the rotary part of GPT-J's heads whose rotary
+    pairs all went) adds nothing to the join and is left out. Where the output is narrowed along
+    other dims only, an operand that is not narrowed there (a KV cache's past keys, a graph input
+    of the call at its dense width, joined with the narrow new keys along the sequence) is gathered
+    at the output's positions; its dropped positions are not known to be zero (an output that
+    returns them is rebuilt at the dense width from the dense operands, ``Builder.dense``).
+    Operands narrowed along the join dim itself (the pieces of a fused projection) are joined as
+    they are."""
     xs = list(node.args[0])
+    out = b.layout(node)
+    nd = len(b.shape(node))
+    dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % nd
     keep = [x for x in xs if not _no_elements(b, x)]
-    if not keep or len(keep) == len(xs):
-        return narrow_copy(b, node)
-    b.zero[node] = all(b.zero.get(x, True) for x in keep if isinstance(x, torch.fx.Node))
-    return b.copy(node, args=(keep, *node.args[1:]))
+    if keep and len(keep) < len(xs):
+        xs = keep
+    if not out or dim in out:
+        if len(xs) == len(node.args[0]):
+            return narrow_copy(b, node)
+        b.zero[node] = all(b.zero.get(x, True) for x in xs if isinstance(x, torch.fx.Node))
+        return b.copy(node, args=(xs, *node.args[1:]))
+    pieces, zero = [], True
+    for x in xs:
+        own = b.layout(x)
+        for d, nar in out.items():
+            if d in own and not own[d].same(nar):
+                raise NarrowError(f"operands of cat narrowed differently along dim {d}")
+        if set(own) == set(out):
+            pieces.append(b.env[x])
+            zero = zero and b.zero.get(x, True)
+        elif own:
+            raise NarrowError("an operand of cat narrowed along some of the output's narrowed dims only")
+        else:
+            buffer = _buffer_behind(b, x)
+            if buffer is not None:
+                raise NarrowError(f"cat of the module buffer {buffer!r} at its dense width with narrowed channels "
+                                  "(a cache grown by cat and assigned back, which a graph run would not write back)")
+            pieces.append(b.align_operand(x, out, nd))
+            zero = False
+    b.zero[node] = zero
+    return b.emit(node, (pieces, dim), {}, mapped=True)
+
+
+def _buffer_behind(b, x) -> str | None:
+    """The name of the module buffer ``x`` is (or is a view, slice or copy of: one tensor input
+    all the way up), or None."""
+    kinds = _placeholder_kinds(b.program)
+    while isinstance(x, torch.fx.Node):
+        if x.op == "placeholder":
+            kind = kinds.get(x) or ("",)
+            if kind[0] == "buffer":
+                return kind[1]
+            return kind[3] if kind[0] == "held" and kind[1] == "_buffers" else None
+        inputs = [a for a in x.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+        if len(inputs) != 1:
+            return None
+        x = inputs[0]
+    return None
+
+
+def _placeholder_kinds(program) -> dict:
+    """``{placeholder: kind}`` of a captured program (``Program.kinds``)."""
+    return dict(zip((n for n in program.graph.nodes if n.op == "placeholder"), program.kinds))
 
 
 _SIZE_ARITHMETIC = {operator.floordiv: operator.floordiv, operator.mul: operator.mul, operator.add: operator.add,

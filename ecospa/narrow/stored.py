@@ -3,9 +3,12 @@
 Research code keeps its KV cache in module buffers written in place each step (litgpt's
 ``index_copy_``, torchtune's ``k_cache[:, :, pos] = k``, slice assignment). Design (issue 19,
 item 2): **such a buffer is stored at the kept widths** and the narrow graph reads and writes it
-there, like any other narrow tensor (no scatter, no gather; a fraction of the cache bytes). Off
-by default (:data:`NARROW`, ``ECOSPA_NARROW_BUFFER_CACHES=1``): exact, but not faster than the
-exact fallback at the measured sizes; by default such calls run the fallback (:data:`REFUSED`).
+there, like any other narrow tensor (no scatter, no gather; a fraction of the cache bytes). On by
+default (:data:`NARROW`; ``ECOSPA_NARROW_BUFFER_CACHES=0`` turns it off, the exact fallback then
+serves such calls with the cache at its dense width: :data:`REFUSED`). Measured
+(bench/results/buffer_cache.md): faster than dense and half the cache bytes; at the smallest
+widths measured the fallback decodes faster still (its eager forward costs less per call than a
+narrow graph's ops), at width 1024 the two are level.
 
 - Which: a buffer of the region's module (placeholder kind ``"buffer"``) written in place whose
   layout narrows it (:func:`narrow_buffers`); the labels of the writes say which positions are
@@ -61,22 +64,21 @@ __all__ = ["NARROW", "SERVE", "REFUSED", "ATTR", "META", "BufferSlot", "narrow_b
 
 _MODE = os.environ.get("ECOSPA_NARROW_BUFFER_CACHES", "")
 #: Whether buffers a region writes in place are stored at the kept widths and served by its
-#: narrow graph (off by default; ``ECOSPA_NARROW_BUFFER_CACHES=1`` turns it on). Measured
-#: (bench/results/buffer_cache.md, ``bench/bench_buffer_cache.py``, 1 CPU thread): exact, half
-#: the cache bytes, no gather or scatter left, but a decode step at these sizes is bound by the
-#: per-call cost of the narrow graph (the call's bookkeeping and one interpreted op per ATen op),
-#: so it decodes slower than the exact fallback at width 256 (litgpt 0.95x dense against 1.42x,
-#: torchtune 1.01x against 1.56x) and level with it at width 1024 (1.42x against 1.38x, 1.52x
-#: against 1.61x): the fallback serves those calls until the narrow graphs cost less per call.
-NARROW = _MODE == "1"
+#: narrow graph (on unless ``ECOSPA_NARROW_BUFFER_CACHES`` is ``0`` or ``dense``). Measured
+#: (bench/results/buffer_cache.md, ``bench/bench_buffer_cache.py``, 1 CPU thread, 4 layers):
+#: exact, half the cache bytes, no gather or scatter left; decoding faster than dense at width
+#: 256 (litgpt 1.03x, torchtune 1.06x) and 1024 (1.42x, 1.52x); the fallback is faster at width
+#: 256 (1.27x, 1.37x: a decode step there is bound by the per-call cost of the narrow graph),
+#: level at 1024.
+NARROW = _MODE not in ("0", "dense")
 #: Whether narrow graphs serve calls that gather a tensor kept at its dense width (off by
-#: default; ``ECOSPA_NARROW_BUFFER_CACHES=dense`` turns it on): the gather of the whole dense cache
-#: on every read costs more than the narrow attention saves (litgpt width 256: 0.79x dense
-#: against the fallback's 1.45x), so the fallback serves those calls.
+#: default; ``ECOSPA_NARROW_BUFFER_CACHES=dense`` turns it on, with :data:`NARROW` off): the
+#: gather of the whole dense cache on every read costs more than the narrow attention saves
+#: (litgpt width 256: 0.79x dense against the fallback's 1.45x), so the fallback serves those calls.
 SERVE = _MODE == "dense"
-REFUSED = ("the module writes a tensor it keeps in place (a KV cache in a module buffer): the exact fallback serves "
-           "it, faster at the measured sizes than a narrow graph storing it at the kept widths "
-           "(ECOSPA_NARROW_BUFFER_CACHES=1 turns that on; bench/results/buffer_cache.md)")
+REFUSED = ("the module writes a tensor it keeps in place (a KV cache in a module buffer) that is not stored at the "
+           "kept widths (a graph input, a tensor made in the forward, a persistent buffer, or "
+           "ECOSPA_NARROW_BUFFER_CACHES=0): the exact fallback serves it")
 #: The attribute of a module (in its ``__dict__``) recording its buffers stored at the kept widths.
 ATTR = "_ecospa_narrow_buffers"
 #: The key of a narrow graph's ``meta`` holding its :class:`BufferSlot` s.

@@ -2,7 +2,7 @@
 item 2): litgpt's ``index_copy_`` at ``input_pos``, torchtune's ``k_cache[:, :, cache_pos] = k``
 with a position counter and an ``assert`` on it, slice assignment ``cache[:, :, s:e] = k``. Pruned
 regions decode narrow (``execution_report``) with the buffers stored at the kept widths
-(``narrow/stored.py``; opt-in, ``stored.NARROW``: these tests turn it on), and every step's
+(``narrow/stored.py``; on by default, ``stored.NARROW``: set here so the tests do not depend on the environment), and every step's
 logits equal the masked dense model's (fp32, rel err <= 1e-5); scattered back to the dense
 width, the buffers equal the masked dense model's. By default those calls run the fallback.
 
@@ -479,8 +479,9 @@ def test_cat_onto_a_reassigned_buffer_stays_exact():
             assert _rel(model(inp), ref(inp)) <= TOL, step
 
 
-def test_by_default_buffer_caches_run_the_fallback_and_say_why(monkeypatch):
-    """By default (``stored.NARROW`` off) the fallback serves the calls, with the reason."""
+def test_buffer_caches_turned_off_run_the_fallback_and_say_why(monkeypatch):
+    """With narrow storage off (``stored.NARROW``, ``ECOSPA_NARROW_BUFFER_CACHES=0``) the fallback
+    serves the calls, with the reason."""
     monkeypatch.setattr(stored, "NARROW", False)
     model, ref, ids = _pruned("index_copy", "uniform", 2, "half", discover_with_cache=True)
     got, want = _decode(model, ids, 3, "index_copy"), _decode(ref, ids, 3, "index_copy")
@@ -506,3 +507,11 @@ def test_dense_storage_path_stays_exact(monkeypatch, style):
     for blk, rblk in zip(model.blocks, ref.blocks):
         assert blk.k_cache.shape == rblk.k_cache.shape
         assert _rel(blk.k_cache, rblk.k_cache) <= TOL
+
+
+def test_narrow_storage_is_the_default():
+    """Unless ``ECOSPA_NARROW_BUFFER_CACHES`` says ``0`` or ``dense``, buffer caches are stored
+    at the kept widths (the setting is read once, at import)."""
+    import os
+
+    assert stored.NARROW is (os.environ.get("ECOSPA_NARROW_BUFFER_CACHES", "") not in ("0", "dense"))

@@ -3,7 +3,7 @@ of ``bench/research/models.py``: prefill and decode run narrow (every attention 
 fallback call), every step's logits equal the masked dense model's (fp32, rel err <= 1e-5), the
 cache buffers are stored at the kept widths, and a cache the model allocates again (litgpt
 ``set_kv_cache`` anew: new cache modules) or resets in place (torchtune ``reset_caches``) is
-handled (``stored.NARROW``, opt-in: turned on here). Skips unless the library imports (the
+handled (``stored.NARROW``, on by default; set here so the tests do not depend on the environment). Skips unless the library imports (the
 research venv, ``bench/research/setup_venv.sh``).
 """
 from __future__ import annotations

@@ -173,6 +173,22 @@ def _litgpt_specs() -> list[Spec]:
 
 # -- x-transformers -----------------------------------------------------------------------------
 
+def xt_decode(model, tokens, cont) -> tuple[list[torch.Tensor], list]:
+    """Teacher-forced decode with x-transformers' cache (``return_intermediates=True`` /
+    ``cache=``: each attention gets an ``Intermediates`` dataclass holding ``cached_kv``): the
+    last-position logits of every step, and each attention's ``cached_kv`` after the last one."""
+    outs = []
+    with torch.no_grad():
+        logits, cache = model(tokens, return_intermediates=True)
+        outs.append(logits[:, -1])
+        seq = tokens
+        for i in range(cont.shape[1]):
+            seq = torch.cat([seq, cont[:, i:i + 1]], 1)
+            logits, cache = model(seq, cache=cache, return_intermediates=True)
+            outs.append(logits[:, -1])
+    return outs, [a.cached_kv for a in cache.attn_intermediates]
+
+
 def _xt_specs() -> list[Spec]:
     def wrapper(**kw):
         def build():
@@ -182,17 +198,7 @@ def _xt_specs() -> list[Spec]:
         return build
 
     def xdecode(model, tokens, cont):
-        """x-transformers' cache (``return_intermediates=True`` / ``cache=``): plain tensors."""
-        outs = []
-        with torch.no_grad():
-            logits, cache = model(tokens, return_intermediates=True)
-            outs.append(logits[:, -1])
-            seq = tokens
-            for i in range(cont.shape[1]):
-                seq = torch.cat([seq, cont[:, i:i + 1]], 1)
-                logits, cache = model(seq, cache=cache, return_intermediates=True)
-                outs.append(logits[:, -1])
-        return outs
+        return xt_decode(model, tokens, cont)[0]
 
     def cross_build():
         from x_transformers import TransformerWrapper, Decoder

@@ -252,8 +252,7 @@ class _Hot:
     sig: Signature
     layer: Any  # the cache layer object
     prefill: bool  # the layer was empty (the key's prefill flag)
-    key: tuple  # the key of ``region.entries``
-    variants: list  # ``region.entries[key]`` (replaced when the region forgets its graphs)
+    entries: dict  # ``region.entries`` (a new dict when the region forgets its graphs)
     entry: KVEntry
 
 
@@ -360,7 +359,7 @@ class CachedGraphs:
             layers = self._stored_layers(cache, create=True)
         out = self._run(entry, layer, layers, tensors)
         try:
-            self._hot = _Hot(weakref.ref(outer), sig, layer, seq == 0, key, variants, entry)
+            self._hot = _Hot(weakref.ref(outer), sig, layer, seq == 0, self.region.entries, entry)
         except TypeError:  # a cache class without weak references: every call takes the full lookup
             self._hot = None
         return out
@@ -373,10 +372,10 @@ class CachedGraphs:
         the module state). A decode loop calls each module with one cache step after step: this
         skips the lookup, whose bookkeeping is a fair share of a batch-1 decode step."""
         hot = self._hot
-        if hot is None or hot.outer() is not outer or hot.sig != sig:
+        if hot is None or hot.outer() is not outer or hot.sig._fields() != sig._fields():  # (no hash needed)
             return None
         entry, layer, layers, idx = hot.entry, hot.layer, cache.layers, self.layer_idx
-        if entry.gm is None or self.region.entries.get(hot.key) is not hot.variants or entry not in hot.variants:
+        if entry.gm is None or self.region.entries is not hot.entries:  # (replaced when the region forgets)
             return None
         if len(layers) <= idx or layers[idx] is not layer or layer_kind(layer) is not entry.kind:
             return None

@@ -30,6 +30,7 @@ import torch.utils._pytree as pytree
 
 from ecospa.narrow.groups import GroupSum, head_groups, output_biases
 from ecospa.narrow.kvcache import KVNarrower, find_cache
+from ecospa.narrow.cached import CachedGraphs, NotServed, RegionParts
 from ecospa.narrow.positions import analyse
 from ecospa.narrow.program import (CallNotServable, Program, Signature, export_call, held_modules,
                                   placeholder_feeds, signature)
@@ -277,8 +278,6 @@ class RegionForward(EcospaForward):
     def _cached_call(self, cache, args, kwargs):
         """A call with a KV cache object: a narrow graph that reads and writes the cache at the
         kept widths (``cached``), else the fallback with the cache stored narrow (``kvcache``)."""
-        from ecospa.narrow.cached import CachedGraphs, NotServed, RegionParts
-
         kv = self.kv
         if kv.graphs is None:
             kv.graphs = CachedGraphs(self, kv, RegionParts(self.run_fallback, self._mods, self._state, outputs_close, is_random,

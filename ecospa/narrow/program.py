@@ -269,12 +269,13 @@ def _storage(t: torch.Tensor) -> int:
         return id(t)
 
 
+_MODULE = sys.modules[nn.Module.__module__]  # torch.nn.modules.module: the global hook tables
+
+
 def hooks_of(modules: Sequence[nn.Module]) -> tuple:
     """Ids of the forward hooks of ``modules`` and of the global module hooks: a capture holds the
     hooks that ran during it, so adding or removing one needs a new capture."""
-    from torch.nn.modules import module as _m
-
-    out = [tuple(getattr(_m, n, ())) for n in ("_global_forward_pre_hooks", "_global_forward_hooks")]
+    out = [tuple(getattr(_MODULE, "_global_forward_pre_hooks", ())), tuple(getattr(_MODULE, "_global_forward_hooks", ()))]
     for mod in modules:
         if mod._forward_hooks or mod._forward_pre_hooks:
             out.append((id(mod), tuple(mod._forward_pre_hooks), tuple(mod._forward_hooks)))
@@ -341,7 +342,8 @@ def signature(modules: Sequence[nn.Module], args: tuple, kwargs: dict, *,
             raise CallNotServable(f"an argument of type {type(leaf).__name__} (Python-side state "
                                   "such as a KV cache: the graph cannot update it)")
     dev = tensors[0].device.type if tensors else "cpu"
-    autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None)
+    on = torch.is_autocast_enabled(dev)
+    autocast = (on, torch.get_autocast_dtype(dev) if on else None)
     return Signature(spec, tuple(consts), tuple(metas), tuple(m.training for m in modules), autocast,
                      tuple(aliases), torch.is_grad_enabled(), torch.get_default_dtype(),
                      hooks_of(modules if hooks is None else hooks)), tensors

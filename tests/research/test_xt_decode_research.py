@@ -14,7 +14,7 @@ import torch
 
 import ecospa
 from bench.research.matrix import TOL, masked_copy, rel_err, uniform_half_plan
-from bench.research.models import _tokens, all_specs
+from bench.research.models import _tokens, all_specs, xt_decode as _decode
 
 SPECS = [pytest.param(s, id=s.name) for s in all_specs() if s.lib == "x_transformers" and s.decode is not None]
 
@@ -23,20 +23,6 @@ def _attn_calls(model) -> tuple[int, int, list]:
     reps = ecospa.execution_report(model)
     return (sum(r.narrow_calls for r in reps), sum(r.fallback_calls for r in reps),
             sorted({x for r in reps for x in r.reasons}))
-
-
-def _decode(model, tokens, cont):
-    """Teacher-forced: the logits of every step and the caches after the last one."""
-    outs = []
-    with torch.no_grad():
-        logits, cache = model(tokens, return_intermediates=True)
-        outs.append(logits[:, -1])
-        seq = tokens
-        for i in range(cont.shape[1]):
-            seq = torch.cat([seq, cont[:, i:i + 1]], 1)
-            logits, cache = model(seq, cache=cache, return_intermediates=True)
-            outs.append(logits[:, -1])
-    return outs, [a.cached_kv for a in cache.attn_intermediates]
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -6,9 +6,9 @@ item 2): **such a buffer is stored at the kept widths** and the narrow graph rea
 there, like any other narrow tensor (no scatter, no gather; a fraction of the cache bytes). On by
 default (:data:`NARROW`; ``ECOSPA_NARROW_BUFFER_CACHES=0`` turns it off, the exact fallback then
 serves such calls with the cache at its dense width: :data:`REFUSED`). Measured
-(bench/results/buffer_cache.md): faster than dense and half the cache bytes; at the smallest
-widths measured the fallback decodes faster still (its eager forward costs less per call than a
-narrow graph's ops), at width 1024 the two are level.
+(bench/results/buffer_cache.md): half the cache bytes; at width 1024 1.6-1.7x dense, level with
+the fallback; at width 256 a decode step is bound by per-call cost and the fallback's eager
+forward is the faster one (narrow 0.91-0.95x dense, fallback 1.10-1.21x).
 
 - Which: a buffer of the region's module (placeholder kind ``"buffer"``) written in place whose
   layout narrows it (:func:`narrow_buffers`); the labels of the writes say which positions are
@@ -66,10 +66,9 @@ _MODE = os.environ.get("ECOSPA_NARROW_BUFFER_CACHES", "")
 #: Whether buffers a region writes in place are stored at the kept widths and served by its
 #: narrow graph (on unless ``ECOSPA_NARROW_BUFFER_CACHES`` is ``0`` or ``dense``). Measured
 #: (bench/results/buffer_cache.md, ``bench/bench_buffer_cache.py``, 1 CPU thread, 4 layers):
-#: exact, half the cache bytes, no gather or scatter left; decoding faster than dense at width
-#: 256 (litgpt 1.03x, torchtune 1.06x) and 1024 (1.42x, 1.52x); the fallback is faster at width
-#: 256 (1.27x, 1.37x: a decode step there is bound by the per-call cost of the narrow graph),
-#: level at 1024.
+#: exact, half the cache bytes, no gather or scatter left; at width 1024 decoding 1.62x / 1.67x
+#: dense (litgpt / torchtune), level with the fallback; at width 256, where a decode step is
+#: bound by per-call cost, 0.91x / 0.95x dense against the fallback's 1.10x / 1.21x.
 NARROW = _MODE not in ("0", "dense")
 #: Whether narrow graphs serve calls that gather a tensor kept at its dense width (off by
 #: default; ``ECOSPA_NARROW_BUFFER_CACHES=dense`` turns it on, with :data:`NARROW` off): the

@@ -372,7 +372,7 @@ class CachedGraphs:
         the module state). A decode loop calls each module with one cache step after step: this
         skips the lookup, whose bookkeeping is a fair share of a batch-1 decode step."""
         hot = self._hot
-        if hot is None or hot.outer() is not outer or hot.sig._fields() != sig._fields():  # (no hash needed)
+        if hot is None or hot.outer() is not outer or not hot.sig.same(sig):
             return None
         entry, layer, layers, idx = hot.entry, hot.layer, cache.layers, self.layer_idx
         if entry.gm is None or self.region.entries is not hot.entries:  # (replaced when the region forgets)

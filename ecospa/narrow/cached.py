@@ -240,7 +240,6 @@ class KVEntry(Entry):
     kind: LayerKind | None = None  # the kind of cache layer the graph reads and writes
     length: int | tuple | None = None  # ``_length_plan``: the number of new entries of a call
     past_range: tuple | None = None  # ``_past_range`` of the program, once computed (``()``: none)
-    fits: dict = dataclasses.field(default_factory=dict)  # input shapes -> guard of all but the past length
 
 
 @dataclass(frozen=True)
@@ -308,9 +307,9 @@ class CachedGraphs:
             sig, tensors = signature(self.parts.modules, plain_args, plain_kwargs, hooks=self.parts.modules[1:])
         except CallNotServable as e:
             raise NotServed(str(e)) from None
-        entry = self._hot_entry(outer, cache, sig, tensors)
-        if entry is not None:
-            return self._run(entry, cache.layers[self.layer_idx], self._stored_layers(cache), tensors)
+        hot = self._hot_entry(outer, cache, sig, tensors)
+        if hot is not None:
+            return self._run(*hot, tensors)
         if self.layer_idx is None:
             self._probe(outer, args, kwargs)
         idx = self.layer_idx
@@ -364,9 +363,9 @@ class CachedGraphs:
             self._hot = None
         return out
 
-    def _hot_entry(self, outer, cache, sig, tensors) -> KVEntry | None:
-        """The entry that served the last call, where this call is one the full lookup would
-        serve with it: the same cache object and layer object, the same signature, still a
+    def _hot_entry(self, outer, cache, sig, tensors) -> tuple[KVEntry, Any, dict] | None:
+        """``(entry, layer, stored layouts)`` of the last call, where this call is one the full
+        lookup would serve with that entry: the same cache object and layer object, the same signature, still a
         prefill or still a decode step, the layer stored at the entry's layout, the entry still
         among the region's and fitting these inputs and this past length (``_fits``: the guards,
         the module state). A decode loop calls each module with one cache step after step: this
@@ -384,7 +383,7 @@ class CachedGraphs:
         stored = self._stored_layers(cache)
         if stored is None or stored.get(idx) is not entry.lay:
             return None
-        return entry if self._fits(entry, tensors, entry.kind, entry.kind.past_len(layer)) else None
+        return (entry, layer, stored) if self._fits(entry, tensors, entry.kind, entry.kind.past_len(layer)) else None
 
     def _run(self, entry: KVEntry, layer, layers: dict, tensors: list):
         """Run ``entry``'s graph on ``tensors`` and the past of ``layer``; store the new keys and
@@ -438,12 +437,7 @@ class CachedGraphs:
         lo, hi = v.past_range
         if not lo <= past_len <= hi:
             return False
-        key = tuple([t.shape for t in tensors])
-        ok = v.fits.get(key)
-        if ok is None:
-            if len(v.fits) >= _FITS_MEMO:
-                v.fits.clear()
-            ok = v.fits[key] = self._guard(v, tensors, kind, lo)
+        ok = v.remembered(tensors, lambda: self._guard(v, tensors, kind, lo))  # (all but the past length)
         return ok and v.state_ok()
 
     @staticmethod
@@ -708,7 +702,6 @@ class _Shaped:
         return len(self.shape)
 
 
-_FITS_MEMO = 64  # input shapes remembered per entry by ``CachedGraphs._fits``
 
 
 def _past_range(program: Program, n_extra: int) -> tuple:

@@ -5,6 +5,7 @@ reason), the ladder of strategies, and the output check against the exact path.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.utils._pytree as pytree
@@ -78,17 +79,22 @@ class Entry:
     verified: set = field(default_factory=set)  # input shapes checked under verify
     strategy: str | None = None  # the LADDER rung (or "grouped") that built gm
     tried: tuple = ()  # (strategy, Refusal kind or why skipped) of the rungs before it
-    guarded: dict = field(default_factory=dict)  # input shapes -> program.guard of them
+    guarded: dict = field(default_factory=dict)  # input shapes -> their guard (``remembered``)
 
     def fits(self, tensors) -> bool:
         """:meth:`Program.guard` of ``tensors``, remembered per input shapes (a guard reads
         nothing but the shapes; a decode loop repeats a handful of them)."""
+        return self.remembered(tensors, lambda: self.program.guard(tensors))
+
+    def remembered(self, tensors, guard: Callable[[], bool]) -> bool:
+        """``guard()``, computed once per input shapes of ``tensors`` (kept in ``guarded``, cleared
+        past ``_GUARD_MEMO`` shapes)."""
         key = tuple([t.shape for t in tensors])
         ok = self.guarded.get(key)
         if ok is None:
             if len(self.guarded) >= _GUARD_MEMO:
                 self.guarded.clear()
-            ok = self.guarded[key] = self.program.guard(tensors)
+            ok = self.guarded[key] = guard()
         return ok
 
     def state_ok(self) -> bool:

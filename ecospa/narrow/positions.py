@@ -30,7 +30,7 @@ from ecospa.ir.labels import to_ndim, varying
 from ecospa.ir.narrowing import Narrowing
 
 __all__ = ["Narrowing", "Layout", "analyse", "blocked_factors", "channel_dim", "factor_rows", "kept_labels",
-           "part_dims"]
+           "part_dims", "same_layout"]
 
 
 NodeLayout = dict  # dim -> Narrowing, for a tensor value; a tuple of them for several outputs
@@ -309,7 +309,7 @@ def analyse(captured: Captured, kept: Mapping[str, Mapping[int, np.ndarray]], *,
         if isinstance(lay, str) or exact is None or _is_blocked(fs):
             return lay, None
         flat = _node_layout(fs, ndim, comp, exact)
-        if isinstance(flat, str) or _same_layout(flat, lay):
+        if isinstance(flat, str) or same_layout(flat, lay):
             return flat, None
         return flat, lay
 
@@ -356,5 +356,9 @@ def analyse(captured: Captured, kept: Mapping[str, Mapping[int, np.ndarray]], *,
     return Layout(nodes, retained_idx, flow, dropped=dropped, padded=padded, blocked=frozenset(blocked))
 
 
-def _same_layout(a: NodeLayout, b: NodeLayout) -> bool:
-    return a.keys() == b.keys() and all(a[d].same(b[d]) for d in a)
+def same_layout(a: NodeLayout, b: NodeLayout, selectors: bool = False) -> bool:
+    """Two node layouts narrow the same dims at the same positions (and, with ``selectors``,
+    choose them along the same dims)."""
+    if not isinstance(a, dict) or not isinstance(b, dict) or a.keys() != b.keys():
+        return False
+    return all(a[d].same(b[d]) and (not selectors or a[d].selectors == b[d].selectors) for d in a)

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ecospa.ops import runtime as ops
 from ecospa.ir.narrowing import Narrowing
-from ecospa.narrow.positions import Layout
+from ecospa.narrow.positions import Layout, same_layout
 from ecospa.narrow.program import Program
 from ecospa.ops.registry import NarrowError, spec
 from ecospa.ops.inplace import store_write
@@ -246,10 +246,10 @@ class Builder:
         return new
 
 
-_JOINS = frozenset({torch.ops.aten.cat.default})
-_SLICES = frozenset({torch.ops.aten.slice.Tensor})
+_JOINS = frozenset({aten.cat.default})
+_SLICES = frozenset({aten.slice.Tensor})
 # ops that move whole positions (Builder.dense_twin): joins and slices along a dim not narrowed
-_TWIN_OPS = _JOINS | _SLICES | frozenset({torch.ops.aten.clone.default, torch.ops.aten.alias.default})
+_TWIN_OPS = _JOINS | _SLICES | frozenset({aten.clone.default, aten.alias.default})
 
 
 def _param_src(kept: np.ndarray | None, retained: np.ndarray, dense: int) -> np.ndarray | None:
@@ -334,12 +334,6 @@ def rewrite(program: Program, layout: Layout, kept: Mapping[str, Mapping[int, np
     return gm
 
 
-def _same_layout(a, b) -> bool:
-    if not isinstance(a, dict) or not isinstance(b, dict) or a.keys() != b.keys():
-        return False
-    return all(a[d].same(b[d]) and a[d].selectors == b[d].selectors for d in a)
-
-
 def _identity_of(b: Builder, node: torch.fx.Node) -> torch.fx.Node | None:
     """The input ``node`` returns unchanged in eager mode, where the narrow graph may use that
     input's value in its place: ``aten.alias`` (a view with the same metadata; not where the
@@ -362,7 +356,7 @@ def _identity_of(b: Builder, node: torch.fx.Node) -> torch.fx.Node | None:
         return None
     if not isinstance(src, torch.fx.Node) or src not in b.env or src in b.stored:
         return None
-    return src if _same_layout(b.layout(node), b.layout(src)) else None
+    return src if same_layout(b.layout(node), b.layout(src), selectors=True) else None
 
 
 def _shared_gathers(b: Builder) -> None:

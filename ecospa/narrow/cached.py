@@ -66,6 +66,7 @@ from ecospa.narrow.positions import analyse
 from ecospa.capture import datafields
 from ecospa.narrow.program import CallNotServable, Program, Signature, export_call, placeholder_feeds, signature
 from ecospa.narrow import fastcall
+from ecospa.narrow.lane import MISS, CachedLane, Lane, fingerprint
 from ecospa.narrow.rewrite import rewrite
 from ecospa.ir.record import param_records
 from ecospa.capture.export import Captured
@@ -242,19 +243,6 @@ class KVEntry(Entry):
     past_range: tuple | None = None  # ``_past_range`` of the program, once computed (``()``: none)
 
 
-@dataclass(frozen=True)
-class _Hot:
-    """The last call :class:`CachedGraphs` served: what the next call must share to be served by
-    the same entry without the full lookup (``CachedGraphs._hot_entry``)."""
-
-    outer: weakref.ref  # the cache object passed (weakly: a finished generate() frees its cache)
-    sig: Signature
-    layer: Any  # the cache layer object
-    prefill: bool  # the layer was empty (the key's prefill flag)
-    entries: dict  # ``region.entries`` (a new dict when the region forgets its graphs)
-    entry: KVEntry
-
-
 # ----------------------------------------------------------------------------- the shim
 @dataclass(frozen=True)
 class RegionParts:
@@ -283,7 +271,7 @@ class CachedGraphs:
         self.layer_idx: int | None = None
         self.why: str | None = None  # why this module's calls cannot be served at all
         self._last: tuple | None = None  # (weak reference to the last cache, its stored layouts)
-        self._hot: _Hot | None = None  # the last call served, for the next (``_hot_entry``)
+        self._lane: CachedLane | None = None  # the last call served, for the next (``lane``)
         # (keys bytes, values bytes, layout) of the layer after the last call served here
         self.last_bytes: tuple | None = None
 
@@ -307,9 +295,6 @@ class CachedGraphs:
             sig, tensors = signature(self.parts.modules, plain_args, plain_kwargs, hooks=self.parts.modules[1:])
         except CallNotServable as e:
             raise NotServed(str(e)) from None
-        hot = self._hot_entry(outer, cache, sig, tensors)
-        if hot is not None:
-            return self._run(*hot, tensors)
         if self.layer_idx is None:
             self._probe(outer, args, kwargs)
         idx = self.layer_idx
@@ -357,33 +342,60 @@ class CachedGraphs:
         if layers is None:
             layers = self._stored_layers(cache, create=True)
         out = self._run(entry, layer, layers, tensors)
-        try:
-            self._hot = _Hot(weakref.ref(outer), sig, layer, seq == 0, self.region.entries, entry)
-        except TypeError:  # a cache class without weak references: every call takes the full lookup
-            self._hot = None
+        self._remember(outer, layer, seq == 0, entry, args, kwargs)
         return out
 
-    def _hot_entry(self, outer, cache, sig, tensors) -> tuple[KVEntry, Any, dict] | None:
-        """``(entry, layer, stored layouts)`` of the last call, where this call is one the full
-        lookup would serve with that entry: the same cache object and layer object, the same signature, still a
-        prefill or still a decode step, the layer stored at the entry's layout, the entry still
-        among the region's and fitting these inputs and this past length (``_fits``: the guards,
-        the module state). A decode loop calls each module with one cache step after step: this
-        skips the lookup, whose bookkeeping is a fair share of a batch-1 decode step."""
-        hot = self._hot
-        if hot is None or hot.outer() is not outer or not hot.sig.same(sig):
-            return None
-        entry, layer, layers, idx = hot.entry, hot.layer, cache.layers, self.layer_idx
-        if entry.gm is None or self.region.entries is not hot.entries:  # (replaced when the region forgets)
-            return None
-        if len(layers) <= idx or layers[idx] is not layer or layer_kind(layer) is not entry.kind:
-            return None
-        if (entry.kind.seq(layer) == 0) is not hot.prefill:
-            return None
+    def lane(self, args: tuple, kwargs: dict) -> Any:
+        """The module's output for a call that repeats the last one served (``narrow.lane``),
+        computed by the same entry, or :data:`~ecospa.narrow.lane.MISS` (then the full lookup
+        runs). Checked: the same cache object and layer object, the same fingerprint (signature
+        and input shapes), still a prefill or still a decode step, the layer stored at the
+        entry's layout, the entry still among the region's, the past length within its graph's
+        range and the module state the capture read unchanged."""
+        lane = self._lane
+        outer = lane.cache_of(args, kwargs) if lane is not None else None
+        if outer is None or self.why is not None:
+            return MISS
+        found = fingerprint(args, kwargs, outer, self.parts.modules)
+        if not lane.serves(found, self.region.entries, self.parts.modules[1:]):
+            return MISS
+        entry, layer, idx = lane.entry, lane.layer(), self.layer_idx
+        cache = inner_cache(outer)
+        layers = getattr(cache, "layers", None)
+        if (not isinstance(layers, list) or len(layers) <= idx or layers[idx] is not layer
+                or getattr(cache, "offloading", False)):
+            return MISS
+        kind = entry.kind
+        if layer_kind(layer) is not kind or (kind.seq(layer) == 0) is not lane.prefill:
+            return MISS
         stored = self._stored_layers(cache)
-        if stored is None or stored.get(idx) is not entry.lay:
-            return None
-        return (entry, layer, stored) if self._fits(entry, tensors, entry.kind, entry.kind.past_len(layer)) else None
+        if stored is None or stored.get(idx) is not entry.lay or not entry.past_range:
+            return MISS
+        lo, hi = entry.past_range
+        if not lo <= kind.past_len(layer) <= hi:
+            return MISS
+        try:
+            return self._run(entry, layer, stored, found[1])
+        except NotServed:  # the graph failed on this call (logged, the entry retired): the full lookup
+            return MISS
+
+    def _remember(self, outer, layer, prefill: bool, entry: KVEntry, args: tuple, kwargs: dict) -> None:
+        """Keep the call just served as the :class:`~ecospa.narrow.lane.Lane` for the next
+        (none where it is not one the lane covers, or the cache has no weak references)."""
+        self._lane = None
+        if entry.past_range is None:  # (a new entry: ``_fits`` computes it at its next call)
+            entry.past_range = _past_range(entry.program, entry.kind.n_extra)
+        slot = CachedLane.slot_of(outer, args, kwargs)
+        if slot is None or not entry.past_range:
+            return
+        found = fingerprint(args, kwargs, outer, self.parts.modules)
+        if found is None:
+            return
+        try:
+            self._lane = CachedLane(found[0], self.region.entries, entry, *Lane.hooks_now(self.parts.modules[1:]),
+                                    slot=slot, outer=weakref.ref(outer), layer=weakref.ref(layer), prefill=prefill)
+        except TypeError:  # a cache or layer class without weak references
+            pass
 
     def _run(self, entry: KVEntry, layer, layers: dict, tensors: list):
         """Run ``entry``'s graph on ``tensors`` and the past of ``layer``; store the new keys and
@@ -392,20 +404,19 @@ class CachedGraphs:
         past = self._past(entry, layer, tensors, t)
         layers[self.layer_idx] = entry.lay  # (feeding may have allocated the layer at the kept widths)
         try:
-            flat = entry.gm.forward(*[f() for f in entry.feeds], *tensors, *past)  # (no module hooks: skipped)
+            flat = entry.gm.forward(*entry.feed(), *tensors, *past)  # (no module hooks: skipped)
         except Exception as e:  # a graph that cannot run this call must cost speed, never the forward
             entry.gm, entry.refusal = None, Refusal.BUG
             entry.reason = f"the narrow graph failed on a later call: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             log.warning("ecospa: %s: %s; calls with a cache run on the exact fallback from now on. Please "
                         "report this with the model.", self.region.path or "<root>", entry.reason)
-            self._hot = None
+            self._lane = None
             raise NotServed(entry.reason) from None
         out, k_all, v_all = _output(entry.program, flat)
         entry.kind.store(layer, k_all, v_all, past, t)
         self.kv.stored += 1
         entry.calls += 1
-        keys, values = layer.keys, layer.values
-        self.last_bytes = (keys.numel() * keys.element_size(), values.numel() * values.element_size(), entry.lay)
+        self.last_bytes = (layer.keys.nbytes, layer.values.nbytes, entry.lay)
         return out
 
     def _stored_layers(self, cache, create: bool = False) -> dict | None:
@@ -611,7 +622,7 @@ class CachedGraphs:
                                                        _length(entry.length, tensors)))
             dense = entry.kind.dense((*(_grow(ix, p) for ix, p in zip(entry.lay, past)), *past[2:]))
             try:
-                flat = entry.gm(*[f() for f in entry.feeds], *tensors, *past)
+                flat = entry.gm(*entry.feed(), *tensors, *past)
                 got, k_all, v_all = _output(entry.program, flat)
             except Exception as e:  # a wrong narrow graph must cost speed, never a forward
                 return f"the narrow graph failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"

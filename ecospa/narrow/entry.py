@@ -4,13 +4,14 @@ reason), the ladder of strategies, and the output check against the exact path.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.utils._pytree as pytree
 
-from ecospa.narrow.program import MISSING, Program, plain_output
+from ecospa.narrow.program import MISSING, Program, feeder, plain_output
 
 __all__ = ["MAX_VARIANTS", "Refusal", "Strategy", "LADDER", "Entry", "is_random", "output_tensors", "outputs_close"]
 
@@ -80,6 +81,11 @@ class Entry:
     strategy: str | None = None  # the LADDER rung (or "grouped") that built gm
     tried: tuple = ()  # (strategy, Refusal kind or why skipped) of the rungs before it
     guarded: dict = field(default_factory=dict)  # input shapes -> their guard (``remembered``)
+
+    @functools.cached_property
+    def feed(self) -> Callable[[], list]:
+        """The values of :attr:`feeds` at call time, in one call (``program.feeder``)."""
+        return feeder(self.feeds)
 
     def fits(self, tensors) -> bool:
         """:meth:`Program.guard` of ``tensors``, remembered per input shapes (a guard reads

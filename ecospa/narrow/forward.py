@@ -31,6 +31,7 @@ import torch.utils._pytree as pytree
 from ecospa.narrow.groups import GroupSum, head_groups, output_biases
 from ecospa.narrow.kvcache import KVNarrower, find_cache
 from ecospa.narrow.cached import CachedGraphs, NotServed, RegionParts
+from ecospa.narrow.lane import MISS, NO_CACHE, Lane, fingerprint
 from ecospa.narrow.positions import analyse
 from ecospa.narrow.program import (CallNotServable, Program, Signature, export_call, held_modules,
                                   placeholder_feeds, signature)
@@ -105,6 +106,8 @@ class RegionForward(EcospaForward):
             (``program.HeldModule``); without a root such calls run the fallback.
     """
 
+    _lane: Lane | None = None  # (a class default: forwards unpickled from older states have none)
+
     def __init__(self, module: nn.Module, path: str, cache: ProgramCache, *, pad_multiple: int = 8,
                  check: bool = True, fallback=None, group_heads: bool = False, root: nn.Module | None = None):
         self.module, self.path, self.cache, self.root = module, path, cache, root
@@ -120,6 +123,7 @@ class RegionForward(EcospaForward):
         self._kv: KVNarrower | None = None
         self.verify_calls = False  # prune(..., verify=True): check every new input shape once
         self._flows: dict[int, tuple] = {}  # id(dense graph) -> (graph, its label flow)
+        self._lane: Lane | None = None  # the last plain call served narrow, for the next (``narrow.lane``)
         self.stores_narrow = False  # a narrow graph stored a module buffer at the kept widths
 
     @property
@@ -146,6 +150,7 @@ class RegionForward(EcospaForward):
             logs it, so that a rollback to the old widths finds the graphs built for them.
         """
         self.store_dense()  # buffers stored at the old kept widths (sliced anew later)
+        self._lane = None  # (its entries dict is replaced below: it could not serve again anyway)
         entries, refused, cache_refused = self.entries, self.refused, self.cache_refused
         self.entries, self.refused, self.cache_refused = {}, Counter(), Counter()
         kv = self._kv
@@ -183,7 +188,7 @@ class RegionForward(EcospaForward):
         # own in __deepcopy__; an unpickled one serves module arguments on the fallback)
         state.update(entries={}, refused=Counter(), cache_refused=Counter(), _kv_bytes=None, _kv_sizes=None,
                      cache=ProgramCache(),
-                     _subtree=None, _kv=None, _flows={}, root=None)
+                     _subtree=None, _kv=None, _flows={}, root=None, _lane=None)
         return state
 
     def report(self) -> list[dict[str, Any]]:
@@ -218,6 +223,16 @@ class RegionForward(EcospaForward):
     def __call__(self, *args, **kwargs):
         if torch.compiler.is_compiling():
             return self.run_fallback(*args, **kwargs)
+        kv = self._kv
+        if kv is not None and kv.graphs is not None:  # a decode step repeating the last call
+            out = kv.graphs.lane(args, kwargs)
+            if out is not MISS:
+                self._kv_sizes = kv.graphs.last_bytes
+                return out
+        found = fingerprint(args, kwargs, NO_CACHE, self._mods)
+        lane = self._lane
+        if lane is not None and not self.verify_calls and lane.serves(found, self.entries, self._mods[1:]):
+            return self._serve(lane.entry, found[1], args, kwargs)  # the call repeats the last one's entry
         cache = find_cache(args, kwargs)
         if cache is not None:  # (checked first: a decode step computes its signature once)
             return self._cached_call(cache, args, kwargs)
@@ -236,7 +251,17 @@ class RegionForward(EcospaForward):
         if self.verify_calls and not self._verified(entry, sig, tensors, args, kwargs):
             entry.calls += 1
             return self.run_fallback(*args, **kwargs)
-        feeds = [f() for f in entry.feeds]
+        out = self._serve(entry, tensors, args, kwargs)
+        self._lane = None
+        if found is not None and entry.gm is not None and not self.verify_calls:
+            self._lane = Lane(found[0], self.entries, entry, *Lane.hooks_now(self._mods[1:]))
+        return out
+
+    def _serve(self, entry: Entry, tensors: list, args, kwargs):
+        """The output of ``entry``'s narrow graph for a call with ``tensors`` (module buffers it
+        stores at the kept widths sliced at the first such call), or of the fallback where that
+        slicing or the graph fails (the entry then retired, with a warning)."""
+        feeds = entry.feed()
         slots = stored.slots(entry.gm)
         if slots:  # module buffers stored at the kept widths (sliced at the first such call)
             sliced = stored.make_narrow(self.module, slots, feeds)
@@ -508,7 +533,7 @@ class RegionForward(EcospaForward):
         """The narrow graph against the fallback on this call's inputs (no gradients); None when
         they agree."""
         with torch.no_grad(), unobserved():  # a check, not a call: statistics hooks skip it
-            feeds = [f() for f in entry.feeds]
+            feeds = entry.feed()
             slots = stored.slots(entry.gm)
             if slots:  # buffers stored at the kept widths: the graph runs on them narrow
                 problem = stored.make_narrow(self.module, slots, feeds)

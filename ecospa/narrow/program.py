@@ -54,9 +54,10 @@ import dataclasses
 import functools
 import io
 import logging
+import operator
 import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import sympy
 import torch
@@ -74,7 +75,7 @@ from ecospa.capture.state import preserved
 __all__ = ["Program", "Signature", "signature", "export_call", "CallNotServable", "Reads", "hooks_of", "HeldModule",
            "held_modules",
            "plain_output", "track_reads", "MISSING",
-           "getter", "placeholder_feeds"]
+           "getter", "feeder", "placeholder_feeds"]
 
 _SIMPLE = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.memory_format,
            torch.layout, type(Ellipsis))
@@ -873,12 +874,31 @@ def getter(root: nn.Module, store: str, name: str):
     or ``"_buffers"``) as it is when called."""
     path, _, attr = name.rpartition(".")
     owner = root.get_submodule(path) if path else root
-    table = getattr(owner, store)
-    return lambda: table[attr]
+    return functools.partial(operator.getitem, getattr(owner, store), attr)
 
 
 def _none() -> None:
     return None
+
+
+def feeder(feeds: Sequence[Callable[[], Any]]) -> Callable[[], list]:
+    """One function returning ``[f() for f in feeds]``: the parameter and buffer lookups of
+    :func:`getter` written inline (a dict subscript each) and unread buffers as None, so that a
+    call reads its graph's feeds in one Python frame."""
+    env: dict[str, Any] = {}
+    parts = []
+    for i, f in enumerate(feeds):
+        if f is _none:
+            parts.append("None")
+        elif isinstance(f, functools.partial) and f.func is operator.getitem and not f.keywords and len(f.args) == 2:
+            env[f"t{i}"], env[f"k{i}"] = f.args
+            parts.append(f"t{i}[k{i}]")
+        else:
+            env[f"f{i}"] = f
+            parts.append(f"f{i}()")
+    src = f"def feed():\n    return [{', '.join(parts)}]\n"
+    exec(compile(src, "<ecospa feeds>", "exec"), env)
+    return env["feed"]
 
 
 def placeholder_feeds(program: Program, module: nn.Module, device) -> tuple[dict, dict, list]:

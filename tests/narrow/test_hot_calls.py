@@ -1,5 +1,5 @@
 """The per-call shortcuts of narrow decoding: a call that repeats the last one's cache, layer,
-signature and entry skips the lookup (``CachedGraphs._hot_entry``), and narrow graphs call their
+signature and entry skips the lookup (``CachedGraphs.lane``, ``narrow/lane.py``), and narrow graphs call their
 ATen operators directly (``narrow/fastcall.py``). Neither may change a result: decoding two
 caches in turn, pruning again between steps, and the graphs' own outputs are compared with the
 masked dense model and with ``torch.fx``'s own forward. (A new round of pruning gives the region

@@ -324,6 +324,7 @@ def rewrite(program: Program, layout: Layout, kept: Mapping[str, Mapping[int, np
             raise NarrowError(f"{e} at {node.format_node()} in module "
                               f"{module_of(node) or '<root>'!r}") from None
     _shared_gathers(b)
+    _drop_unread_views(b.graph)
     root = nn.Module()
     for name, t in b.buffers.items():
         root.register_buffer(name, t, persistent=False)
@@ -357,6 +358,19 @@ def _identity_of(b: Builder, node: torch.fx.Node) -> torch.fx.Node | None:
     if not isinstance(src, torch.fx.Node) or src not in b.env or src in b.stored:
         return None
     return src if same_layout(b.layout(node), b.layout(src), selectors=True) else None
+
+
+# ops that only view their input (no writes, no copies): one nothing reads is left out
+_VIEWS = (aten.slice.Tensor, aten.view.default, aten.transpose.int, aten.unsqueeze.default, aten.select.int,
+          aten.expand.default, aten.alias.default, aten.sym_size.int)
+
+
+def _drop_unread_views(graph: torch.fx.Graph) -> None:
+    """Views that nothing reads (a rule left them behind: the empty piece of a join it dropped)
+    are left out of the graph; each would cost a dispatch per call."""
+    for node in reversed(list(graph.nodes)):
+        if node.op == "call_function" and node.target in _VIEWS and not node.users:
+            graph.erase_node(node)
 
 
 def _shared_gathers(b: Builder) -> None:

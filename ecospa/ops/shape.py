@@ -354,6 +354,48 @@ def _no_elements(b, x) -> bool:
     return isinstance(lay, dict) and any(n.width == 0 for n in lay.values())
 
 
+def _empty_piece(node: torch.fx.Node, x, dim: int) -> bool:
+    """True when operand ``x`` of the join ``node`` has no elements in the dense graph itself
+    (``q[..., rope_n_elem:]`` where the rotary part is the whole head, as litgpt joins it back)
+    and the join's dtype is its own: leaving it out changes neither values nor dtype."""
+    val, out = (x.meta.get("val") if isinstance(x, torch.fx.Node) else None), node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or not isinstance(out, torch.Tensor) or val.dtype != out.dtype:
+        return False
+    return val.dim() == out.dim() and isinstance(val.shape[dim], int) and val.shape[dim] == 0
+
+
+def _same_positions(a, c) -> bool:
+    """Two node layouts keep the same positions along the same dims, chosen along the same dims."""
+    if not isinstance(a, dict) or not isinstance(c, dict) or a.keys() != c.keys():
+        return False
+    return all(a[d].same(c[d]) and a[d].selectors == c[d].selectors for d in a)
+
+
+# ops that read a tensor's metadata only (export's dtype/device assertions, sizes)
+_METADATA_ONLY = (aten._assert_tensor_metadata.default, aten.sym_size.int)
+
+
+def _sole_fresh_use(node: torch.fx.Node, x) -> bool:
+    """True when ``x`` is a tensor an op made afresh (its schema returns no alias of an input),
+    not written in place, that only ``node`` reads (through ``aten.alias`` or a same-dtype
+    ``aten.to``, which eager mode returns as the tensor itself, read by nothing else but
+    metadata checks): the join's copy of it cannot be told apart from it."""
+    user = node
+    while isinstance(x, torch.fx.Node) and x.op == "call_function" \
+            and [u for u in x.users if u.target not in _METADATA_ONLY] == [user]:
+        val, src = x.meta.get("val"), x.args[0] if x.args else None
+        src_val = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
+        if x.target is aten.alias.default or (x.target is aten.to.dtype and not x.kwargs and len(x.args) == 2
+                                              and isinstance(val, torch.Tensor) and isinstance(src_val, torch.Tensor)
+                                              and val.dtype == src_val.dtype):
+            user, x = x, src
+            continue
+        schema = getattr(x.target, "_schema", None)
+        return (schema is not None and not schema.is_mutable and len(schema.returns) == 1
+                and schema.returns[0].alias_info is None)
+    return False
+
+
 @narrow_rule(aten.cat, aten.concat)
 def narrow_cat(b, node):
     """Join along ``dim``. An operand that keeps no position (all its channels removed, its layout
@@ -369,9 +411,12 @@ def narrow_cat(b, node):
     out = b.layout(node)
     nd = len(b.shape(node))
     dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % nd
-    keep = [x for x in xs if not _no_elements(b, x)]
+    keep = [x for x in xs if not _no_elements(b, x) and not _empty_piece(node, x, dim)]
     if keep and len(keep) < len(xs):
         xs = keep
+    if len(xs) == 1 and _sole_fresh_use(node, xs[0]) and _same_positions(b.layout(xs[0]), out):
+        b.zero[node] = b.zero.get(xs[0], True)  # a join of one fresh tensor nothing else reads: that tensor
+        return b.env[xs[0]]
     if not out or dim in out:
         if len(xs) == len(node.args[0]):
             return narrow_copy(b, node)

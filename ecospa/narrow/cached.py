@@ -348,10 +348,10 @@ class CachedGraphs:
     def lane(self, args: tuple, kwargs: dict) -> Any:
         """The module's output for a call that repeats the last one served (``narrow.lane``),
         computed by the same entry, or :data:`~ecospa.narrow.lane.MISS` (then the full lookup
-        runs). Checked: the same cache object and layer object, the same fingerprint (signature
-        and input shapes), still a prefill or still a decode step, the layer stored at the
-        entry's layout, the entry still among the region's, the past length within its graph's
-        range and the module state the capture read unchanged."""
+        runs). Checked: the same cache object and layer object, the same fingerprint (the
+        signature) and hooks, still a prefill or still a decode step, the layer stored at the
+        entry's layout, the entry still among the region's, and ``_fits`` (its guard for these
+        input shapes and past length, the module state the capture read)."""
         lane = self._lane
         outer = lane.cache_of(args, kwargs) if lane is not None else None
         if outer is None or self.why is not None:
@@ -369,10 +369,9 @@ class CachedGraphs:
         if layer_kind(layer) is not kind or (kind.seq(layer) == 0) is not lane.prefill:
             return MISS
         stored = self._stored_layers(cache)
-        if stored is None or stored.get(idx) is not entry.lay or not entry.past_range:
+        if stored is None or stored.get(idx) is not entry.lay:
             return MISS
-        lo, hi = entry.past_range
-        if not lo <= kind.past_len(layer) <= hi:
+        if not self._fits(entry, found[1], kind, kind.past_len(layer)):  # guard, past length, module state
             return MISS
         try:
             return self._run(entry, layer, stored, found[1])
@@ -383,10 +382,8 @@ class CachedGraphs:
         """Keep the call just served as the :class:`~ecospa.narrow.lane.Lane` for the next
         (none where it is not one the lane covers, or the cache has no weak references)."""
         self._lane = None
-        if entry.past_range is None:  # (a new entry: ``_fits`` computes it at its next call)
-            entry.past_range = _past_range(entry.program, entry.kind.n_extra)
         slot = CachedLane.slot_of(outer, args, kwargs)
-        if slot is None or not entry.past_range:
+        if slot is None:
             return
         found = fingerprint(args, kwargs, outer, self.parts.modules)
         if found is None:

@@ -231,7 +231,8 @@ class RegionForward(EcospaForward):
                 return out
         found = fingerprint(args, kwargs, NO_CACHE, self._mods)
         lane = self._lane
-        if lane is not None and not self.verify_calls and lane.serves(found, self.entries, self._mods[1:]):
+        if (lane is not None and not self.verify_calls and lane.serves(found, self.entries, self._mods[1:])
+                and lane.entry.fits(found[1]) and lane.entry.state_ok()):
             return self._serve(lane.entry, found[1], args, kwargs)  # the call repeats the last one's entry
         cache = find_cache(args, kwargs)
         if cache is not None:  # (checked first: a decode step computes its signature once)

@@ -1,29 +1,29 @@
-"""The decode lane: a call that repeats the last one served with a KV cache skips the lookup.
+"""The decode lane: a call that repeats the last one's signature skips the lookup.
 
-A decode loop calls each pruned attention module with the same cache, step after step, with
-arguments of the same shapes. At batch 1 a step's narrow graph is a few dozen small ops, and the
-full lookup of a call with a cache (finding the cache among the arguments, the call's
-:func:`~ecospa.narrow.program.signature` with the cache left out, the entry's checks) costed a
-fifth of it, measured in a whole ``generate()`` (SmolLM2-135M shape, 1 CPU thread: 66 us of
-Python per attention call beside a 244 us graph).
+A decode loop calls each pruned attention module step after step with arguments of one
+structure. At batch 1 a step's narrow graph is a few dozen small ops, and the full lookup of a
+call (finding a cache among the arguments, the call's :func:`~ecospa.narrow.program.signature`,
+the search of the signature's variants) costed a fifth of it, measured in a whole ``generate()``
+(SmolLM2-135M shape, 1 CPU thread: 66 us of Python per attention call beside a 244 us graph).
 
 :func:`fingerprint` computes, in one pass over the arguments, a flat key that is equal for two
-calls only where their signatures are equal *and* their tensor arguments have the same shapes:
-every property a signature holds (argument structure and keyword order, constant values and
-types, tensor rank/dtype/device/class/requires_grad/strides, which arguments share storage, grad
-mode, default dtype, autocast, the scope's train/eval flags and hooks), with the exact shapes in
-place of the ranks. It covers the calls a decode loop makes (tensors, plain values, the cache,
-plain tuples and lists of those) and gives up (None) on anything else, which then takes the
-full lookup. A :class:`Lane` remembers the key of the last call a region served with a cache,
-with the entry that served it; ``CachedGraphs.lane`` serves the next call by that entry when the
-key is equal and the cache state still matches (same cache object and layer, still a decode
-step, the layer stored at the entry's layout, the past length within the graph's range, the
-module state unchanged). Equal keys mean the full lookup would find the same signature, and equal
-shapes that the guard the entry passed for the last call holds again, so the lane serves exactly
-the calls the full lookup would serve with that entry.
+calls only where their signatures are equal: every property a signature holds (argument
+structure and keyword order, constant values and types, tensor rank/dtype/device/class/
+requires_grad/stride order, which arguments share storage, grad mode, default dtype, autocast,
+the scope's train/eval flags; the hooks are the :class:`Lane`'s to compare). It covers the calls
+a decode loop makes (tensors, plain values, the cache, plain tuples and lists of those, plain
+dataclasses such as x-transformers' cache) and gives up (None) on anything else, which then
+takes the full lookup. A :class:`Lane` remembers the key of the last call a region served, with
+the entry that served it; the next call with an equal key is served by that entry where the
+entry's own checks pass as the full lookup would make them: its guard for these input shapes
+(remembered per shapes, ``Entry.fits``; a past that grows step by step is a new shape each
+step), the module state its capture read, and for a cache (:class:`CachedLane`, ``CachedGraphs
+.lane``) the same cache object and layer, still a decode step, the layer stored at the entry's
+layout and the past length within the graph's range.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import weakref
 from dataclasses import dataclass
@@ -34,7 +34,7 @@ import torch.nn as nn
 
 _MODULE = sys.modules[nn.Module.__module__]  # torch.nn.modules.module: the global hook tables
 
-from ecospa.narrow.program import hooks_of
+from ecospa.narrow.program import hooks_of, stride_order
 
 __all__ = ["Lane", "CachedLane", "fingerprint", "MISS", "NO_CACHE"]
 
@@ -47,7 +47,10 @@ _PLAIN = frozenset((type(None), bool, int, float, str, torch.dtype, torch.device
 def fingerprint(args: tuple, kwargs: dict, cache: Any,
                 modules: Sequence[nn.Module]) -> tuple[tuple, list[torch.Tensor]] | None:
     """``(key, tensors)`` of a call with ``cache`` among its arguments, or None for a call it
-    does not cover (a module, a dict, a dataclass, nested containers: the full lookup serves it).
+    does not cover (a module, a dict, nested containers, a dataclass holding more than plain
+    fields: the full lookup serves it). A plain dataclass (x-transformers' ``Intermediates``)
+    counts as its class, its field names and its fields, as the signature flattens it
+    (``capture/datafields.py``).
 
     Args:
         args, kwargs: the call's arguments.
@@ -72,12 +75,23 @@ def fingerprint(args: tuple, kwargs: dict, cache: Any,
             key.append((kind, v))
         elif kind is tuple or kind is list:
             key.append((kind, len(v)))
-            for x in v:
-                if isinstance(x, torch.Tensor):
-                    key.append(_tensor(x, tensors, stores))
-                elif type(x) in _PLAIN:
-                    key.append((type(x), x))
-                else:
+            if not _items(v, key, tensors, stores):
+                return None
+        elif hasattr(kind, "__dataclass_fields__"):  # a plain dataclass (x-transformers' cache)
+            names = _field_names(v)
+            if names is None:
+                return None
+            key.append((kind, names))
+            try:
+                fields = [getattr(v, n) for n in names]
+            except AttributeError:  # a field never set
+                return None
+            for x in fields:
+                if type(x) is tuple:
+                    key.append((tuple, len(x)))
+                    if not _items(x, key, tensors, stores):
+                        return None
+                elif not _items((x,), key, tensors, stores):
                     return None
         else:
             return None
@@ -89,6 +103,34 @@ def fingerprint(args: tuple, kwargs: dict, cache: Any,
     return tuple(key), tensors
 
 
+def _items(values, key: list, tensors: list, stores: dict) -> bool:
+    """Add tensors and plain values to a key; False at anything else (a nested container)."""
+    for x in values:
+        if isinstance(x, torch.Tensor):
+            key.append(_tensor(x, tensors, stores))
+        elif type(x) in _PLAIN:
+            key.append((type(x), x))
+        else:
+            return False
+    return True
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(obj: Any) -> tuple[str, ...] | None:
+    """The field names of a dataclass instance holding nothing but its fields (the signature
+    refuses one with other attributes), or None."""
+    kind = type(obj)
+    names = _FIELDS.get(kind)
+    if names is None:
+        names = _FIELDS[kind] = tuple(f.name for f in dataclasses.fields(kind))
+    extra = getattr(obj, "__dict__", None)
+    if extra is not None and (len(extra) > len(names) or any(k not in names for k in extra)):
+        return None
+    return names
+
+
 def _any_autocast() -> bool:
     """True unless autocast is off for every device (one call where torch has it)."""
     probe = getattr(torch._C, "_is_any_autocast_enabled", None)
@@ -96,16 +138,17 @@ def _any_autocast() -> bool:
 
 
 def _tensor(t: torch.Tensor, tensors: list, stores: dict) -> tuple:
-    """One tensor's part of a key: shape, dtype, device, class, requires_grad, strides when not
-    contiguous, and the index of the first tensor argument sharing its storage."""
+    """One tensor's part of a key, as a signature has it: rank, dtype, device, class,
+    requires_grad, the order of its strides when not contiguous, and the index of the first
+    tensor argument sharing its storage."""
     try:
         ptr = t.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):  # tensors without storage (subclasses): by identity
         ptr = id(t)
     n = len(tensors)
     tensors.append(t)
-    return (t.shape, t.dtype, t.device, type(t), t.requires_grad,
-            None if t.is_contiguous() else t.stride(), stores.setdefault(ptr, n) if ptr else n)
+    return (t.dim(), t.dtype, t.device, type(t), t.requires_grad,
+            None if t.is_contiguous() else stride_order(t), stores.setdefault(ptr, n) if ptr else n)
 
 
 @dataclass(frozen=True)
@@ -140,12 +183,12 @@ class Lane:
         return hooks_of(hook_modules) == self.hooks
 
     def serves(self, found: tuple | None, entries: dict, hook_modules: Sequence[nn.Module]) -> bool:
-        """True when a call of fingerprint ``found`` is one the lane's entry serves: the same key
-        and hooks, the entry still among the region's ``entries`` with its graph, and the module
-        state its capture read unchanged (``Entry.state_ok``)."""
-        entry = self.entry
-        return (found is not None and found[0] == self.key and entries is self.entries and entry.gm is not None
-                and self.same_hooks(hook_modules) and entry.state_ok())
+        """True when a call of fingerprint ``found`` has the lane's signature (the same key and
+        hooks) and its entry is still among the region's ``entries`` with its graph. (The
+        entry's guard and module state are for the caller to check: ``Entry.fits``,
+        ``Entry.state_ok``.)"""
+        return (found is not None and found[0] == self.key and entries is self.entries
+                and self.entry.gm is not None and self.same_hooks(hook_modules))
 
 
 @dataclass(frozen=True)

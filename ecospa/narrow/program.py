@@ -75,7 +75,7 @@ from ecospa.capture.state import preserved
 __all__ = ["Program", "Signature", "signature", "export_call", "CallNotServable", "Reads", "hooks_of", "HeldModule",
            "held_modules",
            "plain_output", "track_reads", "MISSING",
-           "getter", "feeder", "placeholder_feeds"]
+           "getter", "feeder", "placeholder_feeds", "stride_order"]
 
 _SIMPLE = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.memory_format,
            torch.layout, type(Ellipsis))
@@ -259,7 +259,7 @@ def _check_spec(spec: pytree.TreeSpec) -> None:
         _check_spec(child)
 
 
-def _strides(t: torch.Tensor) -> Any:
+def stride_order(t: torch.Tensor) -> Any:
     """None for a contiguous tensor, else what export may rely on: the order of the strides and
     which dimensions are broadcast (stride 0)."""
     if t.is_contiguous():
@@ -339,7 +339,7 @@ def signature(modules: Sequence[nn.Module], args: tuple, kwargs: dict, *,
             key = _storage(leaf)
             aliases.append(seen.setdefault(key, len(tensors)) if key else len(tensors))
             tensors.append(leaf)
-            metas.append((leaf.dim(), leaf.dtype, leaf.device, type(leaf), leaf.requires_grad, _strides(leaf)))
+            metas.append((leaf.dim(), leaf.dtype, leaf.device, type(leaf), leaf.requires_grad, stride_order(leaf)))
         elif isinstance(leaf, _SIMPLE):
             consts.append((i, type(leaf), leaf))
         elif hold_modules and isinstance(leaf, nn.Module):

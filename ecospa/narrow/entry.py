@@ -13,9 +13,11 @@ import torch.utils._pytree as pytree
 
 from ecospa.narrow.program import MISSING, Program, feeder, plain_output
 
-__all__ = ["MAX_VARIANTS", "Refusal", "Strategy", "LADDER", "Entry", "is_random", "output_tensors", "outputs_close"]
+__all__ = ["MAX_VARIANTS", "MAX_VALUES", "Refusal", "Strategy", "LADDER", "Entry", "is_random", "output_tensors", "outputs_close"]
 
 MAX_VARIANTS = 8  # shape variants per signature before a signature stays on the fallback
+# signatures differing only in the values of plain arguments before new values run the fallback
+MAX_VALUES = 8
 _GUARD_MEMO = 64  # input shapes whose guard an entry remembers
 _RANDOM = {"dropout", "native_dropout", "feature_dropout", "alpha_dropout", "bernoulli", "rand",
            "randn", "rand_like", "randn_like", "randint", "multinomial"}

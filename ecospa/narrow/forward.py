@@ -33,10 +33,10 @@ from ecospa.narrow.kvcache import KVNarrower, find_cache
 from ecospa.narrow.cached import CachedGraphs, NotServed, RegionParts
 from ecospa.narrow.lane import MISS, NO_CACHE, Lane, fingerprint
 from ecospa.narrow.positions import analyse
-from ecospa.narrow.program import (CallNotServable, Program, Signature, export_call, held_modules,
-                                  placeholder_feeds, signature)
+from ecospa.narrow.program import (CallNotServable, Program, Signature, export_call, held_modules, leaf_name,
+                                  placeholder_feeds, signature, value_free)
 from ecospa.ops.observe import observed, unobserved
-from ecospa.narrow.entry import LADDER, MAX_VARIANTS, Entry, Refusal, is_random, outputs_close
+from ecospa.narrow.entry import LADDER, MAX_VALUES, MAX_VARIANTS, Entry, Refusal, is_random, outputs_close
 from ecospa.narrow.rewrite import rewrite
 from ecospa.narrow import stored
 from ecospa.narrow.stored import written_inputs
@@ -124,6 +124,7 @@ class RegionForward(EcospaForward):
         self.verify_calls = False  # prune(..., verify=True): check every new input shape once
         self._flows: dict[int, tuple] = {}  # id(dense graph) -> (graph, its label flow)
         self._lane: Lane | None = None  # the last plain call served narrow, for the next (``narrow.lane``)
+        self._values: dict[tuple, list] = {}  # value-free signature -> the signatures seen (``_check_values``)
         self.stores_narrow = False  # a narrow graph stored a module buffer at the kept widths
 
     @property
@@ -153,6 +154,7 @@ class RegionForward(EcospaForward):
         self._lane = None  # (its entries dict is replaced below: it could not serve again anyway)
         entries, refused, cache_refused = self.entries, self.refused, self.cache_refused
         self.entries, self.refused, self.cache_refused = {}, Counter(), Counter()
+        self._values = {}
         kv = self._kv
         layouts = dict(kv.layouts) if kv is not None else None
         if kv is not None:
@@ -188,7 +190,7 @@ class RegionForward(EcospaForward):
         # own in __deepcopy__; an unpickled one serves module arguments on the fallback)
         state.update(entries={}, refused=Counter(), cache_refused=Counter(), _kv_bytes=None, _kv_sizes=None,
                      cache=ProgramCache(),
-                     _subtree=None, _kv=None, _flows={}, root=None, _lane=None)
+                     _subtree=None, _kv=None, _flows={}, root=None, _lane=None, _values={})
         return state
 
     def report(self) -> list[dict[str, Any]]:
@@ -241,6 +243,7 @@ class RegionForward(EcospaForward):
             sig, tensors = signature(self._mods, args, kwargs, hooks=self._mods[1:], hold_modules=True)
             if sig not in self.entries:
                 self._check_held(sig)
+                self._check_values(sig)
         except CallNotServable as e:
             self.refused[str(e)] += 1
             return self.run_fallback(*args, **kwargs)
@@ -376,6 +379,21 @@ class RegionForward(EcospaForward):
             if param_records(m) or any(installed_forward(x) is not None for x in m.modules()):
                 raise CallNotServable(f"an argument of type {name} holding pruned parameters or an ecospa "
                                       "forward (a capture of this module would not see them dense)")
+
+    def _check_values(self, sig: Signature) -> None:
+        """Raise :class:`CallNotServable` for a new signature that differs from
+        :data:`~ecospa.narrow.entry.MAX_VALUES` earlier ones only in the values of plain
+        arguments (a position passed as a Python int, new at every decode step): each value
+        would need a capture of its own, so such calls run the fallback, and the reason names
+        the argument."""
+        seen = self.__dict__.setdefault("_values", {}).setdefault(value_free(sig), [])
+        if len(seen) < MAX_VALUES:
+            seen.append(sig)
+            return
+        differ = [i for i, (c, d) in enumerate(zip(sig.constants, seen[-1].constants)) if c[2] != d[2]]
+        name = leaf_name(sig, sig.constants[differ[0]][0]) if differ else "a plain argument"
+        raise CallNotServable(f"{name!s} took more than {MAX_VALUES} values (each a capture of its own: a Python "
+                              "number is a constant of the graph); pass it as a tensor to run narrow")
 
     def _entry(self, sig: Signature, tensors, args, kwargs) -> Entry | None:
         variants = self.entries.setdefault(sig, [])

@@ -75,7 +75,7 @@ from ecospa.capture.state import preserved
 __all__ = ["Program", "Signature", "signature", "export_call", "CallNotServable", "Reads", "hooks_of", "HeldModule",
            "held_modules",
            "plain_output", "track_reads", "MISSING",
-           "getter", "feeder", "placeholder_feeds", "stride_order"]
+           "getter", "feeder", "placeholder_feeds", "stride_order", "value_free", "leaf_name"]
 
 _SIMPLE = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.memory_format,
            torch.layout, type(Ellipsis))
@@ -309,6 +309,25 @@ class HeldModule:
 
     def __repr__(self) -> str:
         return f"HeldModule({type(self.module).__name__} at {id(self.module):#x})"
+
+
+def value_free(sig: Signature) -> tuple:
+    """``sig`` with the values of its plain arguments left out (their positions and types kept):
+    equal for calls that differ only in such values (a position passed as a Python int)."""
+    return (id(sig.spec), tuple((i, t) for i, t, _ in sig.constants), sig.tensors, sig.modes, sig.autocast,
+            sig.aliases, sig.grad, sig.default_dtype, sig.hooks)
+
+
+def leaf_name(sig: Signature, index: int) -> str:
+    """The argument of a call with signature ``sig`` that holds its leaf ``index``: a keyword
+    (``"start_pos"``), a position (``"argument 1"``), or the keyword/position holding the
+    container it is in."""
+    n = len(sig.constants) + len(sig.tensors)
+    args, kwargs = pytree.tree_unflatten(list(range(n)), sig.spec)
+    for where, value in [*((f"argument {i}", v) for i, v in enumerate(args)), *kwargs.items()]:
+        if index in pytree.tree_leaves(value):
+            return where
+    return f"leaf {index}"
 
 
 def held_modules(sig: Signature) -> list[nn.Module]:

@@ -222,6 +222,24 @@ def test_slice_assignment_at_an_int_start_decodes_narrow_and_exact():
     _assert_narrow(model)
 
 
+def test_a_position_passed_as_an_int_stops_capturing_after_a_few_values():
+    """A decode loop passing its position as a Python int (``start``, as Meta's reference Llama
+    passes ``start_pos``): each value is a constant of a graph, so after ``MAX_VALUES`` of them
+    the region stops capturing (a capture per step would cost far more than the step) and runs
+    the exact fallback, with a reason that names the argument."""
+    from ecospa.narrow.entry import MAX_VALUES
+    model, ref, ids = _pruned("slice", "uniform", 2, "half")
+    steps = MAX_VALUES + 4
+    got, want = _decode(model, ids, steps, "slice"), _decode(ref, ids, steps, "slice")
+    for g, w in zip(got, want):
+        assert _rel(g, w) <= TOL
+    for blk in model.blocks:
+        fwd = installed_forward(blk)
+        assert len(fwd.entries) <= MAX_VALUES
+        reasons = [r["reason"] for r in fwd.report() if r["path"] == "fallback"]
+        assert any("argument 2" in r and "pass it as a tensor" in r for r in reasons), reasons
+
+
 def test_reallocated_cache_is_used():
     """The model allocates its cache again (``setup_caches`` anew): the graph writes into the new
     buffer (placeholders are fed the live buffers)."""

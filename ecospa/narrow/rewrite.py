@@ -323,7 +323,8 @@ def rewrite(program: Program, layout: Layout, kept: Mapping[str, Mapping[int, np
         except NarrowError as e:
             raise NarrowError(f"{e} at {node.format_node()} in module "
                               f"{module_of(node) or '<root>'!r}") from None
-    _shared_gathers(b)
+    clean = _common_reads(b.graph)
+    _shared_gathers(b, clean)
     _drop_unread_views(b.graph)
     root = nn.Module()
     for name, t in b.buffers.items():
@@ -373,7 +374,62 @@ def _drop_unread_views(graph: torch.fx.Graph) -> None:
             graph.erase_node(node)
 
 
-def _shared_gathers(b: Builder) -> None:
+def _common_reads(graph: torch.fx.Graph) -> dict[torch.fx.Node, bool]:
+    """Ops computed twice from the same inputs, one copy kept (torchtune applies its rotary table
+    to the queries and to the keys, each time indexing the table anew: the index, its views and
+    the gathers at the kept channels were all done twice). Only *clean* nodes are merged: a
+    functional ATen op (no input written, not seeded-random, tensors out) whose inputs are clean
+    too, down to graph inputs and constants that nothing in the graph writes in place, and
+    whose own value nothing writes or returns. Such a node computes the same value wherever it
+    stands. Returns which nodes are clean."""
+    written = {base_of(n.args[k])[1] for n in graph.nodes if (k := written_arg(n)) is not None}
+    if any(w.op == "call_function" and not _functional(w.target) for w in written):
+        return {}  # a write through an alias the schemas do not declare (a split's piece): not followed
+    clean: dict[torch.fx.Node, bool] = {}
+    seen: dict[tuple, torch.fx.Node] = {}
+    for node in list(graph.nodes):
+        if node.op in ("placeholder", "get_attr"):
+            clean[node] = node not in written
+            continue
+        ok = (node.op == "call_function" and node not in written and _functional(node.target)
+              and all(clean.get(a, False) for a in node.all_input_nodes)
+              and not any(u.op == "output" for u in node.users))
+        clean[node] = ok
+        if not ok:
+            continue
+        key = _frozen((node.target, node.args, tuple(sorted(node.kwargs.items()))))
+        if key is None:
+            continue
+        first = seen.setdefault(key, node)
+        if first is not node:
+            node.replace_all_uses_with(first)
+            graph.erase_node(node)
+    return clean
+
+
+def _functional(target) -> bool:
+    """An ATen op that writes none of its inputs, draws no random numbers and returns tensors."""
+    schema = getattr(target, "_schema", None)
+    if schema is None or schema.is_mutable or not schema.returns:
+        return False
+    if torch.Tag.nondeterministic_seeded in getattr(target, "tags", ()):
+        return False
+    return all(isinstance(r.type, torch.TensorType) for r in schema.returns)
+
+
+def _frozen(value):
+    """``value`` as a hashable key (lists as tuples, nodes by identity), or None."""
+    if isinstance(value, (list, tuple)):
+        items = [_frozen(v) for v in value]
+        return None if any(i is None and v is not None for i, v in zip(items, value)) else (type(value).__name__, *items)
+    try:
+        hash(value)
+    except TypeError:
+        return None
+    return value
+
+
+def _shared_gathers(b: Builder, clean: Mapping[torch.fx.Node, bool]) -> None:
     """One gather per (tensor, dim, positions): the rule of each elementwise op gathers its own
     copy of a shared operand (the rotary ``cos``/``sin`` tables of the queries and of the keys,
     at the same kept channels); later copies are replaced by the first and their index buffers
@@ -394,7 +450,7 @@ def _shared_gathers(b: Builder) -> None:
         x, dim, index, ndim = node.args
         if not isinstance(index, torch.fx.Node) or index.op != "get_attr" or index.target not in b.buffers:
             continue
-        if written:
+        if written and not clean.get(x, False):  # (``_common_reads``: made from unwritten inputs only)
             base = base_of(x)[1]
             if not isinstance(base, torch.fx.Node) or base.op != "placeholder" or base in written:
                 continue

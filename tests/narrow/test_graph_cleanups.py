@@ -5,6 +5,7 @@ nothing else reads (the copy a ``cat`` makes of it), and views nothing reads. Ch
 holds none of them, and the pruned model equals the masked dense one."""
 from __future__ import annotations
 
+import operator
 import random
 
 import torch
@@ -71,3 +72,60 @@ def test_empty_pieces_and_single_joins_are_left_out_and_values_kept():
             assert not (n.target is aten.cat.default and len(n.args[0]) == 1), gm.code
             assert not (n.target is aten.slice.Tensor and len(n.args) > 3 and n.args[2] == n.args[3]), gm.code
             assert not (n.op == "call_function" and n.target is aten.slice.Tensor and not n.users), gm.code
+
+
+# ----------------------------------------------------------------------------- common reads
+def _graph(build):
+    g = torch.fx.Graph()
+    out = build(g, g.placeholder("x"), g.placeholder("buf"))
+    g.output(out)
+    return g
+
+
+def _targets(g):
+    return [n.target for n in g.nodes if n.op == "call_function"]
+
+
+def test_the_same_read_of_unwritten_inputs_is_computed_once():
+    from ecospa.narrow.rewrite import _common_reads
+
+    def build(g, x, buf):
+        a = g.call_function(aten.index_select.default, (buf, 0, x))
+        b = g.call_function(aten.index_select.default, (buf, 0, x))
+        va, vb = (g.call_function(aten.select.int, (t, 1, 0)) for t in (a, b))
+        return g.call_function(aten.add.Tensor, (va, vb))
+    g = _graph(build)
+    xv, bv = torch.tensor([2, 0]), torch.randn(3, 4)
+    want = torch.fx.GraphModule(torch.nn.Module(), _graph(build))(xv, bv)
+    _common_reads(g)
+    assert _targets(g).count(aten.index_select.default) == 1 and _targets(g).count(aten.select.int) == 1
+    assert torch.equal(torch.fx.GraphModule(torch.nn.Module(), g)(xv, bv), want)
+
+
+def test_reads_around_a_write_random_ops_and_unfollowed_aliases_stay_apart():
+    from ecospa.narrow.rewrite import _common_reads
+
+    def written(g, x, buf):  # read, write the buffer in place, read again: two values
+        a = g.call_function(aten.mul.Tensor, (buf, 2))
+        g.call_function(aten.add_.Tensor, (buf, 1))
+        b = g.call_function(aten.mul.Tensor, (buf, 2))
+        return g.call_function(aten.sub.Tensor, (b, a))
+
+    def random(g, x, buf):
+        a = g.call_function(aten.rand_like.default, (buf,))
+        b = g.call_function(aten.rand_like.default, (buf,))
+        return g.call_function(aten.sub.Tensor, (b, a))
+
+    def split_write(g, x, buf):  # a write into a split's piece: aliases no schema declares
+        a = g.call_function(aten.mul.Tensor, (buf, 2))
+        piece = g.call_function(operator.getitem, (g.call_function(aten.split.Tensor, (buf, 1)), 0))
+        g.call_function(aten.add_.Tensor, (piece, 1))
+        b = g.call_function(aten.mul.Tensor, (buf, 2))
+        return g.call_function(aten.sub.Tensor, (b, a))
+    for build, op in ((written, aten.mul.Tensor), (random, aten.rand_like.default), (split_write, aten.mul.Tensor)):
+        g = _graph(build)
+        _common_reads(g)
+        assert _targets(g).count(op) == 2, build.__name__
+    bv = torch.zeros(3, 4)
+    got = torch.fx.GraphModule(torch.nn.Module(), _graph(written))(None, bv.clone())
+    assert torch.equal(got, torch.full((3, 4), 2.0))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from ecospa.narrow import cached, program
+from ecospa.narrow import cached, forward, program
 from ecospa.narrow.lane import fingerprint
 from tests.narrow.test_cached import _all_narrow, _pruned, _rel
 
@@ -112,15 +112,16 @@ def _step(model, token, cache):
     return out.logits, out.cache
 
 
-def _count_lookups(monkeypatch) -> list:
-    """Calls of the full lookup of a call with a cache (its signature), recorded."""
+def _count_lookups(monkeypatch, where=cached) -> list:
+    """Calls of the full lookup (the signature ``where`` computes: ``cached`` for calls with a
+    cache object, ``forward`` for the others), recorded."""
     calls = []
-    real = cached.signature
+    real = where.signature
 
     def counted(*a, **k):
         calls.append(1)
         return real(*a, **k)
-    monkeypatch.setattr(cached, "signature", counted)
+    monkeypatch.setattr(where, "signature", counted)
     return calls
 
 
@@ -214,19 +215,6 @@ def test_the_lane_holds_no_cache_layer_alive():
 
 
 # ----------------------------------------------------------------------------- plain calls
-def _count_plain_lookups(monkeypatch) -> list:
-    """Calls of the full lookup of a call without a cache object (its signature), recorded."""
-    from ecospa.narrow import forward
-    calls = []
-    real = forward.signature
-
-    def counted(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-    monkeypatch.setattr(forward, "signature", counted)
-    return calls
-
-
 @pytest.mark.parametrize("style", ["index_copy", "index_put"])
 def test_buffer_cache_decode_steps_take_the_lane_and_stay_exact(style, monkeypatch):
     """Research-style caches in module buffers: the calls of a decode loop repeat their
@@ -234,7 +222,7 @@ def test_buffer_cache_decode_steps_take_the_lane_and_stay_exact(style, monkeypat
     equal the masked dense model's."""
     from tests.narrow.test_buffer_cache import _pruned as _buffer_model
     model, ref, ids = _buffer_model(style, "ragged", seed=2)
-    lookups = _count_plain_lookups(monkeypatch)
+    lookups = _count_lookups(monkeypatch, forward)
 
     def decode(m):  # (``start`` stays 0: these styles read the position from ``pos``)
         out, t = [], ids.shape[1]
@@ -266,7 +254,7 @@ def test_plain_calls_leave_the_lane_at_every_change(monkeypatch):
     ref = masked_copy(model, plan_units(plan))
     ecospa.prune(model, plan, couplings=cg)
     model.setup_cache(2), ref.setup_cache(2)
-    lookups = _count_plain_lookups(monkeypatch)
+    lookups = _count_lookups(monkeypatch, forward)
 
     def call(expect_lookup: bool, grad: bool = False):
         before = len(lookups)

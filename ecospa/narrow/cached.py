@@ -64,7 +64,7 @@ from ecospa.narrow.cachelayers import LayerKind, NotServed, layer_kind
 from ecospa.narrow.kvcache import CrossAttentionCache, KVIndex, KVNarrower, ProbeStop, dressed, inner_cache
 from ecospa.narrow.positions import analyse
 from ecospa.capture import datafields
-from ecospa.narrow.program import CallNotServable, Program, Signature, export_call, placeholder_feeds, signature
+from ecospa.narrow.program import CallNotServable, Program, export_call, placeholder_feeds, signature
 from ecospa.narrow import fastcall
 from ecospa.narrow.lane import MISS, CachedLane, Lane, fingerprint
 from ecospa.narrow.rewrite import rewrite

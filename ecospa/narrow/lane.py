@@ -67,7 +67,9 @@ def fingerprint(args: tuple, kwargs: dict, cache: Any,
     stores: dict[int, int] = {}
     for v in (*args, *kwargs.values()):
         kind = type(v)
-        if v is cache:
+        if v is None:  # (alone: every other plain value is a (type, value) pair)
+            key.append(None)
+        elif v is cache:
             key.append(_CACHE)
         elif isinstance(v, torch.Tensor):
             key.append(_tensor(v, tensors, stores))

@@ -339,8 +339,9 @@ def rewrite(program: Program, layout: Layout, kept: Mapping[str, Mapping[int, np
 def _identity_of(b: Builder, node: torch.fx.Node) -> torch.fx.Node | None:
     """The input ``node`` returns unchanged in eager mode, where the narrow graph may use that
     input's value in its place: ``aten.alias`` (a view with the same metadata; not where the
-    module returns it, nor for tensors kept at their dense width) and ``aten.to`` to the dtype the
-    tensor has (``Tensor.to`` returns the tensor itself then). Exported graphs of research code
+    module returns it, nor for tensors kept at their dense width), ``aten.to`` to the dtype the
+    tensor has (``Tensor.to`` returns the tensor itself then) and ``aten.dropout`` with ``train``
+    false (an eval-mode dropout returns its input). Exported graphs of research code
     carry several per attention call; each is one dispatch less per decode step."""
     if node.op != "call_function" or node in b.stored or node.kwargs:
         return None
@@ -349,6 +350,8 @@ def _identity_of(b: Builder, node: torch.fx.Node) -> torch.fx.Node | None:
         src = node.args[0]
         if any(u.op == "output" for u in node.users):
             return None
+    elif target is aten.dropout.default and len(node.args) == 3 and node.args[2] is False:
+        src = node.args[0]  # (eval mode: ATen returns the input itself)
     elif target is aten.to.dtype and len(node.args) == 2:
         src = node.args[0]
         val = src.meta.get("val") if isinstance(src, torch.fx.Node) else None

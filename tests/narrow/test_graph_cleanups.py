@@ -129,3 +129,19 @@ def test_reads_around_a_write_random_ops_and_unfollowed_aliases_stay_apart():
     bv = torch.zeros(3, 4)
     got = torch.fx.GraphModule(torch.nn.Module(), _graph(written))(None, bv.clone())
     assert torch.equal(got, torch.full((3, 4), 2.0))
+
+
+def test_eval_mode_dropout_is_its_input():
+    """GPT-2's attention ends in a residual dropout; in eval mode ATen returns its input, and the
+    narrow graph holds no ``aten.dropout`` (each cost a dispatch per decode step). Values: the
+    masked dense model's."""
+    from tests.narrow.test_cached import _pruned, _rel
+    model, ref, x = _pruned("gpt2", "uniform", dropout=0.1)  # (eval: _pruned builds it so)
+    with torch.no_grad():
+        got, want = model(x).logits, ref(x).logits
+    assert _rel(got, want) <= 1e-5
+    graphs = [e.gm for n, m in model.named_modules() if installed_forward(m) is not None
+              and hasattr(installed_forward(m), "entries")
+              for es in installed_forward(m).entries.values() for e in es if e.gm is not None]
+    assert graphs
+    assert not any(n.target is aten.dropout.default for g in graphs for n in g.graph.nodes)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Narrowing"]
+__all__ = ["Narrowing", "same_layout"]
 
 
 @dataclass(frozen=True)
@@ -27,3 +27,11 @@ class Narrowing:
     def same(self, other: "Narrowing") -> bool:
         """The same positions (dims and selectors aside: compared per dim by the caller)."""
         return self.index.shape == other.index.shape and np.array_equal(self.index, other.index)
+
+
+def same_layout(a, b, selectors: bool = False) -> bool:
+    """Two node layouts (``{dim: Narrowing}``) narrow the same dims at the same positions (and,
+    with ``selectors``, choose them along the same dims)."""
+    if not isinstance(a, dict) or not isinstance(b, dict) or a.keys() != b.keys():
+        return False
+    return all(a[d].same(b[d]) and (not selectors or a[d].selectors == b[d].selectors) for d in a)

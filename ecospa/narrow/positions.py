@@ -27,7 +27,7 @@ import torch
 from ecospa.capture.export import Captured, module_of
 from ecospa.analysis.flow import FlowResult, propagate
 from ecospa.ir.labels import to_ndim, varying
-from ecospa.ir.narrowing import Narrowing
+from ecospa.ir.narrowing import Narrowing, same_layout
 
 __all__ = ["Narrowing", "Layout", "analyse", "blocked_factors", "channel_dim", "factor_rows", "kept_labels",
            "part_dims", "same_layout"]
@@ -356,9 +356,3 @@ def analyse(captured: Captured, kept: Mapping[str, Mapping[int, np.ndarray]], *,
     return Layout(nodes, retained_idx, flow, dropped=dropped, padded=padded, blocked=frozenset(blocked))
 
 
-def same_layout(a: NodeLayout, b: NodeLayout, selectors: bool = False) -> bool:
-    """Two node layouts narrow the same dims at the same positions (and, with ``selectors``,
-    choose them along the same dims)."""
-    if not isinstance(a, dict) or not isinstance(b, dict) or a.keys() != b.keys():
-        return False
-    return all(a[d].same(b[d]) and (not selectors or a[d].selectors == b[d].selectors) for d in a)

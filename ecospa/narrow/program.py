@@ -121,11 +121,6 @@ class Signature:
     def _hash(self) -> int:
         return hash(self._fields())
 
-    def same(self, other: "Signature") -> bool:
-        """Equal to ``other``, compared field by field without hashing (the check of a call
-        against the one signature it is expected to repeat)."""
-        return self is other or self._fields() == other._fields()
-
     def __eq__(self, other) -> bool:
         if not isinstance(other, Signature):
             return NotImplemented

@@ -20,6 +20,7 @@ from ecospa.ops import runtime as ops
 from ecospa.ir.narrowing import Narrowing
 from ecospa.narrow.positions import Layout, same_layout
 from ecospa.narrow.program import Program
+from ecospa.ops.base import returned_input
 from ecospa.ops.registry import NarrowError, spec
 from ecospa.ops.inplace import store_write
 from ecospa.analysis.mutation import base_of, written_arg
@@ -343,23 +344,12 @@ def _identity_of(b: Builder, node: torch.fx.Node) -> torch.fx.Node | None:
     tensor has (``Tensor.to`` returns the tensor itself then) and ``aten.dropout`` with ``train``
     false (an eval-mode dropout returns its input). Exported graphs of research code
     carry several per attention call; each is one dispatch less per decode step."""
-    if node.op != "call_function" or node in b.stored or node.kwargs:
+    if node in b.stored:
         return None
-    target = node.target
-    if target is aten.alias.default and len(node.args) == 1:
-        src = node.args[0]
-        if any(u.op == "output" for u in node.users):
-            return None
-    elif target is aten.dropout.default and len(node.args) == 3 and node.args[2] is False:
-        src = node.args[0]  # (eval mode: ATen returns the input itself)
-    elif target is aten.to.dtype and len(node.args) == 2:
-        src = node.args[0]
-        val = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
-        if not isinstance(val, torch.Tensor) or val.dtype != node.args[1]:
-            return None
-    else:
+    src = returned_input(node)
+    if src is None or (node.target is aten.alias.default and any(u.op == "output" for u in node.users)):
         return None
-    if not isinstance(src, torch.fx.Node) or src not in b.env or src in b.stored:
+    if src not in b.env or src in b.stored:
         return None
     return src if same_layout(b.layout(node), b.layout(src), selectors=True) else None
 

@@ -55,7 +55,7 @@ import torch
 import torch.nn as nn
 
 from ecospa.analysis.mutation import base_of, is_view, written_arg
-from ecospa.ir.narrowing import Narrowing
+from ecospa.ir.narrowing import Narrowing, same_layout
 from ecospa.ops import runtime as ops
 from ecospa.ops.registry import has
 
@@ -196,10 +196,8 @@ class BufferSlot:
 
     def same(self, other: "BufferSlot") -> bool:
         """The same dense shape and kept positions (the same narrow storage)."""
-        mine = {n.dim: n for n in self.narrowings}
-        theirs = {n.dim: n for n in other.narrowings}
-        return (self.dense_shape == other.dense_shape and mine.keys() == theirs.keys()
-                and all(n.same(theirs[d]) and n.selectors == theirs[d].selectors for d, n in mine.items()))
+        return self.dense_shape == other.dense_shape and same_layout(
+            {n.dim: n for n in self.narrowings}, {n.dim: n for n in other.narrowings}, selectors=True)
 
     def index(self, nar: Narrowing, device: torch.device) -> torch.Tensor:
         key = (nar.dim, device)

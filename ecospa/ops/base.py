@@ -13,7 +13,24 @@ from ecospa.ops.registry import has
 from ecospa.ops.symbolic import size_of
 
 __all__ = ["Ctx", "concrete", "flat_factors", "param_behind", "poison_value", "shape_of", "tensor_args", "all_zero",
-           "narrow_copy"]
+           "narrow_copy", "returned_input"]
+
+
+def returned_input(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The input that ``node`` returns unchanged in eager mode, or None: ``aten.alias``,
+    ``aten.to`` to the dtype the tensor has (``Tensor.to`` returns the tensor itself) and
+    ``aten.dropout`` with ``train`` false (ATen returns its input in eval mode)."""
+    if node.op != "call_function" or node.kwargs or not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return None
+    target, src = node.target, node.args[0]
+    if target is torch.ops.aten.alias.default and len(node.args) == 1:
+        return src
+    if target is torch.ops.aten.dropout.default and len(node.args) == 3 and node.args[2] is False:
+        return src
+    if target is torch.ops.aten.to.dtype and len(node.args) == 2:
+        val = src.meta.get("val")
+        return src if isinstance(val, torch.Tensor) and val.dtype == node.args[1] else None
+    return None
 
 
 def shape_of(node) -> tuple[int, ...] | None:

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from ecospa.ir.labels import merge_aligned, to_ndim, varying
-from ecospa.ir.narrowing import Narrowing
-from ecospa.ops.base import Ctx, all_zero, concrete, narrow_copy, shape_of
+from ecospa.ir.narrowing import Narrowing, same_layout
+from ecospa.ops.base import Ctx, all_zero, concrete, narrow_copy, returned_input, shape_of
 from ecospa.ops.registry import NarrowError, narrow_rule, no_narrow_rule, op_name, register
 
 aten = torch.ops.aten
@@ -364,30 +364,20 @@ def _empty_piece(node: torch.fx.Node, x, dim: int) -> bool:
     return val.dim() == out.dim() and isinstance(val.shape[dim], int) and val.shape[dim] == 0
 
 
-def _same_positions(a, c) -> bool:
-    """Two node layouts keep the same positions along the same dims, chosen along the same dims."""
-    if not isinstance(a, dict) or not isinstance(c, dict) or a.keys() != c.keys():
-        return False
-    return all(a[d].same(c[d]) and a[d].selectors == c[d].selectors for d in a)
-
-
 # ops that read a tensor's metadata only (export's dtype/device assertions, sizes)
 _METADATA_ONLY = (aten._assert_tensor_metadata.default, aten.sym_size.int)
 
 
 def _sole_fresh_use(node: torch.fx.Node, x) -> bool:
     """True when ``x`` is a tensor an op made afresh (its schema returns no alias of an input),
-    not written in place, that only ``node`` reads (through ``aten.alias`` or a same-dtype
-    ``aten.to``, which eager mode returns as the tensor itself, read by nothing else but
-    metadata checks): the join's copy of it cannot be told apart from it."""
+    not written in place, that only ``node`` reads (through ops that return their input itself,
+    ``ops.base.returned_input``, read by nothing else but metadata checks): the join's copy of
+    it cannot be told apart from it."""
     user = node
     while isinstance(x, torch.fx.Node) and x.op == "call_function" \
             and [u for u in x.users if u.target not in _METADATA_ONLY] == [user]:
-        val, src = x.meta.get("val"), x.args[0] if x.args else None
-        src_val = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
-        if x.target is aten.alias.default or (x.target is aten.to.dtype and not x.kwargs and len(x.args) == 2
-                                              and isinstance(val, torch.Tensor) and isinstance(src_val, torch.Tensor)
-                                              and val.dtype == src_val.dtype):
+        src = returned_input(x)
+        if src is not None:
             user, x = x, src
             continue
         schema = getattr(x.target, "_schema", None)
@@ -414,7 +404,7 @@ def narrow_cat(b, node):
     keep = [x for x in xs if not _no_elements(b, x) and not _empty_piece(node, x, dim)]
     if keep and len(keep) < len(xs):
         xs = keep
-    if len(xs) == 1 and _sole_fresh_use(node, xs[0]) and _same_positions(b.layout(xs[0]), out):
+    if len(xs) == 1 and _sole_fresh_use(node, xs[0]) and same_layout(b.layout(xs[0]), out, selectors=True):
         b.zero[node] = b.zero.get(xs[0], True)  # a join of one fresh tensor nothing else reads: that tensor
         return b.env[xs[0]]
     if not out or dim in out:

@@ -10,9 +10,10 @@ default): the GPT-2-small shape (``GPT2Config``: 12 layers, width 768, 12 heads,
 SmolLM2-135M-shaped Llama (``LlamaConfig``: 30 layers, width 576, 9 query / 3 KV heads of 64,
 FFN 1536, tied embeddings). Variants: dense; ``uniform`` (half of every coupling removed, the
 same units in every head); ``ragged`` (``bench/speed/plans.ragged_plan``: half of all units, per
-head a random 25-75 %); for the Llama also ``kept-width dense``, a dense ``LlamaConfig`` built at
-the uniform plan's widths (``head_dim`` 32, FFN 768): what a model trained at that size runs,
-and ``Torch-Pruning``, Torch-Pruning's model of the uniform variant's parameter count
+head a random 25-75 %); ``kept-width dense``, the same model built dense at the uniform plan's
+widths (the Llama: a ``LlamaConfig`` with ``head_dim`` 32, FFN 768; GPT-2: heads of 32 and FFN
+1536, :func:`gpt2_kept`): what a model trained at that size runs; for the Llama also
+``Torch-Pruning``, Torch-Pruning's model of the uniform variant's parameter count
 (``bench/smollm2_tp.py``, magnitude importance; where it fails or runs past ``--tp-timeout``, the
 report says so).
 *ideal*: the decode speedup if a step cost only the bytes it reads (every parameter, the KV cache
@@ -53,6 +54,25 @@ def gpt2(layers: int):
     cfg = transformers.GPT2Config(n_layer=layers, n_embd=768, n_head=12, n_inner=3072, vocab_size=50257,
                                   n_positions=1024)
     return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def gpt2_kept(layers: int, head_dim: int = 32, ffn: int = 1536):
+    """The GPT-2-small shape built dense at the uniform plan's widths: 12 heads of ``head_dim``
+    and FFN ``ffn``. ``GPT2Config`` ties the head width to ``n_embd / n_head``, so each attention's
+    ``c_attn``/``c_proj`` are rebuilt at ``12 * head_dim`` and its ``split_size``/``head_dim``/
+    ``scaling`` set to match (what a model trained at that size runs)."""
+    import transformers
+    from transformers.pytorch_utils import Conv1D
+
+    cfg = transformers.GPT2Config(n_layer=layers, n_embd=768, n_head=12, n_inner=ffn, vocab_size=50257,
+                                  n_positions=1024)
+    model = transformers.GPT2LMHeadModel(cfg)
+    width = 12 * head_dim
+    for block in model.transformer.h:
+        attn = block.attn
+        attn.c_attn, attn.c_proj = Conv1D(3 * width, 768), Conv1D(768, width)
+        attn.split_size, attn.head_dim, attn.scaling = width, head_dim, head_dim ** -0.5
+    return model.eval()
 
 
 def smollm2(layers: int, head_dim: int = 64, ffn: int = 1536):
@@ -143,9 +163,9 @@ def subject(name: str, a) -> dict:
         check[kind] = masked_copy(dense, cg, plan)
         ecospa.prune(m, plan, couplings=cg)
         models[kind] = m
+    torch.manual_seed(0)
+    models["kept-width dense"] = gpt2_kept(layers) if name == "gpt2" else smollm2(layers, head_dim=32, ffn=768)
     if name == "smollm2":
-        torch.manual_seed(0)
-        models["kept-width dense"] = smollm2(layers, head_dim=32, ffn=768)
         tp_model = _torch_pruning(dense, sum(p.numel() for p in models["uniform"].parameters()), a.tp_timeout)
         if isinstance(tp_model, str):
             tp_failed = tp_model

@@ -41,7 +41,9 @@ _PREFIX = "_ecospa_op_"
 # ATen overload -> (where, name) of the Python binding that dispatches to it: "torch" is
 # torch._C._VariableFunctions (torch.addmm), "nn" torch._C._nn, "Tensor" a method of
 # torch._C.TensorBase (the C++ methods, not torch.Tensor's Python overrides). Only overloads the
-# binding picks for every argument list the op itself accepts (no dimname or out variants).
+# binding picks for every argument list the op itself accepts (no dimname or out variants). Left
+# out: ops whose binding takes fewer argument types than the op (``index_put_``: its binding
+# refuses the None entries of an index list, as in ``buffer[:, :, pos] = new``).
 BINDINGS: dict[str, tuple[str, str]] = {
     # views and shapes
     "aten.view.default": ("Tensor", "view"),
@@ -87,6 +89,15 @@ BINDINGS: dict[str, tuple[str, str]] = {
     "aten.gelu.default": ("nn", "gelu"),
     "aten.where.self": ("torch", "where"),
     "aten.masked_fill.Scalar": ("torch", "masked_fill"),
+    "aten.flatten.using_ints": ("torch", "flatten"),
+    "aten.type_as.default": ("Tensor", "type_as"),
+    "aten.le.Scalar": ("torch", "le"),
+    "aten.ne.Scalar": ("torch", "ne"),
+    # values and in-place writes (buffer caches)
+    "aten.item.default": ("Tensor", "item"),
+    "aten._assert_scalar.default": ("torch", "_assert_scalar"),
+    "aten.add_.Tensor": ("Tensor", "add_"),
+    "aten.index_copy_.default": ("Tensor", "index_copy_"),
 }
 
 _HOMES = {"torch": lambda: torch._C._VariableFunctions, "nn": lambda: torch._C._nn, "Tensor": lambda: torch._C.TensorBase}

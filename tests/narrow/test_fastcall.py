@@ -41,7 +41,7 @@ def _samples() -> dict[str, list[tuple[tuple, dict]]]:
         "aten.mm.default": [((_t(2, 3), _t(3, 4)), {})],
         "aten.bmm.default": [((_t(2, 2, 3), _t(2, 3, 4)), {})],
         "aten.matmul.default": [((x, _t(4, 5)), {})],
-        "aten.linear.default": [((x, _t(5, 4), _t(5)), {}), ((x, _t(5, 4)), {})],
+        "aten.linear.default": [((x, _t(5, 4), _t(5)), {}), ((x, _t(5, 4)), {}), ((x, _t(5, 4), None), {})],
         "aten.scaled_dot_product_attention.default": [
             ((q, k, v), {"scale": 0.125}), ((q, k, v, None, 0.0, False), {}),
             ((q, k, v), {"attn_mask": torch.zeros(3, 5), "scale": 0.5})],
@@ -56,12 +56,20 @@ def _samples() -> dict[str, list[tuple[tuple, dict]]]:
         "aten.cos.default": [((x,), {})],
         "aten.sin.default": [((x,), {})],
         "aten.pow.Tensor_Scalar": [((x, 2), {}), ((x, 3.0), {})],
-        "aten.mean.dim": [((x, [-1], True), {}), ((x, [0, 2]), {})],
-        "aten.softmax.int": [((x, -1), {})],
+        "aten.mean.dim": [((x, [-1], True), {}), ((x, [0, 2]), {}), ((x, None), {}), ((x, [1], False), {"dtype": torch.float64})],
+        "aten.softmax.int": [((x, -1), {}), ((x, 1, torch.float64), {})],
         "aten.silu.default": [((x,), {})],
         "aten.gelu.default": [((x,), {}), ((x,), {"approximate": "tanh"})],
         "aten.where.self": [((x > 0, x, y), {})],
         "aten.masked_fill.Scalar": [((x, x > 0, 0.0), {}), ((x, x > 0, float("-inf")), {})],
+        "aten.flatten.using_ints": [((x, 1), {}), ((x, 0, 1), {})],
+        "aten.type_as.default": [((x, y), {}), ((x, idx), {})],
+        "aten.le.Scalar": [((x, 0.5), {}), ((idx, 1), {})],
+        "aten.ne.Scalar": [((idx, 0), {})],
+        "aten.item.default": [((torch.tensor(7),), {}), ((torch.tensor(0.5),), {})],
+        "aten._assert_scalar.default": [((True, "a message"), {})],
+        "aten.add_.Tensor": [((x, y), {}), ((x, 2.0), {})],
+        "aten.index_copy_.default": [((_t(2, 3, 6), 2, idx, _t(2, 3, 2, seed=3)), {})],
     }
 
 
@@ -80,7 +88,17 @@ def _op(qual: str):
     return getattr(getattr(getattr(torch.ops, ns), packet), overload)
 
 
+def _fresh(v):
+    """A copy of an argument (tensors cloned: in-place ops must write their own)."""
+    if isinstance(v, torch.Tensor):
+        return v.clone()
+    if isinstance(v, (list, tuple)):
+        return type(v)(_fresh(u) for u in v)
+    return v
+
+
 def _run(fn, args, kwargs):
+    args, kwargs = _fresh(args), {k: _fresh(v) for k, v in kwargs.items()}
     with _Record() as rec:
         out = fn(*args, **kwargs)
     return out, rec.ops

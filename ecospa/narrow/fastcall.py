@@ -20,8 +20,8 @@ Same operators, same arguments, same results; the generated source is otherwise 
 Measured on a SmolLM2-shaped attention decode graph (33 ops, 1 CPU thread, hot caches): 125 us
 per call through ``gm(...)``, 110 us through ``_op``. Inside a whole ``generate()`` (GPT-2-small
 shape, half of every coupling removed, 1 thread), the attention decode graph took 365 us per
-call with ``_op`` for every op and 330-350 us with the bindings (three runs; a cold instruction cache makes
-the boxed path dearer than it measures hot).
+call with ``_op`` for every op and 330-350 us with the bindings (three runs; a cold instruction
+cache makes the boxed path dearer than it measures hot).
 
 A later ``gm.recompile()`` (any pass that edits the graph afterwards) puts ``torch.fx``'s own
 ``forward`` back: correct, only without this saving, so callers bind again after editing.
@@ -100,7 +100,8 @@ BINDINGS: dict[str, tuple[str, str]] = {
     "aten.index_copy_.default": ("Tensor", "index_copy_"),
 }
 
-_HOMES = {"torch": lambda: torch._C._VariableFunctions, "nn": lambda: torch._C._nn, "Tensor": lambda: torch._C.TensorBase}
+_HOMES = {"torch": lambda: torch._C._VariableFunctions, "nn": lambda: torch._C._nn,
+          "Tensor": lambda: torch._C.TensorBase}
 _RESOLVED: dict[object, Callable] | None = None
 
 

@@ -48,10 +48,10 @@ from bench.speed.timing import interleaved, paired  # noqa: E402
 OUT = Path(os.environ.get("ECOSPA_BENCH_OUT", Path(__file__).resolve().parent / "results"))
 
 
-def gpt2(layers: int):
+def gpt2(layers: int, ffn: int = 3072):
     import transformers
 
-    cfg = transformers.GPT2Config(n_layer=layers, n_embd=768, n_head=12, n_inner=3072, vocab_size=50257,
+    cfg = transformers.GPT2Config(n_layer=layers, n_embd=768, n_head=12, n_inner=ffn, vocab_size=50257,
                                   n_positions=1024)
     return transformers.GPT2LMHeadModel(cfg).eval()
 
@@ -61,18 +61,15 @@ def gpt2_kept(layers: int, head_dim: int = 32, ffn: int = 1536):
     and FFN ``ffn``. ``GPT2Config`` ties the head width to ``n_embd / n_head``, so each attention's
     ``c_attn``/``c_proj`` are rebuilt at ``12 * head_dim`` and its ``split_size``/``head_dim``/
     ``scaling`` set to match (what a model trained at that size runs)."""
-    import transformers
     from transformers.pytorch_utils import Conv1D
 
-    cfg = transformers.GPT2Config(n_layer=layers, n_embd=768, n_head=12, n_inner=ffn, vocab_size=50257,
-                                  n_positions=1024)
-    model = transformers.GPT2LMHeadModel(cfg)
+    model = gpt2(layers, ffn)
     width = 12 * head_dim
     for block in model.transformer.h:
         attn = block.attn
         attn.c_attn, attn.c_proj = Conv1D(3 * width, 768), Conv1D(768, width)
         attn.split_size, attn.head_dim, attn.scaling = width, head_dim, head_dim ** -0.5
-    return model.eval()
+    return model.eval()  # (the new projections were built in train mode)
 
 
 def smollm2(layers: int, head_dim: int = 64, ffn: int = 1536):

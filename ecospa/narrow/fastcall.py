@@ -28,12 +28,13 @@ A later ``gm.recompile()`` (any pass that edits the graph afterwards) puts ``tor
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Callable
 
 import torch
 
-__all__ = ["bind", "BINDINGS", "binding"]
+__all__ = ["bind", "BINDINGS", "binding", "overload"]
 
 _OP = re.compile(r"\btorch\.ops\.(\w+)\.(\w+)\.(\w+)\(")
 _PREFIX = "_ecospa_op_"
@@ -100,27 +101,34 @@ BINDINGS: dict[str, tuple[str, str]] = {
     "aten.index_copy_.default": ("Tensor", "index_copy_"),
 }
 
-_HOMES = {"torch": lambda: torch._C._VariableFunctions, "nn": lambda: torch._C._nn,
-          "Tensor": lambda: torch._C.TensorBase}
-_RESOLVED: dict[object, Callable] | None = None
+_HOMES = {"torch": torch._C._VariableFunctions, "nn": torch._C._nn, "Tensor": torch._C.TensorBase}
+
+
+def overload(ns: str, packet: str, name: str) -> torch._ops.OpOverload | None:
+    """``torch.ops.<ns>.<packet>.<name>`` (e.g. ``aten``, ``view``, ``default``), or None where
+    this torch has no such operator (or it is not an ``OpOverload``)."""
+    try:
+        op = getattr(getattr(getattr(torch.ops, ns), packet), name)
+    except (AttributeError, RuntimeError):
+        return None
+    return op if isinstance(op, torch._ops.OpOverload) else None
+
+
+@functools.cache
+def _resolved() -> dict[torch._ops.OpOverload, Callable]:
+    """:data:`BINDINGS` as ``{OpOverload: binding}``, for the ops and bindings this torch has."""
+    out = {}
+    for qual, (home, name) in BINDINGS.items():
+        op, fn = overload(*qual.split(".")), getattr(_HOMES[home], name, None)
+        if op is not None and fn is not None:
+            out[op] = fn
+    return out
 
 
 def binding(op: torch._ops.OpOverload) -> Callable | None:
     """The Python binding :data:`BINDINGS` names for ``op`` (None: there is none, or this torch
     lacks it)."""
-    global _RESOLVED
-    if _RESOLVED is None:
-        _RESOLVED = {}
-        for qual, (home, name) in BINDINGS.items():
-            ns, packet, overload = qual.split(".")
-            try:
-                key = getattr(getattr(getattr(torch.ops, ns), packet), overload)
-            except (AttributeError, RuntimeError):  # an op this torch does not have
-                continue
-            fn = getattr(_HOMES[home](), name, None)
-            if fn is not None:
-                _RESOLVED[key] = fn
-    return _RESOLVED.get(op)
+    return _resolved().get(op)
 
 
 def bind(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -133,14 +141,10 @@ def bind(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     calls: dict[str, object] = {}
 
     def direct(match: re.Match) -> str:
-        ns, name, overload = match.groups()
-        try:
-            op = getattr(getattr(getattr(torch.ops, ns), name), overload)
-        except (AttributeError, RuntimeError):  # not an operator after all: leave the text as it is
+        op = overload(*match.groups())
+        if op is None:  # not an operator after all: leave the text as it is
             return match.group(0)
-        if not isinstance(op, torch._ops.OpOverload):
-            return match.group(0)
-        key = f"{_PREFIX}{ns}_{name}_{overload}"
+        key = _PREFIX + "_".join(match.groups())
         calls[key] = binding(op) or op._op
         return key + "("
 

@@ -83,11 +83,6 @@ class _Record(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _op(qual: str):
-    ns, packet, overload = qual.split(".")
-    return getattr(getattr(getattr(torch.ops, ns), packet), overload)
-
-
 def _fresh(v):
     """A copy of an argument (tensors cloned: in-place ops must write their own)."""
     if isinstance(v, torch.Tensor):
@@ -112,7 +107,7 @@ def test_every_binding_has_samples():
 def test_binding_dispatches_the_overload_it_stands_for(qual):
     """The binding, on the argument lists a graph passes, dispatches the same sequence of
     operators as the overload and returns equal values (bitwise: the same kernels)."""
-    op = _op(qual)
+    op = fastcall.overload(*qual.split("."))
     fn = fastcall.binding(op)
     assert fn is not None, f"{qual}: no binding on this torch"
     for args, kwargs in _samples()[qual]:
